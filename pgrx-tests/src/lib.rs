@@ -1,0 +1,114 @@
+//! Helpers for the external tests: a fresh database per test on the server that
+//! `scripts/test.sh` started (QUOTA_EXT_TEST_PORT), and small query helpers.
+
+use postgres::{Client, NoTls};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+pub fn port() -> u16 {
+    std::env::var("QUOTA_EXT_TEST_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .expect("QUOTA_EXT_TEST_PORT is not set: run these tests through scripts/test.sh")
+}
+
+pub fn connect_to(db: &str) -> Client {
+    let url = format!("host=127.0.0.1 port={} user=postgres dbname={db}", port());
+    Client::connect(&url, NoTls).unwrap_or_else(|e| panic!("connect {url}: {e}"))
+}
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// A new database with quota_ext created in it, named after the test.
+pub struct TestDb {
+    pub name: String,
+}
+
+impl TestDb {
+    pub fn new(test: &str) -> TestDb {
+        let name = format!(
+            "t_{}_{}_{}",
+            test,
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        );
+        let mut admin = connect_to("postgres");
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+            .unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap();
+        let mut c = connect_to(&name);
+        c.batch_execute("CREATE EXTENSION quota_ext").unwrap();
+        TestDb { name }
+    }
+
+    pub fn connect(&self) -> Client {
+        connect_to(&self.name)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("keeping database {} for inspection", self.name);
+            return;
+        }
+        let mut admin = connect_to("postgres");
+        let _ = admin.batch_execute(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ));
+    }
+}
+
+pub fn one_i64(c: &mut Client, sql: &str) -> i64 {
+    c.query_one(sql, &[])
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
+/// SQLSTATE of a failed statement, or None when it succeeded.
+pub fn sqlstate(c: &mut Client, sql: &str) -> Option<String> {
+    match c.batch_execute(sql) {
+        Ok(()) => None,
+        Err(e) => Some(
+            e.code()
+                .map(|s| s.code().to_string())
+                .unwrap_or_else(|| panic!("{sql}: not a server error: {e}")),
+        ),
+    }
+}
+
+/// Row counts of every quota.* table, to show that a refused call changed nothing.
+pub fn table_counts(c: &mut Client) -> Vec<(String, i64)> {
+    let tables = [
+        "plans",
+        "limits",
+        "subjects",
+        "overrides",
+        "usage",
+        "idempotency_keys",
+        "audit_log",
+    ];
+    tables
+        .iter()
+        .map(|t| {
+            (
+                t.to_string(),
+                one_i64(c, &format!("SELECT count(*) FROM quota.{t}")),
+            )
+        })
+        .collect()
+}
+
+/// Sum of usage, as text compared, so a changed value shows too.
+pub fn usage_fingerprint(c: &mut Client) -> String {
+    c.query_one(
+        "SELECT coalesce(string_agg(format('%s/%s/%s/%s', subject, metric, period, used), ',' ORDER BY 1), '')
+           FROM quota.usage",
+        &[],
+    )
+    .unwrap()
+    .get(0)
+}

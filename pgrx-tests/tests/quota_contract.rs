@@ -1,0 +1,255 @@
+//! SQLSTATEs, transactions and identity, seen from a client as PostgREST or an app sees them.
+
+use quota_ext_itests::{one_i64, sqlstate, table_counts, usage_fingerprint, TestDb};
+
+#[test]
+fn rolled_back_consume_leaves_nothing() {
+    let db = TestDb::new("rollback");
+    let mut c = db.connect();
+    c.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 10)")
+        .unwrap();
+    let before = table_counts(&mut c);
+
+    c.batch_execute("BEGIN; SELECT quota.consume('ann', 'api', 3, 'k1'); ROLLBACK;")
+        .unwrap();
+    // An error later in the caller's transaction undoes the consume too.
+    assert_eq!(
+        sqlstate(
+            &mut c,
+            "BEGIN; SELECT quota.consume('ann', 'api', 3); SELECT 1/0; COMMIT;"
+        ),
+        Some("22012".into())
+    );
+    c.batch_execute("ROLLBACK").unwrap();
+
+    assert_eq!(table_counts(&mut c), before);
+    // A key whose transaction rolled back is free again: this is not a replay.
+    let replayed: bool = c
+        .query_one(
+            "SELECT replayed FROM quota.consume('ann', 'api', 3, 'k1')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(!replayed);
+}
+
+#[test]
+fn require_raises_pt429_with_the_decision() {
+    let db = TestDb::new("require");
+    let mut c = db.connect();
+    c.batch_execute(
+        "SELECT quota.set_limit('free', 'api', 'day', 1); SELECT quota.require('ann', 'api');",
+    )
+    .unwrap();
+    let err = c
+        .batch_execute("SELECT quota.require('ann', 'api')")
+        .unwrap_err();
+    let db_err = err.as_db_error().expect("server error");
+    assert_eq!(db_err.code().code(), "PT429");
+    let detail = db_err.detail().expect("decision in DETAIL");
+    assert!(
+        detail.contains("\"allowed\":false") && detail.contains("\"quota_limit\":1"),
+        "{detail}"
+    );
+    assert!(detail.contains("\"retry_after_seconds\":"), "{detail}");
+    // The denial aborted the caller's transaction and wrote nothing.
+    assert_eq!(one_i64(&mut c, "SELECT used FROM quota.usage"), 1);
+}
+
+#[test]
+fn bad_input_gets_a_specific_sqlstate_and_changes_nothing() {
+    let db = TestDb::new("bad_input");
+    let mut c = db.connect();
+    c.batch_execute(
+        "SELECT quota.set_limit('free', 'api', 'day', 10);
+         SELECT quota.set_limit('free', 'big', 'total', 9223372036854775807);
+         SELECT quota.consume('ann', 'api', 4);",
+    )
+    .unwrap();
+    // A counter saturated near the bigint maximum (possible with an 'unlimited' limit).
+    c.batch_execute("SELECT quota.consume('ann', 'big', 9223372036854775800)")
+        .unwrap();
+    let long = "x".repeat(10_000);
+    let cases: Vec<(String, &str)> = vec![
+        ("SELECT quota.consume(NULL, 'api')".into(), "22004"),
+        ("SELECT quota.consume('', 'api')".into(), "22023"),
+        ("SELECT quota.consume('   ', 'api')".into(), "22023"),
+        ("SELECT quota.consume('ann', NULL)".into(), "22004"),
+        ("SELECT quota.consume('ann', '')".into(), "22023"),
+        (format!("SELECT quota.consume('{long}', 'api')"), "22001"),
+        (format!("SELECT quota.consume('ann', '{long}')"), "22001"),
+        (
+            format!("SELECT quota.consume('ann', 'api', 1, '{long}')"),
+            "22001",
+        ),
+        ("SELECT quota.consume('ann', 'api', -1)".into(), "22023"),
+        ("SELECT quota.consume('ann', 'api', NULL)".into(), "22004"),
+        (
+            "SELECT quota.consume('ann', 'api', -9223372036854775808)".into(),
+            "22023",
+        ),
+        ("SELECT quota.consume('ann', 'nothing')".into(), "42704"),
+        ("SELECT quota.consume('ann', 'big', 100)".into(), "22003"),
+        ("SELECT quota.refund('ann', 'api', -1)".into(), "22023"),
+        ("SELECT quota.require('ann', 'api', 7)".into(), "PT429"),
+        (
+            "SELECT quota.set_limit('free', 'api', 'fortnight', 1)".into(),
+            "22023",
+        ),
+        (
+            "SELECT quota.set_limit('free', 'api', NULL, 1)".into(),
+            "22004",
+        ),
+        (
+            "SELECT quota.set_limit('platinum', 'api', 'day', 1)".into(),
+            "42704",
+        ),
+        (
+            "SELECT quota.set_limit('free', 'api', 'day', -5)".into(),
+            "22023",
+        ),
+        ("SELECT quota.set_plan('ann', 'platinum')".into(), "42704"),
+        (
+            "SELECT quota.set_plan('ann', 'pro', 'Mars/Olympus')".into(),
+            "22023",
+        ),
+        ("SELECT quota.set_plan(NULL, 'pro')".into(), "22004"),
+        (
+            "SELECT quota.set_override('ann', 'api', 'eon', 5)".into(),
+            "22023",
+        ),
+        (
+            "SELECT quota.set_override('ann', 'api', 'day', -1)".into(),
+            "22023",
+        ),
+        ("SELECT quota.reset_usage(NULL)".into(), "22004"),
+        ("SELECT quota.near_limit(-1)".into(), "22023"),
+        ("SELECT quota.near_limit('NaN')".into(), "22023"),
+        ("SELECT quota.audit_page('ann', NULL, 0)".into(), "22023"),
+        (
+            "SELECT quota.audit_page('ann', NULL, 1000000)".into(),
+            "22023",
+        ),
+        ("SELECT quota.prune('-1 day')".into(), "22023"),
+        ("SELECT quota.prune('90 days', '-1 second')".into(), "22023"),
+    ];
+    for (sql, expected) in cases {
+        let counts = table_counts(&mut c);
+        let usage = usage_fingerprint(&mut c);
+        let got = sqlstate(&mut c, &sql);
+        let shown = if sql.len() > 80 {
+            format!("{}...", &sql[..80])
+        } else {
+            sql.clone()
+        };
+        assert_eq!(got.as_deref(), Some(expected), "{shown}");
+        assert_eq!(table_counts(&mut c), counts, "{shown} changed row counts");
+        assert_eq!(usage_fingerprint(&mut c), usage, "{shown} changed usage");
+    }
+}
+
+#[test]
+fn untrusted_roles_act_only_as_their_jwt_subject() {
+    let db = TestDb::new("identity");
+    let mut c = db.connect();
+    c.batch_execute(&format!(
+        "SELECT quota.set_limit('free', 'api', 'day', 10);
+         DO $$ BEGIN
+             IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'quota_app_user') THEN
+                 CREATE ROLE quota_app_user NOLOGIN;
+             END IF;
+         END $$;
+         GRANT USAGE ON SCHEMA quota TO quota_app_user;
+         GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA quota TO quota_app_user;
+         GRANT SELECT ON quota.usage TO quota_app_user;"
+    ))
+    .unwrap();
+    let claims = |sub: &str| {
+        format!("SELECT set_config('request.jwt.claims', '{{\"sub\":\"{sub}\"}}', false)")
+    };
+    c.batch_execute("SET ROLE quota_app_user").unwrap();
+    let before = {
+        c.batch_execute("RESET ROLE").unwrap();
+        let t = table_counts(&mut c);
+        c.batch_execute("SET ROLE quota_app_user").unwrap();
+        t
+    };
+
+    // No claims: refused.
+    assert_eq!(
+        sqlstate(&mut c, "SELECT quota.consume(NULL, 'api')").as_deref(),
+        Some("42501")
+    );
+    c.batch_execute(&claims("user-1")).unwrap();
+    // Another subject: refused. Admin functions: refused. Tables: not writable.
+    assert_eq!(
+        sqlstate(&mut c, "SELECT quota.consume('user-2', 'api')").as_deref(),
+        Some("42501")
+    );
+    assert_eq!(
+        sqlstate(&mut c, "SELECT quota.status('user-2')").as_deref(),
+        Some("42501")
+    );
+    assert_eq!(
+        sqlstate(&mut c, "SELECT quota.set_limit('free', 'api', 'day', 1000)").as_deref(),
+        Some("42501")
+    );
+    assert_eq!(
+        sqlstate(&mut c, "SET quota_ext.default_plan = 'enterprise'").as_deref(),
+        Some("42501")
+    );
+    assert_eq!(
+        sqlstate(
+            &mut c,
+            "INSERT INTO quota.usage VALUES ('user-1', 'api', 'day', now(), 0)"
+        )
+        .as_deref(),
+        Some("42501")
+    );
+    c.batch_execute("RESET ROLE").unwrap();
+    assert_eq!(table_counts(&mut c), before, "refusals changed nothing");
+    c.batch_execute("SET ROLE quota_app_user").unwrap();
+
+    // Its own subject, by name or as NULL ("me"), works.
+    let used: i64 = c
+        .query_one("SELECT used FROM quota.consume(NULL, 'api')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(used, 1);
+    let used: i64 = c
+        .query_one("SELECT used FROM quota.consume('user-1', 'api')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(used, 2);
+    // The older request.jwt.claim.sub setting is accepted too.
+    c.batch_execute(
+        "SELECT set_config('request.jwt.claims', '', false); SET request.jwt.claim.sub = 'user-3'",
+    )
+    .unwrap();
+    let subject: String = c
+        .query_one("SELECT subject FROM quota.consume(NULL, 'api')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(subject, "user-3");
+    // Row level security: only its own usage rows are visible.
+    assert_eq!(one_i64(&mut c, "SELECT count(*) FROM quota.usage"), 1);
+    // Malformed claims are reported, not guessed at.
+    c.batch_execute("SELECT set_config('request.jwt.claims', '{not json', false)")
+        .unwrap();
+    assert_eq!(
+        sqlstate(&mut c, "SELECT quota.consume(NULL, 'api')").as_deref(),
+        Some("22P02")
+    );
+
+    // A role named in quota_ext.trusted_roles may act for anyone (roles that do not exist are
+    // ignored).
+    c.batch_execute("RESET ROLE; SET quota_ext.trusted_roles = 'no_such_role, quota_app_user'; SET ROLE quota_app_user")
+        .unwrap();
+    let used: i64 = c
+        .query_one("SELECT used FROM quota.consume('user-9', 'api')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(used, 1);
+    c.batch_execute("RESET ROLE").unwrap();
+}

@@ -1,0 +1,67 @@
+-- Functions written in SQL on top of the Rust ones, then privileges and row level security.
+
+-- Like consume, but a denial raises SQLSTATE PT429 (PostgREST answers HTTP 429) with the
+-- decision as JSON in DETAIL, so the caller's whole transaction aborts. SECURITY INVOKER on
+-- purpose: consume must see the real caller to apply the identity rules.
+CREATE FUNCTION quota.require(subject text DEFAULT NULL, metric text DEFAULT NULL,
+                              amount bigint DEFAULT 1, idempotency_key text DEFAULT NULL)
+RETURNS quota.decision
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    d quota.decision;
+BEGIN
+    d := quota.consume(subject, metric, amount, idempotency_key);
+    IF NOT d.allowed THEN
+        RAISE EXCEPTION USING
+            ERRCODE = 'PT429',
+            MESSAGE = format('quota exceeded: %s of %s for subject %s (%s/%s used)',
+                             metric, d.period, d.subject, d.used, d.quota_limit),
+            DETAIL  = pg_catalog.to_json(d)::text,
+            HINT    = CASE WHEN d.retry_after_seconds IS NULL
+                           THEN 'The amount exceeds the limit; it can never be granted.'
+                           ELSE format('Retry after %s seconds.', d.retry_after_seconds) END;
+    END IF;
+    RETURN d;
+END
+$$;
+
+-- Nothing is callable by PUBLIC; grants below, or by hand (see README) without Supabase roles.
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA quota FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA quota FROM PUBLIC;
+
+-- Authenticated users read their own rows; nobody but the owner writes (functions do, as owner).
+ALTER TABLE quota.usage ENABLE ROW LEVEL SECURITY;
+ALTER TABLE quota.audit_log ENABLE ROW LEVEL SECURITY;
+
+CREATE POLICY usage_own_rows ON quota.usage FOR SELECT
+    USING (subject = coalesce(nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub',
+                              nullif(current_setting('request.jwt.claim.sub', true), '')));
+CREATE POLICY audit_own_rows ON quota.audit_log FOR SELECT
+    USING (subject = coalesce(nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub',
+                              nullif(current_setting('request.jwt.claim.sub', true), '')));
+
+DO $grants$
+BEGIN
+    IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'service_role') THEN
+        GRANT USAGE ON SCHEMA quota TO service_role;
+        GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA quota TO service_role;
+        GRANT SELECT ON ALL TABLES IN SCHEMA quota TO service_role;
+    END IF;
+    IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'authenticated') THEN
+        GRANT USAGE ON SCHEMA quota TO authenticated;
+        GRANT EXECUTE ON FUNCTION
+            quota.consume(text, text, bigint, text),
+            quota.require(text, text, bigint, text),
+            quota.refund(text, text, bigint, text),
+            quota.status(text),
+            quota.audit_page(text, bigint, integer)
+        TO authenticated;
+        GRANT SELECT ON quota.usage, quota.audit_log, quota.plans, quota.limits TO authenticated;
+    END IF;
+    IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'anon') THEN
+        GRANT USAGE ON SCHEMA quota TO anon;
+    END IF;
+END
+$grants$;

@@ -1,0 +1,105 @@
+\echo Use "CREATE EXTENSION quota_ext" to load this file. \quit
+
+-- quota_ext schema, version 0.1.0. Tables, indexes and helpers; functions with logic are in Rust.
+
+CREATE TABLE quota.plans (
+    plan        text PRIMARY KEY CHECK (btrim(plan) <> '' AND octet_length(plan) <= 256),
+    description text NOT NULL DEFAULT ''
+);
+
+INSERT INTO quota.plans (plan, description) VALUES
+    ('anonymous',  'Callers without a JWT subject'),
+    ('free',       'Default plan (quota_ext.default_plan)'),
+    ('pro',        'Paid plan'),
+    ('enterprise', 'Contract plan');
+
+CREATE TABLE quota.limits (
+    plan       text   NOT NULL REFERENCES quota.plans (plan) ON UPDATE CASCADE ON DELETE CASCADE,
+    metric     text   NOT NULL CHECK (btrim(metric) <> '' AND octet_length(metric) <= 256),
+    period     text   NOT NULL CHECK (period IN ('minute', 'hour', 'day', 'week', 'month', 'year', 'total')),
+    max_amount bigint NOT NULL CHECK (max_amount >= 0),
+    PRIMARY KEY (plan, metric, period)
+);
+
+CREATE TABLE quota.subjects (
+    subject    text        PRIMARY KEY CHECK (btrim(subject) <> '' AND octet_length(subject) <= 256),
+    plan       text        NOT NULL REFERENCES quota.plans (plan) ON UPDATE CASCADE,
+    time_zone  text        NOT NULL DEFAULT 'UTC',
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX subjects_plan_idx ON quota.subjects (plan);
+
+CREATE TABLE quota.overrides (
+    subject    text   NOT NULL CHECK (btrim(subject) <> '' AND octet_length(subject) <= 256),
+    metric     text   NOT NULL CHECK (btrim(metric) <> '' AND octet_length(metric) <= 256),
+    period     text   NOT NULL CHECK (period IN ('minute', 'hour', 'day', 'week', 'month', 'year', 'total')),
+    max_amount bigint NOT NULL CHECK (max_amount >= 0),
+    PRIMARY KEY (subject, metric, period)
+);
+
+-- One row per subject, metric, period and calendar window. Updates touch no indexed column, so
+-- the free space left by fillfactor lets them stay HOT.
+CREATE TABLE quota.usage (
+    subject      text        NOT NULL,
+    metric       text        NOT NULL,
+    period       text        NOT NULL,
+    window_start timestamptz NOT NULL,
+    used         bigint      NOT NULL DEFAULT 0 CHECK (used >= 0),
+    PRIMARY KEY (subject, metric, period, window_start)
+) WITH (fillfactor = 80);
+CREATE INDEX usage_subject_metric_window_idx ON quota.usage (subject, metric, window_start DESC);
+
+CREATE TABLE quota.idempotency_keys (
+    subject    text        NOT NULL,
+    key        text        NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    response   jsonb,
+    PRIMARY KEY (subject, key)
+);
+CREATE INDEX idempotency_keys_created_at_idx ON quota.idempotency_keys (created_at);
+
+CREATE TABLE quota.audit_log (
+    id              bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    subject         text,
+    action          text        NOT NULL,
+    metric          text,
+    amount          bigint,
+    success         boolean     NOT NULL,
+    reason          text,
+    details         jsonb,
+    idempotency_key text
+);
+-- audit_page: one subject, newest first, keyset on (created_at, id).
+CREATE INDEX audit_log_subject_created_at_idx ON quota.audit_log (subject, created_at DESC, id DESC);
+-- Monitoring of refusals.
+CREATE INDEX audit_log_failures_idx ON quota.audit_log (created_at DESC) WHERE NOT success;
+-- prune: rows arrive in created_at order, so a BRIN index finds old ones for almost no upkeep.
+CREATE INDEX audit_log_created_at_brin ON quota.audit_log USING brin (created_at);
+
+CREATE TYPE quota.decision AS (
+    allowed             boolean,
+    subject             text,
+    metric              text,
+    period              text,
+    used                bigint,
+    quota_limit         bigint,
+    remaining           bigint,
+    reset_at            timestamptz,
+    retry_after_seconds integer,
+    replayed            boolean
+);
+
+-- Calendar window of `period` containing `at`, in `time_zone` (weeks start on Monday). `total`
+-- has one window that never resets. A plain SQL function, so the planner inlines it.
+CREATE FUNCTION quota.window_bounds(period text, time_zone text, at_time timestamptz DEFAULT now())
+RETURNS TABLE (window_start timestamptz, reset_at timestamptz)
+LANGUAGE sql STABLE PARALLEL SAFE ROWS 1
+AS $$
+    SELECT CASE WHEN period = 'total' THEN '-infinity'::pg_catalog.timestamptz ELSE t.start END,
+           CASE WHEN period = 'total' THEN NULL::pg_catalog.timestamptz
+                ELSE pg_catalog.timezone(time_zone, pg_catalog.timezone(time_zone, t.start)
+                         + CAST(pg_catalog.concat('1 ', period) AS pg_catalog.interval)) END
+      FROM (SELECT CASE WHEN period = 'total' THEN NULL::pg_catalog.timestamptz
+                        ELSE pg_catalog.date_trunc(period, at_time, time_zone) END) AS t(start)
+$$;

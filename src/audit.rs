@@ -1,0 +1,198 @@
+//! quota.audit_log: one row per decision (subject to quota_ext.audit), keyset pages, pruning.
+
+use crate::error::{OrRaise, QuotaError, Result};
+use crate::guc;
+use crate::identity::{self, AsOwner};
+use crate::spi::{self, Stmt};
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use pgrx::PgBuiltInOids as T;
+
+static INSERT: Stmt = Stmt {
+    sql: "INSERT INTO quota.audit_log
+            (subject, action, metric, amount, success, reason, details, idempotency_key)
+          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    args: &[
+        T::TEXTOID,
+        T::TEXTOID,
+        T::TEXTOID,
+        T::INT8OID,
+        T::BOOLOID,
+        T::TEXTOID,
+        T::JSONBOID,
+        T::TEXTOID,
+    ],
+};
+
+pub struct Entry<'a> {
+    pub subject: Option<&'a str>,
+    pub action: &'a str,
+    pub metric: Option<&'a str>,
+    pub amount: Option<i64>,
+    pub success: bool,
+    pub reason: &'a str,
+    pub details: serde_json::Value,
+    pub idempotency_key: Option<&'a str>,
+}
+
+/// Write one audit row in the caller's transaction. The caller checks quota_ext.audit.
+pub fn record(client: &mut SpiClient<'_>, e: Entry<'_>) {
+    spi::run(
+        client,
+        &INSERT,
+        &[
+            e.subject.into(),
+            e.action.into(),
+            e.metric.into(),
+            e.amount.into(),
+            e.success.into(),
+            e.reason.into(),
+            pgrx::JsonB(e.details).into(),
+            e.idempotency_key.into(),
+        ],
+    );
+}
+
+/// Audit an administrative change (always a success).
+pub fn admin(
+    client: &mut SpiClient<'_>,
+    subject: &str,
+    action: &str,
+    metric: Option<&str>,
+    details: serde_json::Value,
+) {
+    if guc::audit_wanted(true) {
+        let subject = (!subject.is_empty()).then_some(subject);
+        record(
+            client,
+            Entry {
+                subject,
+                action,
+                metric,
+                amount: None,
+                success: true,
+                reason: "admin",
+                details,
+                idempotency_key: None,
+            },
+        );
+    }
+}
+
+pub type AuditRow = pgrx::composite_type!('static, "quota.audit_log");
+
+static PAGE_SUBJECT: Stmt = Stmt {
+    sql: "
+SELECT a FROM quota.audit_log AS a
+ WHERE a.subject = $1
+   AND (a.created_at, a.id) < (coalesce((SELECT b.created_at FROM quota.audit_log AS b WHERE b.id = $2),
+                                        CASE WHEN $2 IS NULL THEN 'infinity'::timestamptz END),
+                               coalesce($2, 9223372036854775807))
+ ORDER BY a.created_at DESC, a.id DESC
+ LIMIT $3",
+    args: &[T::TEXTOID, T::INT8OID, T::INT4OID],
+};
+
+static PAGE_ALL: Stmt = Stmt {
+    sql: "SELECT a FROM quota.audit_log AS a WHERE a.id < coalesce($1, 9223372036854775807)
+          ORDER BY a.id DESC LIMIT $2",
+    args: &[T::INT8OID, T::INT4OID],
+};
+
+pub const MAX_PAGE: i32 = 1000;
+
+/// Newest first. Pass the last id of a page as before_id for the next one. Untrusted callers see
+/// only their own rows; trusted callers see one subject, or all when subject is NULL.
+#[pg_extern(stable, parallel_safe)]
+#[search_path(pg_catalog, pg_temp)]
+fn audit_page(
+    subject: default!(Option<&str>, "NULL"),
+    before_id: default!(Option<i64>, "NULL"),
+    page_size: default!(Option<i32>, 50),
+) -> SetOfIterator<'static, pgrx::composite_type!('static, "quota.audit_log")> {
+    let page = page_size.unwrap_or(50);
+    if !(1..=MAX_PAGE).contains(&page) {
+        QuotaError::OutOfRange {
+            what: "page_size",
+            value: page as f64,
+            min: 1.0,
+            max: MAX_PAGE as f64,
+        }
+        .raise();
+    }
+    let subject = if subject.is_none() && identity::is_trusted() {
+        None
+    } else {
+        Some(identity::resolve_subject(subject).or_raise())
+    };
+    let _owner = AsOwner::enter();
+    let rows: Vec<AuditRow> = Spi::connect_mut(|client| {
+        let table = match &subject {
+            Some(s) => spi::run(
+                client,
+                &PAGE_SUBJECT,
+                &[s.as_str().into(), before_id.into(), page.into()],
+            ),
+            None => spi::run(client, &PAGE_ALL, &[before_id.into(), page.into()]),
+        };
+        table
+            .filter_map(|row| spi::get::<AuditRow>(&row, 1))
+            .collect()
+    });
+    SetOfIterator::new(rows)
+}
+
+static NEGATIVE: Stmt = Stmt {
+    sql: "SELECT $1 < '0'::interval, $2 < '0'::interval",
+    args: &[T::INTERVALOID, T::INTERVALOID],
+};
+static PRUNE_AUDIT: Stmt = Stmt {
+    sql: "DELETE FROM quota.audit_log WHERE created_at < pg_catalog.now() - $1",
+    args: &[T::INTERVALOID],
+};
+static PRUNE_KEYS: Stmt = Stmt {
+    sql: "DELETE FROM quota.idempotency_keys WHERE created_at < pg_catalog.now() - $1",
+    args: &[T::INTERVALOID],
+};
+
+/// Delete audit rows and idempotency keys older than the given ages. NULL keeps that kind.
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn prune(
+    audit_older_than: default!(Option<Interval>, "'90 days'"),
+    idempotency_older_than: default!(Option<Interval>, "'7 days'"),
+) -> TableIterator<'static, (name!(audit_deleted, i64), name!(idempotency_deleted, i64))> {
+    let counts = (|| -> Result<(i64, i64)> {
+        identity::require_trusted("quota.prune")?;
+        let _owner = AsOwner::enter();
+        Spi::connect_mut(|client| {
+            let row = spi::run(
+                client,
+                &NEGATIVE,
+                &[audit_older_than.into(), idempotency_older_than.into()],
+            )
+            .next()
+            .expect("one row");
+            for (n, what, v) in [
+                (1, "audit_older_than", audit_older_than),
+                (2, "idempotency_older_than", idempotency_older_than),
+            ] {
+                if spi::get::<bool>(&row, n).unwrap_or(false) {
+                    return Err(QuotaError::BadInterval {
+                        what,
+                        value: format!("{}", v.unwrap()),
+                    });
+                }
+            }
+            let a = audit_older_than.map_or(0, |i| {
+                spi::run(client, &PRUNE_AUDIT, &[i.into()]).len() as i64
+            });
+            let k = idempotency_older_than.map_or(0, |i| {
+                spi::run(client, &PRUNE_KEYS, &[i.into()]).len() as i64
+            });
+            Ok((a, k))
+        })
+    })()
+    .or_raise();
+    TableIterator::once(counts)
+}

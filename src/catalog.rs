@@ -1,0 +1,49 @@
+//! Catalog look-ups the hot paths need, through the syscache (no SPI, nothing to invalidate by
+//! hand: the syscache follows DROP/CREATE EXTENSION by itself).
+
+use pgrx::pg_sys;
+use std::ffi::CStr;
+
+const SCHEMA: &CStr = c"quota";
+
+/// OID and owner of schema `quota`, which CREATE EXTENSION made and gave to the extension owner.
+pub fn quota_schema() -> (pg_sys::Oid, pg_sys::Oid) {
+    // SAFETY: a syscache search with a NUL-terminated name key; the tuple is released before
+    // return and only two fixed-width fields are copied out of it.
+    unsafe {
+        let tup = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::NAMESPACENAME as i32,
+            pg_sys::Datum::from(SCHEMA.as_ptr()),
+        );
+        if tup.is_null() {
+            pgrx::error!("schema \"quota\" does not exist; run CREATE EXTENSION quota_ext");
+        }
+        let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_namespace>(tup);
+        let out = ((*form).oid, (*form).nspowner);
+        pg_sys::ReleaseSysCache(tup);
+        out
+    }
+}
+
+/// OID of a type in schema `quota`, such as `decision`.
+pub fn quota_type(name: &CStr) -> pg_sys::Oid {
+    let (nsp, _) = quota_schema();
+    // SAFETY: GetSysCacheOid reads the cache with a NUL-terminated name and an OID key.
+    let oid = unsafe {
+        pg_sys::GetSysCacheOid(
+            pg_sys::SysCacheIdentifier::TYPENAMENSP as i32,
+            pg_sys::Anum_pg_type_oid as pg_sys::AttrNumber,
+            pg_sys::Datum::from(name.as_ptr()),
+            pg_sys::Datum::from(nsp),
+            pg_sys::Datum::from(0),
+            pg_sys::Datum::from(0),
+        )
+    };
+    if oid == pg_sys::InvalidOid {
+        pgrx::error!(
+            "type quota.{} does not exist; reinstall quota_ext",
+            name.to_string_lossy()
+        );
+    }
+    oid
+}

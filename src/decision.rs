@@ -1,0 +1,170 @@
+//! The `quota.decision` row: what consume, refund and status answer.
+
+use crate::catalog;
+use pgrx::prelude::*;
+use pgrx::{pg_sys, PgTupleDesc};
+use serde_json::json;
+
+pub type DecisionRow = pgrx::composite_type!('static, "quota.decision");
+
+/// One calendar window of one period, with its limit and usage.
+#[derive(Clone, Debug)]
+pub struct Window {
+    pub period: String,
+    pub limit: i64,
+    /// Microseconds since 2000-01-01 UTC, PostgreSQL's timestamptz.
+    pub start: i64,
+    pub reset_at: Option<i64>,
+    pub used: i64,
+}
+
+impl Window {
+    pub fn remaining(&self) -> i64 {
+        self.limit.saturating_sub(self.used).max(0)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Decision {
+    pub allowed: bool,
+    pub subject: String,
+    pub metric: String,
+    pub period: Option<String>,
+    pub used: i64,
+    pub limit: i64,
+    pub remaining: i64,
+    pub reset_at: Option<i64>,
+    pub retry_after_seconds: Option<i32>,
+    pub replayed: bool,
+}
+
+/// Transaction start time, the `now()` the windows were computed with.
+pub fn now_micros() -> i64 {
+    // SAFETY: reads a backend-local timestamp.
+    unsafe { pg_sys::GetCurrentTransactionStartTimestamp() }
+}
+
+impl Decision {
+    /// `w` is the binding window. `outright` means the amount can never fit its limit.
+    pub fn from_window(
+        subject: &str,
+        metric: &str,
+        w: &Window,
+        allowed: bool,
+        outright: bool,
+    ) -> Self {
+        let retry = if allowed {
+            Some(0)
+        } else if outright {
+            None
+        } else {
+            w.reset_at.map(|r| {
+                let micros = (r - now_micros()).max(0);
+                ((micros + 999_999) / 1_000_000).min(i32::MAX as i64) as i32
+            })
+        };
+        Decision {
+            allowed,
+            subject: subject.to_string(),
+            metric: metric.to_string(),
+            period: Some(w.period.clone()),
+            used: w.used,
+            limit: w.limit,
+            remaining: w.remaining(),
+            reset_at: w.reset_at,
+            retry_after_seconds: retry,
+            replayed: false,
+        }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "allowed": self.allowed,
+            "subject": self.subject,
+            "metric": self.metric,
+            "period": self.period,
+            "used": self.used,
+            "quota_limit": self.limit,
+            "remaining": self.remaining,
+            "reset_at": self.reset_at.map(iso8601),
+            "retry_after_seconds": self.retry_after_seconds,
+            "replayed": self.replayed,
+        })
+    }
+
+    pub fn into_row(self) -> DecisionRow {
+        let oid = catalog::quota_type(c"decision");
+        let tupdesc = PgTupleDesc::for_composite_type_by_oid(oid)
+            .unwrap_or_else(|| pgrx::error!("quota.decision is not a composite type"));
+        let datums = [
+            self.allowed.into_datum(),
+            self.subject.into_datum(),
+            self.metric.into_datum(),
+            self.period.into_datum(),
+            self.used.into_datum(),
+            self.limit.into_datum(),
+            self.remaining.into_datum(),
+            self.reset_at.map(pg_sys::Datum::from),
+            self.retry_after_seconds.into_datum(),
+            self.replayed.into_datum(),
+        ];
+        // SAFETY: the datums are in quota.decision's column order and of its column types.
+        unsafe { PgHeapTuple::from_datums(tupdesc, datums) }
+            .unwrap_or_else(|e| pgrx::error!("cannot form quota.decision: {e}"))
+    }
+}
+
+/// Which window a multi-period answer describes: the one with the least remaining, and among
+/// equals the one that resets last (a `total` window never does).
+pub fn least_remaining(ws: &[Window]) -> &Window {
+    ws.iter()
+        .min_by_key(|w| {
+            (
+                w.remaining(),
+                std::cmp::Reverse(w.reset_at.unwrap_or(i64::MAX)),
+            )
+        })
+        .expect("at least one window")
+}
+
+/// Of the windows that deny, the one that frees up last: waiting for it means all have reset.
+pub fn latest_reset<'a>(ws: impl Iterator<Item = &'a Window>) -> &'a Window {
+    ws.max_by_key(|w| w.reset_at.unwrap_or(i64::MAX))
+        .expect("at least one window")
+}
+
+/// PostgreSQL timestamptz (microseconds since 2000-01-01 UTC) as ISO 8601 in UTC.
+pub fn iso8601(micros: i64) -> String {
+    if micros == i64::MIN {
+        return "-infinity".into();
+    }
+    if micros == i64::MAX {
+        return "infinity".into();
+    }
+    const PG_EPOCH_UNIX_SECS: i64 = 946_684_800;
+    let secs = micros.div_euclid(1_000_000) + PG_EPOCH_UNIX_SECS;
+    let frac = micros.rem_euclid(1_000_000);
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    let mut s = format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
+        sod / 3600,
+        (sod / 60) % 60,
+        sod % 60
+    );
+    if frac != 0 {
+        s.push_str(&format!(".{frac:06}"));
+    }
+    s.push_str("+00:00");
+    s
+}

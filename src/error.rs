@@ -1,0 +1,168 @@
+//! Every refusal the extension raises, each with its own SQLSTATE and a message that says what
+//! was wrong, the value given, and what to do about it.
+
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode as Code;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuotaError {
+    #[error("{what} must not be NULL")]
+    NullArgument {
+        what: &'static str,
+        hint: &'static str,
+    },
+
+    #[error("{what} must not be empty or blank")]
+    EmptyArgument { what: &'static str },
+
+    #[error("{what} is {len} bytes long; the maximum is {max}")]
+    TooLong {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
+
+    #[error("{what} must not be negative, got {value}")]
+    Negative { what: &'static str, value: i64 },
+
+    #[error("unknown period \"{0}\"")]
+    UnknownPeriod(String),
+
+    #[error("plan \"{0}\" does not exist")]
+    UnknownPlan(String),
+
+    #[error(
+        "no limit is defined for metric \"{metric}\" on plan \"{plan}\" of subject \"{subject}\""
+    )]
+    NoLimit {
+        subject: String,
+        metric: String,
+        plan: String,
+    },
+
+    #[error("idempotency key \"{key}\" was first used for {first}, not for {now}")]
+    IdempotencyMismatch {
+        key: String,
+        first: String,
+        now: String,
+    },
+
+    #[error("consuming {amount} would overflow the usage counter of \"{metric}\" ({period}), which holds {used}")]
+    UsageOverflow {
+        metric: String,
+        period: String,
+        used: i64,
+        amount: i64,
+    },
+
+    #[error("no JWT subject: this role may only act as the subject of its JWT")]
+    NoJwtSubject,
+
+    #[error("request.jwt.claims is not valid JSON")]
+    MalformedClaims { detail: String },
+
+    #[error("permission denied to act on subject \"{requested}\"")]
+    OtherSubject { requested: String },
+
+    #[error("permission denied for {function}: it is reserved to trusted roles")]
+    NotTrusted { function: &'static str },
+
+    #[error("{what} must be a positive interval, got {value}")]
+    BadInterval { what: &'static str, value: String },
+
+    #[error("{what} must be between {min} and {max}, got {value}")]
+    OutOfRange {
+        what: &'static str,
+        value: f64,
+        min: f64,
+        max: f64,
+    },
+}
+
+impl QuotaError {
+    fn code(&self) -> Code {
+        use QuotaError::*;
+        match self {
+            NullArgument { .. } => Code::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            EmptyArgument { .. } => Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            TooLong { .. } => Code::ERRCODE_STRING_DATA_RIGHT_TRUNCATION,
+            Negative { .. } => Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            UnknownPeriod(_) => Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            UnknownPlan(_) => Code::ERRCODE_UNDEFINED_OBJECT,
+            NoLimit { .. } => Code::ERRCODE_UNDEFINED_OBJECT,
+            IdempotencyMismatch { .. } => Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            UsageOverflow { .. } => Code::ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
+            NoJwtSubject | OtherSubject { .. } | NotTrusted { .. } => {
+                Code::ERRCODE_INSUFFICIENT_PRIVILEGE
+            }
+            MalformedClaims { .. } => Code::ERRCODE_INVALID_TEXT_REPRESENTATION,
+            BadInterval { .. } => Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            OutOfRange { .. } => Code::ERRCODE_INVALID_PARAMETER_VALUE,
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        use QuotaError::*;
+        Some(match self {
+            NullArgument { hint, .. } => hint.to_string(),
+            EmptyArgument { what } => format!("Pass a non-blank {what}."),
+            TooLong { what, .. } => format!("Use a shorter {what}, for example a hash of it."),
+            Negative { .. } => "Use quota.refund() to give usage back.".into(),
+            UnknownPeriod(_) => "Periods are minute, hour, day, week, month, year and total.".into(),
+            UnknownPlan(_) => {
+                "Add it first: INSERT INTO quota.plans (plan, description) VALUES (...).".into()
+            }
+            NoLimit { .. } => {
+                "Define one with quota.set_limit(plan, metric, period, max_amount) or quota.set_override(subject, metric, period, max_amount).".into()
+            }
+            IdempotencyMismatch { .. } => {
+                "An idempotency key identifies one request; use a new key for a different request.".into()
+            }
+            UsageOverflow { .. } => "Reset the counter with quota.reset_usage().".into(),
+            NoJwtSubject => {
+                "Call through PostgREST with a JWT that has a \"sub\" claim, or set request.jwt.claims.".into()
+            }
+            MalformedClaims { detail } => format!("Parser said: {detail}"),
+            OtherSubject { .. } => {
+                "Pass subject => NULL to act as yourself; only trusted roles (see quota_ext.trusted_roles) may act for others.".into()
+            }
+            NotTrusted { .. } => {
+                "Call it as the extension owner, a superuser, service_role, or a role listed in quota_ext.trusted_roles.".into()
+            }
+            BadInterval { .. } => "Pass an interval such as '30 days'.".into(),
+            OutOfRange { .. } => return None,
+        })
+    }
+
+    /// Raise this error as a PostgreSQL ERROR. Never returns.
+    pub fn raise(self) -> ! {
+        let mut report = ErrorReport::new(self.code(), self.to_string(), "quota_ext");
+        if let Some(hint) = self.hint() {
+            report = report.set_hint(hint);
+        }
+        if let QuotaError::OtherSubject { .. } | QuotaError::NoJwtSubject = self {
+            report = report.set_detail(
+                "Untrusted roles act only as their JWT subject (request.jwt.claims ->> 'sub').",
+            );
+        }
+        report.report(PgLogLevel::ERROR);
+        unreachable!("ERROR returns control to PostgreSQL")
+    }
+}
+
+pub type Result<T> = std::result::Result<T, QuotaError>;
+
+/// Unwrap a result or raise its error.
+pub trait OrRaise<T> {
+    fn or_raise(self) -> T;
+}
+
+impl<T> OrRaise<T> for Result<T> {
+    fn or_raise(self) -> T {
+        match self {
+            Ok(v) => v,
+            Err(e) => e.raise(),
+        }
+    }
+}

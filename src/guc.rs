@@ -1,0 +1,65 @@
+//! Settings under `quota_ext.*`.
+
+use pgrx::prelude::*;
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+
+/// Which decisions are written to quota.audit_log.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum AuditMode {
+    #[name = c"all"]
+    All,
+    #[name = c"denials"]
+    Denials,
+    #[name = c"off"]
+    Off,
+}
+
+pub static AUDIT: GucSetting<AuditMode> = GucSetting::<AuditMode>::new(AuditMode::All);
+pub static DEFAULT_PLAN: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"free"));
+pub static TRUSTED_ROLES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+pub fn init() {
+    // SUSET: an ordinary role must not raise its own limits (default_plan), widen its own trust
+    // (trusted_roles) or hide its own decisions (audit).
+    GucRegistry::define_enum_guc(
+        c"quota_ext.audit",
+        c"Which quota decisions are written to quota.audit_log: all, denials or off.",
+        c"",
+        &AUDIT,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"quota_ext.default_plan",
+        c"Plan of a subject that has no row in quota.subjects.",
+        c"",
+        &DEFAULT_PLAN,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"quota_ext.trusted_roles",
+        c"Comma-separated roles whose members may act on any subject and call admin functions.",
+        c"Superusers, the extension owner and members of service_role are always trusted. Roles that do not exist are ignored.",
+        &TRUSTED_ROLES,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+}
+
+pub fn default_plan() -> String {
+    DEFAULT_PLAN
+        .get()
+        .and_then(|c| c.into_string().ok())
+        .unwrap_or_else(|| "free".to_string())
+}
+
+pub fn audit_wanted(success: bool) -> bool {
+    match AUDIT.get() {
+        AuditMode::All => true,
+        AuditMode::Denials => !success,
+        AuditMode::Off => false,
+    }
+}

@@ -1,0 +1,37 @@
+//! quota_ext: exact quotas, rate limits and inventory batches inside PostgreSQL.
+//! This file only wires the modules together; each concern lives in its own file.
+
+use pgrx::prelude::*;
+
+::pgrx::pg_module_magic!(name, version);
+
+mod audit;
+mod catalog;
+mod decision;
+mod error;
+mod guc;
+mod identity;
+mod quota;
+mod spi;
+
+pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    guc::init();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+mod tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["shared_preload_libraries = 'quota_ext'"]
+    }
+}

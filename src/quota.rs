@@ -1,0 +1,897 @@
+//! Durable quotas: check-and-increment per subject, metric and calendar window, all periods of a
+//! metric at once, exact under any concurrency, committed or rolled back with the caller.
+//!
+//! Exactness comes from the row lock of `INSERT ... ON CONFLICT DO UPDATE ... WHERE`: at READ
+//! COMMITTED a session that waited for the row re-checks the limit against the row's newest
+//! version, so the sum granted never passes the limit.
+
+use crate::audit;
+use crate::decision::{latest_reset, least_remaining, Decision, DecisionRow, Window};
+use crate::error::{OrRaise, QuotaError, Result};
+use crate::guc;
+use crate::identity::{self, AsOwner};
+use crate::spi::{self, Stmt};
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use pgrx::PgBuiltInOids as T;
+use serde_json::json;
+
+pub const PERIODS: [&str; 7] = ["minute", "hour", "day", "week", "month", "year", "total"];
+
+pub fn check_period(p: Option<&str>) -> Result<String> {
+    let p = p.ok_or(QuotaError::NullArgument {
+        what: "period",
+        hint: "Periods are minute, hour, day, week, month, year and total.",
+    })?;
+    if PERIODS.contains(&p) {
+        Ok(p.to_string())
+    } else {
+        Err(QuotaError::UnknownPeriod(p.to_string()))
+    }
+}
+
+fn check_metric(metric: Option<&str>) -> Result<String> {
+    identity::check_name(
+        "metric",
+        metric,
+        "Pass the name of the metric to count, e.g. 'api_calls'.",
+    )
+}
+
+fn check_amount(amount: Option<i64>) -> Result<i64> {
+    let a = amount.ok_or(QuotaError::NullArgument {
+        what: "amount",
+        hint: "Pass 1 to count one unit, 0 to peek.",
+    })?;
+    if a < 0 {
+        return Err(QuotaError::Negative {
+            what: "amount",
+            value: a,
+        });
+    }
+    Ok(a)
+}
+
+fn check_key(key: Option<&str>) -> Result<Option<String>> {
+    match key {
+        None => Ok(None),
+        Some(k) => {
+            identity::check_present("idempotency_key", k)?;
+            Ok(Some(k.to_string()))
+        }
+    }
+}
+
+/// Limits of the subject's plan for one metric, overrides replacing them, each with its current
+/// window in the subject's time zone. One row with NULL period when the metric has no limit.
+static LIMITS: Stmt = Stmt {
+    sql: "
+SELECT p.period, p.max_amount, w.window_start, w.reset_at, s.plan
+  FROM (SELECT coalesce(sj.plan, $3) AS plan, coalesce(sj.time_zone, 'UTC') AS tz
+          FROM (SELECT) AS one LEFT JOIN quota.subjects AS sj ON sj.subject = $1) AS s
+  LEFT JOIN LATERAL (
+        SELECT o.period, o.max_amount FROM quota.overrides AS o
+         WHERE o.subject = $1 AND o.metric = $2
+        UNION ALL
+        SELECT l.period, l.max_amount FROM quota.limits AS l
+         WHERE l.plan = s.plan AND l.metric = $2
+           AND NOT EXISTS (SELECT FROM quota.overrides AS o
+                            WHERE o.subject = $1 AND o.metric = $2 AND o.period = l.period)
+       ) AS p ON true
+  LEFT JOIN LATERAL quota.window_bounds(p.period, s.tz) AS w ON true
+ ORDER BY pg_catalog.array_position(
+            '{minute,hour,day,week,month,year,total}'::text[], p.period)",
+    args: &[T::TEXTOID, T::TEXTOID, T::TEXTOID],
+};
+
+/// Add `amount` to every window whose limit still has room. Rows are locked in the order given
+/// (periods sorted), so concurrent callers cannot deadlock. Returns the windows incremented.
+static UPSERT: Stmt = Stmt {
+    sql: "
+INSERT INTO quota.usage AS u (subject, metric, period, window_start, used)
+SELECT $1, $2, t.period, t.window_start, $3
+  FROM unnest($4::text[], $5::timestamptz[]) AS t(period, window_start)
+    ON CONFLICT (subject, metric, period, window_start) DO UPDATE
+   SET used = u.used + excluded.used
+ WHERE u.used <= ($6::bigint[])[pg_catalog.array_position($4::text[], u.period)] - excluded.used
+RETURNING u.period, u.used",
+    args: &[
+        T::TEXTOID,
+        T::TEXTOID,
+        T::INT8OID,
+        T::TEXTARRAYOID,
+        T::TIMESTAMPTZARRAYOID,
+        T::INT8ARRAYOID,
+    ],
+};
+
+/// Take back an increment this call made (the rows are still locked by it) when another period
+/// denied: all-or-nothing.
+static UNDO: Stmt = Stmt {
+    sql:
+        "
+UPDATE quota.usage AS u SET used = u.used - $3
+  FROM unnest($4::text[], $5::timestamptz[]) AS t(period, window_start)
+ WHERE u.subject = $1 AND u.metric = $2 AND u.period = t.period AND u.window_start = t.window_start",
+    args: &[
+        T::TEXTOID,
+        T::TEXTOID,
+        T::INT8OID,
+        T::TEXTARRAYOID,
+        T::TIMESTAMPTZARRAYOID,
+    ],
+};
+
+static READ: Stmt = Stmt {
+    sql:
+        "
+SELECT t.period, coalesce(u.used, 0)
+  FROM unnest($3::text[], $4::timestamptz[]) AS t(period, window_start)
+  LEFT JOIN quota.usage AS u
+    ON u.subject = $1 AND u.metric = $2 AND u.period = t.period AND u.window_start = t.window_start",
+    args: &[
+        T::TEXTOID,
+        T::TEXTOID,
+        T::TEXTARRAYOID,
+        T::TIMESTAMPTZARRAYOID,
+    ],
+};
+
+static REFUND: Stmt = Stmt {
+    sql: "
+UPDATE quota.usage AS u SET used = greatest(u.used - $3, 0)
+  FROM unnest($4::text[], $5::timestamptz[]) AS t(period, window_start)
+ WHERE u.subject = $1 AND u.metric = $2 AND u.period = t.period AND u.window_start = t.window_start
+RETURNING u.period, u.used",
+    args: &[
+        T::TEXTOID,
+        T::TEXTOID,
+        T::INT8OID,
+        T::TEXTARRAYOID,
+        T::TIMESTAMPTZARRAYOID,
+    ],
+};
+
+/// Claim an idempotency key. A concurrent holder of the same key makes this wait until it
+/// commits (then the key is taken) or rolls back (then it is ours).
+static KEY_CLAIM: Stmt = Stmt {
+    sql: "INSERT INTO quota.idempotency_keys (subject, key) VALUES ($1, $2)
+          ON CONFLICT (subject, key) DO NOTHING RETURNING true",
+    args: &[T::TEXTOID, T::TEXTOID],
+};
+
+static KEY_GET: Stmt = Stmt {
+    sql: "
+SELECT k.response -> 'request', d.allowed, d.subject, d.metric, d.period, d.used, d.quota_limit,
+       d.remaining, d.reset_at, d.retry_after_seconds
+  FROM quota.idempotency_keys AS k,
+       LATERAL pg_catalog.jsonb_populate_record(NULL::quota.decision, k.response -> 'decision') AS d
+ WHERE k.subject = $1 AND k.key = $2",
+    args: &[T::TEXTOID, T::TEXTOID],
+};
+
+static KEY_SET: Stmt = Stmt {
+    sql: "UPDATE quota.idempotency_keys SET response = $3 WHERE subject = $1 AND key = $2",
+    args: &[T::TEXTOID, T::TEXTOID, T::JSONBOID],
+};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Action {
+    Consume,
+    Refund,
+}
+
+impl Action {
+    fn name(self) -> &'static str {
+        match self {
+            Action::Consume => "consume",
+            Action::Refund => "refund",
+        }
+    }
+}
+
+pub(crate) struct Limits {
+    pub plan: String,
+    pub windows: Vec<Window>,
+}
+
+fn ts(row: &pgrx::spi::SpiHeapTupleData<'_>, n: usize) -> Option<i64> {
+    spi::get::<TimestampWithTimeZone>(row, n).map(|t| t.into_inner())
+}
+
+pub(crate) fn load_limits(
+    client: &mut SpiClient<'_>,
+    subject: &str,
+    metric: &str,
+) -> Result<Limits> {
+    let plan_default = guc::default_plan();
+    let rows = spi::run(
+        client,
+        &LIMITS,
+        &[subject.into(), metric.into(), plan_default.as_str().into()],
+    );
+    let mut plan = plan_default.clone();
+    let mut windows = Vec::new();
+    for row in rows {
+        plan = spi::get::<String>(&row, 5).unwrap_or_else(|| plan_default.clone());
+        if let Some(period) = spi::get::<String>(&row, 1) {
+            windows.push(Window {
+                period,
+                limit: spi::get::<i64>(&row, 2).expect("max_amount is NOT NULL"),
+                start: ts(&row, 3).expect("window_start"),
+                reset_at: ts(&row, 4),
+                used: 0,
+            });
+        }
+    }
+    if windows.is_empty() {
+        return Err(QuotaError::NoLimit {
+            subject: subject.into(),
+            metric: metric.into(),
+            plan,
+        });
+    }
+    Ok(Limits { plan, windows })
+}
+
+fn window_args(ws: &[&Window]) -> (Vec<String>, Vec<TimestampWithTimeZone>) {
+    let periods = ws.iter().map(|w| w.period.clone()).collect();
+    let starts = ws
+        .iter()
+        .map(|w| {
+            TimestampWithTimeZone::try_from(w.start).expect("window start read from PostgreSQL")
+        })
+        .collect();
+    (periods, starts)
+}
+
+fn read_used(client: &mut SpiClient<'_>, subject: &str, metric: &str, ws: &mut [Window]) {
+    let refs: Vec<&Window> = ws.iter().collect();
+    let (periods, starts) = window_args(&refs);
+    let rows = spi::run(
+        client,
+        &READ,
+        &[subject.into(), metric.into(), periods.into(), starts.into()],
+    );
+    for row in rows {
+        let p = spi::get::<String>(&row, 1).expect("period");
+        let used = spi::get::<i64>(&row, 2).unwrap_or(0);
+        if let Some(w) = ws.iter_mut().find(|w| w.period == p) {
+            w.used = used;
+        }
+    }
+}
+
+fn apply_returned(rows: pgrx::spi::SpiTupleTable<'_>, ws: &mut [Window]) -> Vec<String> {
+    let mut touched = Vec::new();
+    for row in rows {
+        let p = spi::get::<String>(&row, 1).expect("period");
+        let used = spi::get::<i64>(&row, 2).expect("used");
+        if let Some(w) = ws.iter_mut().find(|w| w.period == p) {
+            w.used = used;
+        }
+        touched.push(p);
+    }
+    touched
+}
+
+fn windows_json(plan: &str, ws: &[Window]) -> serde_json::Value {
+    json!({
+        "plan": plan,
+        "windows": ws.iter().map(|w| json!({
+            "period": w.period,
+            "window_start": crate::decision::iso8601(w.start),
+            "used": w.used,
+            "limit": w.limit,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+struct Request<'a> {
+    action: Action,
+    subject: &'a str,
+    metric: &'a str,
+    amount: i64,
+    key: Option<&'a str>,
+}
+
+impl Request<'_> {
+    fn json(&self) -> serde_json::Value {
+        json!({"action": self.action.name(), "metric": self.metric, "amount": self.amount})
+    }
+}
+
+/// Replay of an idempotency key: the first decision, or 22023 when the key was used for
+/// something else.
+fn replay(client: &mut SpiClient<'_>, req: &Request<'_>, key: &str) -> Result<Decision> {
+    let rows = spi::run(client, &KEY_GET, &[req.subject.into(), key.into()]);
+    let row = rows
+        .into_iter()
+        .next()
+        .expect("the key row exists: the claim conflicted with it");
+    let first: pgrx::JsonB = spi::get::<pgrx::JsonB>(&row, 1)
+        .unwrap_or_else(|| pgrx::error!("idempotency key \"{key}\" has no stored response"));
+    let now = req.json();
+    if first.0 != now {
+        return Err(QuotaError::IdempotencyMismatch {
+            key: key.to_string(),
+            first: first.0.to_string(),
+            now: now.to_string(),
+        });
+    }
+    Ok(Decision {
+        allowed: spi::get::<bool>(&row, 2).unwrap_or(false),
+        subject: spi::get::<String>(&row, 3).unwrap_or_default(),
+        metric: spi::get::<String>(&row, 4).unwrap_or_default(),
+        period: spi::get::<String>(&row, 5),
+        used: spi::get::<i64>(&row, 6).unwrap_or(0),
+        limit: spi::get::<i64>(&row, 7).unwrap_or(0),
+        remaining: spi::get::<i64>(&row, 8).unwrap_or(0),
+        reset_at: ts(&row, 9),
+        retry_after_seconds: spi::get::<i32>(&row, 10),
+        replayed: true,
+    })
+}
+
+fn decide(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
+    if let Some(key) = req.key {
+        let claimed = spi::run(client, &KEY_CLAIM, &[req.subject.into(), key.into()]).len() == 1;
+        if !claimed {
+            return replay(client, req, key);
+        }
+    }
+    let Limits {
+        plan,
+        windows: mut ws,
+    } = load_limits(client, req.subject, req.metric)?;
+    let (subject, metric, amount) = (req.subject, req.metric, req.amount);
+
+    let (decision, reason) = match req.action {
+        Action::Refund => {
+            if amount > 0 {
+                let refs: Vec<&Window> = ws.iter().collect();
+                let (periods, starts) = window_args(&refs);
+                let rows = spi::run(
+                    client,
+                    &REFUND,
+                    &[
+                        subject.into(),
+                        metric.into(),
+                        amount.into(),
+                        periods.into(),
+                        starts.into(),
+                    ],
+                );
+                apply_returned(rows, &mut ws);
+            }
+            // Windows without a row have nothing to give back: used stays 0.
+            (
+                Decision::from_window(subject, metric, least_remaining(&ws), true, false),
+                "refunded",
+            )
+        }
+        Action::Consume if amount == 0 => {
+            // A peek: no write, no audit row. Allowed when one more unit would fit everywhere.
+            read_used(client, subject, metric, &mut ws);
+            let full: Vec<&Window> = ws.iter().filter(|w| w.remaining() == 0).collect();
+            let d = if full.is_empty() {
+                Decision::from_window(subject, metric, least_remaining(&ws), true, false)
+            } else {
+                Decision::from_window(
+                    subject,
+                    metric,
+                    latest_reset(full.into_iter()),
+                    false,
+                    false,
+                )
+            };
+            store_key(client, req, &d);
+            return Ok(d);
+        }
+        Action::Consume => {
+            if let Some(w) = ws
+                .iter()
+                .filter(|w| amount > w.limit)
+                .min_by_key(|w| w.limit)
+                .cloned()
+            {
+                // Can never fit: deny without touching usage.
+                read_used(client, subject, metric, &mut ws);
+                let w = ws.iter().find(|x| x.period == w.period).unwrap();
+                (
+                    Decision::from_window(subject, metric, w, false, true),
+                    "exceeds_limit",
+                )
+            } else {
+                let refs: Vec<&Window> = ws.iter().collect();
+                let (periods, starts) = window_args(&refs);
+                let limits: Vec<i64> = ws.iter().map(|w| w.limit).collect();
+                let rows = spi::run(
+                    client,
+                    &UPSERT,
+                    &[
+                        subject.into(),
+                        metric.into(),
+                        amount.into(),
+                        periods.into(),
+                        starts.into(),
+                        limits.into(),
+                    ],
+                );
+                let granted = apply_returned(rows, &mut ws);
+                if granted.len() == ws.len() {
+                    (
+                        Decision::from_window(subject, metric, least_remaining(&ws), true, false),
+                        "granted",
+                    )
+                } else {
+                    if false && !granted.is_empty() {
+                        let undo: Vec<&Window> =
+                            ws.iter().filter(|w| granted.contains(&w.period)).collect();
+                        let (periods, starts) = window_args(&undo);
+                        spi::run(
+                            client,
+                            &UNDO,
+                            &[
+                                subject.into(),
+                                metric.into(),
+                                amount.into(),
+                                periods.into(),
+                                starts.into(),
+                            ],
+                        );
+                    }
+                    read_used(client, subject, metric, &mut ws);
+                    let denying: Vec<&Window> =
+                        ws.iter().filter(|w| !granted.contains(&w.period)).collect();
+                    if let Some(w) = denying.iter().find(|w| w.used > i64::MAX - amount) {
+                        return Err(QuotaError::UsageOverflow {
+                            metric: metric.into(),
+                            period: w.period.clone(),
+                            used: w.used,
+                            amount,
+                        });
+                    }
+                    (
+                        Decision::from_window(
+                            subject,
+                            metric,
+                            latest_reset(denying.into_iter()),
+                            false,
+                            false,
+                        ),
+                        "limit_reached",
+                    )
+                }
+            }
+        }
+    };
+
+    if guc::audit_wanted(decision.allowed) {
+        let mut details = windows_json(&plan, &ws);
+        details["binding_period"] = json!(decision.period);
+        audit::record(
+            client,
+            audit::Entry {
+                subject: Some(subject),
+                action: req.action.name(),
+                metric: Some(metric),
+                amount: Some(amount),
+                success: decision.allowed,
+                reason,
+                details,
+                idempotency_key: req.key,
+            },
+        );
+    }
+    store_key(client, req, &decision);
+    Ok(decision)
+}
+
+fn store_key(client: &mut SpiClient<'_>, req: &Request<'_>, d: &Decision) {
+    if let Some(key) = req.key {
+        let response = json!({"request": req.json(), "decision": d.to_json()});
+        spi::run(
+            client,
+            &KEY_SET,
+            &[req.subject.into(), key.into(), pgrx::JsonB(response).into()],
+        );
+    }
+}
+
+fn run_request(
+    action: Action,
+    subject: Option<&str>,
+    metric: Option<&str>,
+    amount: Option<i64>,
+    idempotency_key: Option<&str>,
+) -> Result<Decision> {
+    let metric = check_metric(metric)?;
+    let amount = check_amount(amount)?;
+    let key = check_key(idempotency_key)?;
+    let subject = identity::resolve_subject(subject)?;
+    let _owner = AsOwner::enter();
+    Spi::connect_mut(|client| {
+        decide(
+            client,
+            &Request {
+                action,
+                subject: &subject,
+                metric: &metric,
+                amount,
+                key: key.as_deref(),
+            },
+        )
+    })
+}
+
+/// Check and count `amount` units of `metric` for `subject` in every period that limits it.
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn consume(
+    subject: default!(Option<&str>, "NULL"),
+    metric: default!(Option<&str>, "NULL"),
+    amount: default!(Option<i64>, 1),
+    idempotency_key: default!(Option<&str>, "NULL"),
+) -> pgrx::composite_type!('static, "quota.decision") {
+    run_request(Action::Consume, subject, metric, amount, idempotency_key)
+        .or_raise()
+        .into_row()
+}
+
+/// Give usage back in the current windows (never below zero).
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn refund(
+    subject: default!(Option<&str>, "NULL"),
+    metric: default!(Option<&str>, "NULL"),
+    amount: default!(Option<i64>, 1),
+    idempotency_key: default!(Option<&str>, "NULL"),
+) -> pgrx::composite_type!('static, "quota.decision") {
+    run_request(Action::Refund, subject, metric, amount, idempotency_key)
+        .or_raise()
+        .into_row()
+}
+
+static STATUS: Stmt = Stmt {
+    sql: "
+WITH s AS (SELECT coalesce(sj.plan, $2) AS plan, coalesce(sj.time_zone, 'UTC') AS tz
+             FROM (SELECT) AS one LEFT JOIN quota.subjects AS sj ON sj.subject = $1),
+     lim AS (SELECT o.metric, o.period, o.max_amount FROM quota.overrides AS o WHERE o.subject = $1
+             UNION ALL
+             SELECT l.metric, l.period, l.max_amount FROM quota.limits AS l, s
+              WHERE l.plan = s.plan
+                AND NOT EXISTS (SELECT FROM quota.overrides AS o
+                                 WHERE o.subject = $1 AND o.metric = l.metric AND o.period = l.period))
+SELECT lim.metric, lim.period, lim.max_amount, w.window_start, w.reset_at, coalesce(u.used, 0)
+  FROM lim CROSS JOIN s
+ CROSS JOIN LATERAL quota.window_bounds(lim.period, s.tz) AS w
+  LEFT JOIN quota.usage AS u
+    ON u.subject = $1 AND u.metric = lim.metric AND u.period = lim.period
+   AND u.window_start = w.window_start
+ ORDER BY lim.metric,
+          pg_catalog.array_position('{minute,hour,day,week,month,year,total}'::text[], lim.period)",
+    args: &[T::TEXTOID, T::TEXTOID],
+};
+
+/// One row per metric and period that applies to the subject; consumes nothing. `allowed` says
+/// whether one more unit would fit in that window.
+#[pg_extern(stable, parallel_safe)]
+#[search_path(pg_catalog, pg_temp)]
+fn status(
+    subject: default!(Option<&str>, "NULL"),
+) -> SetOfIterator<'static, pgrx::composite_type!('static, "quota.decision")> {
+    let subject = identity::resolve_subject(subject).or_raise();
+    let _owner = AsOwner::enter();
+    let rows: Vec<(String, Window)> = Spi::connect_mut(|client| {
+        spi::run(
+            client,
+            &STATUS,
+            &[subject.as_str().into(), guc::default_plan().into()],
+        )
+        .map(|row| {
+            (
+                spi::get::<String>(&row, 1).expect("metric"),
+                Window {
+                    period: spi::get::<String>(&row, 2).expect("period"),
+                    limit: spi::get::<i64>(&row, 3).expect("limit"),
+                    start: ts(&row, 4).expect("window_start"),
+                    reset_at: ts(&row, 5),
+                    used: spi::get::<i64>(&row, 6).unwrap_or(0),
+                },
+            )
+        })
+        .collect()
+    });
+    drop(_owner);
+    let decisions: Vec<DecisionRow> = rows
+        .into_iter()
+        .map(|(metric, w)| {
+            Decision::from_window(&subject, &metric, &w, w.remaining() > 0, false).into_row()
+        })
+        .collect();
+    SetOfIterator::new(decisions)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Administration (trusted callers only)
+
+static PLAN_EXISTS: Stmt = Stmt {
+    sql: "SELECT FROM quota.plans WHERE plan = $1",
+    args: &[T::TEXTOID],
+};
+
+static CHECK_TZ: Stmt = Stmt {
+    // Raises 22023 "time zone ... not recognized" for a bad name, before anything is written.
+    sql: "SELECT pg_catalog.timezone($1, pg_catalog.now())",
+    args: &[T::TEXTOID],
+};
+
+static SET_PLAN: Stmt = Stmt {
+    sql:
+        "
+INSERT INTO quota.subjects AS s (subject, plan, time_zone) VALUES ($1, $2, coalesce($3, 'UTC'))
+    ON CONFLICT (subject) DO UPDATE SET plan = excluded.plan, time_zone = coalesce($3, s.time_zone)",
+    args: &[T::TEXTOID, T::TEXTOID, T::TEXTOID],
+};
+
+fn ensure_plan(client: &mut SpiClient<'_>, plan: &str) -> Result<()> {
+    if spi::run(client, &PLAN_EXISTS, &[plan.into()]).is_empty() {
+        return Err(QuotaError::UnknownPlan(plan.to_string()));
+    }
+    Ok(())
+}
+
+/// Put a subject on a plan, optionally in a time zone (NULL keeps the current one, or UTC).
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn set_plan(subject: Option<&str>, plan: Option<&str>, time_zone: default!(Option<&str>, "NULL")) {
+    (|| -> Result<()> {
+        identity::require_trusted("quota.set_plan")?;
+        let subject =
+            identity::check_name("subject", subject, "Pass the subject to put on a plan.")?;
+        let plan = identity::check_name("plan", plan, "Pass a plan from quota.plans.")?;
+        if let Some(tz) = time_zone {
+            identity::check_present("time_zone", tz)?;
+        }
+        let _owner = AsOwner::enter();
+        Spi::connect_mut(|client| {
+            ensure_plan(client, &plan)?;
+            if let Some(tz) = time_zone {
+                spi::run(client, &CHECK_TZ, &[tz.into()]);
+            }
+            spi::run(
+                client,
+                &SET_PLAN,
+                &[
+                    subject.as_str().into(),
+                    plan.as_str().into(),
+                    time_zone.into(),
+                ],
+            );
+            audit::admin(
+                client,
+                &subject,
+                "set_plan",
+                None,
+                json!({"plan": plan, "time_zone": time_zone}),
+            );
+            Ok(())
+        })
+    })()
+    .or_raise()
+}
+
+static SET_LIMIT: Stmt = Stmt {
+    sql: "INSERT INTO quota.limits (plan, metric, period, max_amount) VALUES ($1, $2, $3, $4)
+          ON CONFLICT (plan, metric, period) DO UPDATE SET max_amount = excluded.max_amount",
+    args: &[T::TEXTOID, T::TEXTOID, T::TEXTOID, T::INT8OID],
+};
+static DEL_LIMIT: Stmt = Stmt {
+    sql: "DELETE FROM quota.limits WHERE plan = $1 AND metric = $2 AND period = $3",
+    args: &[T::TEXTOID, T::TEXTOID, T::TEXTOID],
+};
+
+/// Set a plan's limit for a metric and period; NULL deletes it.
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn set_limit(
+    plan: Option<&str>,
+    metric: Option<&str>,
+    period: Option<&str>,
+    max_amount: Option<i64>,
+) {
+    (|| -> Result<()> {
+        identity::require_trusted("quota.set_limit")?;
+        let plan = identity::check_name("plan", plan, "Pass a plan from quota.plans.")?;
+        let metric = check_metric(metric)?;
+        let period = check_period(period)?;
+        if let Some(m) = max_amount.filter(|m| *m < 0) {
+            return Err(QuotaError::Negative {
+                what: "max_amount",
+                value: m,
+            });
+        }
+        let _owner = AsOwner::enter();
+        Spi::connect_mut(|client| {
+            ensure_plan(client, &plan)?;
+            let (p, m, pe) = (plan.as_str(), metric.as_str(), period.as_str());
+            match max_amount {
+                Some(max) => spi::run(
+                    client,
+                    &SET_LIMIT,
+                    &[p.into(), m.into(), pe.into(), max.into()],
+                ),
+                None => spi::run(client, &DEL_LIMIT, &[p.into(), m.into(), pe.into()]),
+            };
+            audit::admin(
+                client,
+                "",
+                "set_limit",
+                Some(m),
+                json!({"plan": p, "period": pe, "max_amount": max_amount}),
+            );
+            Ok(())
+        })
+    })()
+    .or_raise()
+}
+
+static SET_OVERRIDE: Stmt = Stmt {
+    sql: "INSERT INTO quota.overrides (subject, metric, period, max_amount) VALUES ($1, $2, $3, $4)
+          ON CONFLICT (subject, metric, period) DO UPDATE SET max_amount = excluded.max_amount",
+    args: &[T::TEXTOID, T::TEXTOID, T::TEXTOID, T::INT8OID],
+};
+static DEL_OVERRIDE: Stmt = Stmt {
+    sql: "DELETE FROM quota.overrides WHERE subject = $1 AND metric = $2 AND period = $3",
+    args: &[T::TEXTOID, T::TEXTOID, T::TEXTOID],
+};
+
+/// Replace the plan's limit for one subject, metric and period; NULL deletes the override.
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn set_override(
+    subject: Option<&str>,
+    metric: Option<&str>,
+    period: Option<&str>,
+    max_amount: Option<i64>,
+) {
+    (|| -> Result<()> {
+        identity::require_trusted("quota.set_override")?;
+        let subject =
+            identity::check_name("subject", subject, "Pass the subject the override is for.")?;
+        let metric = check_metric(metric)?;
+        let period = check_period(period)?;
+        if let Some(m) = max_amount.filter(|m| *m < 0) {
+            return Err(QuotaError::Negative {
+                what: "max_amount",
+                value: m,
+            });
+        }
+        let _owner = AsOwner::enter();
+        Spi::connect_mut(|client| {
+            let (s, m, pe) = (subject.as_str(), metric.as_str(), period.as_str());
+            match max_amount {
+                Some(max) => spi::run(
+                    client,
+                    &SET_OVERRIDE,
+                    &[s.into(), m.into(), pe.into(), max.into()],
+                ),
+                None => spi::run(client, &DEL_OVERRIDE, &[s.into(), m.into(), pe.into()]),
+            };
+            audit::admin(
+                client,
+                s,
+                "set_override",
+                Some(m),
+                json!({"period": pe, "max_amount": max_amount}),
+            );
+            Ok(())
+        })
+    })()
+    .or_raise()
+}
+
+static RESET: Stmt = Stmt {
+    sql: "DELETE FROM quota.usage WHERE subject = $1 AND ($2::text IS NULL OR metric = $2)",
+    args: &[T::TEXTOID, T::TEXTOID],
+};
+
+/// Delete a subject's usage (of one metric, or all); returns the number of windows deleted.
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn reset_usage(subject: Option<&str>, metric: default!(Option<&str>, "NULL")) -> i64 {
+    (|| -> Result<i64> {
+        identity::require_trusted("quota.reset_usage")?;
+        let subject =
+            identity::check_name("subject", subject, "Pass the subject whose usage to reset.")?;
+        if let Some(m) = metric {
+            identity::check_present("metric", m)?;
+        }
+        let _owner = AsOwner::enter();
+        Ok(Spi::connect_mut(|client| {
+            let n =
+                spi::run(client, &RESET, &[subject.as_str().into(), metric.into()]).len() as i64;
+            audit::admin(
+                client,
+                &subject,
+                "reset_usage",
+                metric,
+                json!({"windows_deleted": n}),
+            );
+            n
+        }))
+    })()
+    .or_raise()
+}
+
+static NEAR: Stmt = Stmt {
+    sql: "
+SELECT u.subject, u.metric, u.period, u.used, e.max_amount,
+       CASE WHEN e.max_amount > 0 THEN u.used::float8 / e.max_amount
+            ELSE 'Infinity'::float8 END AS ratio,
+       w.reset_at
+  FROM quota.usage AS u
+  LEFT JOIN quota.subjects AS s ON s.subject = u.subject
+ CROSS JOIN LATERAL (SELECT coalesce(
+          (SELECT o.max_amount FROM quota.overrides AS o
+            WHERE o.subject = u.subject AND o.metric = u.metric AND o.period = u.period),
+          (SELECT l.max_amount FROM quota.limits AS l
+            WHERE l.plan = coalesce(s.plan, $2) AND l.metric = u.metric AND l.period = u.period))
+       ) AS e(max_amount)
+ CROSS JOIN LATERAL quota.window_bounds(u.period, coalesce(s.time_zone, 'UTC')) AS w
+ WHERE u.window_start = w.window_start
+   AND e.max_amount IS NOT NULL
+   AND u.used > 0
+   AND u.used >= $1 * e.max_amount
+ ORDER BY ratio DESC, u.subject, u.metric,
+          pg_catalog.array_position('{minute,hour,day,week,month,year,total}'::text[], u.period)",
+    args: &[T::FLOAT8OID, T::TEXTOID],
+};
+
+/// Subjects whose current-window usage is at least `threshold` of their limit, highest first.
+#[pg_extern(stable, parallel_safe)]
+#[search_path(pg_catalog, pg_temp)]
+fn near_limit(
+    threshold: default!(Option<f64>, 0.8),
+) -> TableIterator<
+    'static,
+    (
+        name!(subject, String),
+        name!(metric, String),
+        name!(period, String),
+        name!(used, i64),
+        name!(quota_limit, i64),
+        name!(ratio, f64),
+        name!(reset_at, Option<TimestampWithTimeZone>),
+    ),
+> {
+    identity::require_trusted("quota.near_limit").or_raise();
+    let t = threshold.unwrap_or(0.8);
+    if !t.is_finite() || t < 0.0 {
+        QuotaError::OutOfRange {
+            what: "threshold",
+            value: t,
+            min: 0.0,
+            max: f64::MAX,
+        }
+        .raise();
+    }
+    let _owner = AsOwner::enter();
+    let rows: Vec<_> = Spi::connect_mut(|client| {
+        spi::run(client, &NEAR, &[t.into(), guc::default_plan().into()])
+            .map(|row| {
+                (
+                    spi::get::<String>(&row, 1).expect("subject"),
+                    spi::get::<String>(&row, 2).expect("metric"),
+                    spi::get::<String>(&row, 3).expect("period"),
+                    spi::get::<i64>(&row, 4).expect("used"),
+                    spi::get::<i64>(&row, 5).expect("limit"),
+                    spi::get::<f64>(&row, 6).expect("ratio"),
+                    spi::get::<TimestampWithTimeZone>(&row, 7),
+                )
+            })
+            .collect()
+    });
+    TableIterator::new(rows)
+}
