@@ -27,6 +27,16 @@ BEGIN
 END
 $$;
 
+-- Changes to what the per-backend limits cache is built from reach every backend at commit.
+CREATE TRIGGER limits_cache_invalidation AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON quota.limits
+    FOR EACH STATEMENT EXECUTE FUNCTION quota.invalidate_limits_cache();
+CREATE TRIGGER limits_cache_invalidation AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON quota.overrides
+    FOR EACH STATEMENT EXECUTE FUNCTION quota.invalidate_limits_cache();
+CREATE TRIGGER limits_cache_invalidation AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON quota.subjects
+    FOR EACH STATEMENT EXECUTE FUNCTION quota.invalidate_limits_cache();
+CREATE TRIGGER limits_cache_invalidation AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON quota.plans
+    FOR EACH STATEMENT EXECUTE FUNCTION quota.invalidate_limits_cache();
+
 -- Nothing is callable by PUBLIC; grants below, or by hand (see README) without Supabase roles.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA quota FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA quota FROM PUBLIC;

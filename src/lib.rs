@@ -6,6 +6,7 @@ use pgrx::prelude::*;
 ::pgrx::pg_module_magic!(name, version);
 
 mod audit;
+mod cache;
 mod catalog;
 mod decision;
 mod error;
@@ -20,6 +21,7 @@ pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     guc::init();
+    cache::init();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -253,3 +253,62 @@ fn untrusted_roles_act_only_as_their_jwt_subject() {
     assert_eq!(used, 1);
     c.batch_execute("RESET ROLE").unwrap();
 }
+
+#[test]
+fn limit_changes_reach_other_sessions_at_commit() {
+    let db = TestDb::new("cache_inval");
+    let mut a = db.connect();
+    let mut b = db.connect();
+    a.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 10)")
+        .unwrap();
+    let limit = |c: &mut postgres::Client| -> i64 {
+        c.query_one(
+            "SELECT quota_limit FROM quota.consume('ann', 'api', 0)",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    assert_eq!(limit(&mut a), 10, "session a has cached the limit");
+
+    // Uncommitted, then rolled back: a keeps seeing 10.
+    b.batch_execute("BEGIN; SELECT quota.set_limit('free', 'api', 'day', 1);")
+        .unwrap();
+    assert_eq!(
+        limit(&mut b),
+        1,
+        "the writing transaction sees its own change"
+    );
+    assert_eq!(limit(&mut a), 10);
+    b.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(limit(&mut a), 10);
+    assert_eq!(
+        limit(&mut b),
+        10,
+        "the rolled back change is gone from b's cache too"
+    );
+
+    // Committed through the admin function, then by plain DML on each source table.
+    b.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 2)")
+        .unwrap();
+    assert_eq!(limit(&mut a), 2);
+    b.batch_execute("UPDATE quota.limits SET max_amount = 3")
+        .unwrap();
+    assert_eq!(limit(&mut a), 3);
+    b.batch_execute("INSERT INTO quota.overrides VALUES ('ann', 'api', 'day', 4)")
+        .unwrap();
+    assert_eq!(limit(&mut a), 4);
+    b.batch_execute("INSERT INTO quota.plans VALUES ('gold'); INSERT INTO quota.limits VALUES ('gold', 'api', 'day', 5);
+                     DELETE FROM quota.overrides; INSERT INTO quota.subjects (subject, plan) VALUES ('ann', 'gold')")
+        .unwrap();
+    assert_eq!(limit(&mut a), 5);
+    b.batch_execute("UPDATE quota.plans SET plan = 'platinum' WHERE plan = 'gold'; UPDATE quota.limits SET max_amount = 6 WHERE plan = 'platinum'")
+        .unwrap();
+    assert_eq!(limit(&mut a), 6);
+    // A session's default plan is a setting: a change applies to it at once.
+    b.batch_execute("DELETE FROM quota.subjects; SELECT quota.set_limit('pro', 'api', 'day', 7)")
+        .unwrap();
+    a.batch_execute("SET quota_ext.default_plan = 'pro'")
+        .unwrap();
+    assert_eq!(limit(&mut a), 7);
+}

@@ -1,0 +1,6 @@
+\set s random(1, 10000)
+INSERT INTO naive_usage AS u (subject, metric, window_start, used, lim)
+VALUES ('user-' || :s, 'api', date_trunc('day', now()), 1, 1000000000000)
+ON CONFLICT (subject, metric, window_start)
+DO UPDATE SET used = u.used + 1 WHERE u.used + 1 <= u.lim
+RETURNING used;
