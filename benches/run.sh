@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Throughput of quota_ext beside its baselines, in one run on one server of our own.
 # pgbench, 8 clients, prepared protocol; every case gets the same duration.
-# Usage: benches/run.sh [seconds per case, default 8]
+# Cases are interleaved over ROUNDS rounds, each case starts right after a CHECKPOINT (so full
+# page writes weigh the same on every case), and the median tps of each case is reported.
+# Usage: benches/run.sh [seconds per case and round, default 6] [rounds, default 3]
 . "$(dirname "$0")/../scripts/lib.sh"
 
-SECONDS_PER_CASE=${1:-8}
+SECONDS_PER_CASE=${1:-6}
+ROUNDS=${2:-3}
 CLIENTS=8
 BENCH_DATA=/tmp/quota_ext-bench
 BENCH_PORT=${QUOTA_EXT_BENCH_PORT:-54317}
@@ -14,12 +17,13 @@ OUT="$REPO/benches/results/latest.md"
 ensure_all
 install_extension --release
 log "starting a bench server on 127.0.0.1:$BENCH_PORT"
-start_server "$BENCH_DATA" "$BENCH_PORT" "max_wal_size = 4GB"
+start_server "$BENCH_DATA" "$BENCH_PORT" "max_wal_size = 8GB" "checkpoint_timeout = 30min"
 trap 'stop_server "$BENCH_DATA"' EXIT
 pg_psql "$BENCH_PORT" -d postgres -c "CREATE DATABASE bench"
 pg_psql "$BENCH_PORT" -d bench -f "$SQL/setup.sql" >/dev/null
 
 bench() { # bench SCRIPT SECONDS -> tps
+    pg_psql "$BENCH_PORT" -d bench -c CHECKPOINT
     "$PG_BIN/pgbench" -h 127.0.0.1 -p "$BENCH_PORT" -U postgres -n -M prepared \
         -c "$CLIENTS" -j 2 -T "$2" -f "$SQL/$1.sql" bench 2>&1 \
         | awk '/^tps = / { printf "%.0f\n", $3 }'
@@ -29,17 +33,23 @@ bench() { # bench SCRIPT SECONDS -> tps
 log "warming up"
 for s in consume_random naive_random consume_hot naive_hot select1; do bench "$s" 3 >/dev/null; done
 
-declare -A TPS
-for s in select1 consume_random naive_random consume_hot naive_hot; do
-    TPS[$s]=$(bench "$s" "$SECONDS_PER_CASE")
-    log "$s: ${TPS[$s]} tps"
+CASES=(select1 consume_random naive_random consume_hot naive_hot)
+declare -A RUNS TPS
+for round in $(seq "$ROUNDS"); do
+    for s in "${CASES[@]}"; do
+        t=$(bench "$s" "$SECONDS_PER_CASE")
+        RUNS[$s]="${RUNS[$s]:-} $t"
+        log "round $round: $s $t tps"
+    done
 done
+median() { tr ' ' '\n' | grep . | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2 ? a[(NR + 1) / 2] : int((a[NR / 2] + a[NR / 2 + 1]) / 2)) }'; }
+for s in "${CASES[@]}"; do TPS[$s]=$(echo "${RUNS[$s]}" | median); done
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
 {
     echo "Measured $(date -u +%Y-%m-%d) on $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)," \
          "PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}'), pgbench $CLIENTS clients, -M prepared," \
-         "${SECONDS_PER_CASE}s per case, synchronous_commit = on, quota_ext.audit = all."
+         "median of $ROUNDS interleaved rounds of ${SECONDS_PER_CASE}s, CHECKPOINT before each, synchronous_commit = on, quota_ext.audit = all."
     echo
     echo "| case | tps | vs SELECT 1 | vs naive upsert (same keys) |"
     echo "|---|---:|---:|---:|"

@@ -1,12 +1,13 @@
-//! Per-backend caches for the consume path: each subject's limits for a metric, and calendar
-//! windows per time zone and period. The hot path then runs no lookup query at all.
+//! Per-backend caches for the consume path: limits per plan and metric, each subject's plan,
+//! time zone and overrides, and calendar windows per time zone and period. With warm caches the
+//! consume path runs no look-up query at all.
 //!
 //! Invalidation uses PostgreSQL's own mechanism, so it needs no shared memory: a statement
 //! trigger on quota.limits, quota.overrides, quota.subjects and quota.plans queues a relcache
 //! invalidation of that table, which PostgreSQL delivers to every backend when the writing
 //! transaction commits (and applies at once inside the writing transaction, and undoes if it
-//! aborts). Each backend drops its limits cache when such a message names one of those tables,
-//! or when it lost track of messages (relid = InvalidOid).
+//! aborts). Each backend drops these caches when such a message names one of those tables, or
+//! when it lost track of messages (relid = InvalidOid).
 
 use crate::catalog;
 use crate::decision::now_micros;
@@ -21,20 +22,40 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 /// Bound on cached subjects per backend; the cache starts over when it is reached.
-const MAX_ENTRIES: usize = 50_000;
+const MAX_SUBJECTS: usize = 50_000;
 
+/// What the consume path needs to know about one subject and metric.
 pub struct Limits {
     pub plan: String,
     pub time_zone: String,
-    /// (period, max_amount), sorted by period length.
+    /// (period, max_amount), shortest period first.
     pub periods: Vec<(String, i64)>,
 }
 
+/// A subject's row in quota.subjects (if any) and its overrides.
+struct Subject {
+    plan: Option<String>,
+    time_zone: String,
+    /// (metric, period, max_amount)
+    overrides: Vec<(String, String, i64)>,
+}
+
 thread_local! {
-    static LIMITS: RefCell<HashMap<String, Rc<Limits>>> = RefCell::new(HashMap::new());
+    /// (plan, metric) -> limits of that plan, shortest period first.
+    static PLAN_LIMITS: RefCell<HashMap<String, Rc<Vec<(String, i64)>>>> = RefCell::new(HashMap::new());
+    static SUBJECTS: RefCell<HashMap<String, Rc<Subject>>> = RefCell::new(HashMap::new());
+    /// Whether quota.subjects and quota.overrides hold no row at all: then no subject needs a
+    /// look-up.
+    static TABLES_EMPTY: Cell<Option<(bool, bool)>> = const { Cell::new(None) };
     static WINDOWS: RefCell<HashMap<(String, String), (i64, Option<i64>)>> = RefCell::new(HashMap::new());
-    /// OIDs of the tables whose changes empty LIMITS (0 = not known yet).
+    /// OIDs of the tables whose changes empty the caches above (0 = not known yet).
     static WATCHED: Cell<[u32; 4]> = const { Cell::new([0; 4]) };
+}
+
+fn forget_limits() {
+    PLAN_LIMITS.with(|l| l.borrow_mut().clear());
+    SUBJECTS.with(|l| l.borrow_mut().clear());
+    TABLES_EMPTY.with(|t| t.set(None));
 }
 
 /// Relcache invalidation callback. Runs inside invalidation processing: it must not touch the
@@ -43,7 +64,7 @@ thread_local! {
 unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     let id = relid.to_u32();
     if id == 0 || WATCHED.with(|w| w.get().contains(&id)) {
-        LIMITS.with(|l| l.borrow_mut().clear());
+        forget_limits();
     }
 }
 
@@ -70,75 +91,135 @@ fn remember_watched_tables() {
     WATCHED.with(|w| w.set(ids));
 }
 
-/// Limits of the subject's plan for one metric, overrides replacing them, and the subject's
-/// time zone. Periods without a limit are left out; an empty list means "no limit".
-static LOAD: Stmt = Stmt {
-    sql: "
-SELECT s.plan, s.tz, p.period, p.max_amount
-  FROM (SELECT coalesce(sj.plan, $3) AS plan, coalesce(sj.time_zone, 'UTC') AS tz
-          FROM (SELECT) AS one LEFT JOIN quota.subjects AS sj ON sj.subject = $1) AS s
-  LEFT JOIN LATERAL (
-        SELECT o.period, o.max_amount FROM quota.overrides AS o
-         WHERE o.subject = $1 AND o.metric = $2
-        UNION ALL
-        SELECT l.period, l.max_amount FROM quota.limits AS l
-         WHERE l.plan = s.plan AND l.metric = $2
-           AND NOT EXISTS (SELECT FROM quota.overrides AS o
-                            WHERE o.subject = $1 AND o.metric = $2 AND o.period = l.period)
-       ) AS p ON true
- ORDER BY pg_catalog.array_position('{minute,hour,day,week,month,year,total}'::text[], p.period)",
-    args: &[T::TEXTOID, T::TEXTOID, T::TEXTOID],
+fn period_rank(p: &str) -> usize {
+    crate::quota::PERIODS
+        .iter()
+        .position(|x| *x == p)
+        .unwrap_or(usize::MAX)
+}
+
+static PLAN_LOAD: Stmt = Stmt {
+    sql: "SELECT period, max_amount FROM quota.limits WHERE plan = $1 AND metric = $2",
+    args: &[T::TEXTOID, T::TEXTOID],
 };
 
+static EMPTY_LOAD: Stmt = Stmt {
+    sql: "SELECT NOT EXISTS (SELECT FROM quota.subjects), NOT EXISTS (SELECT FROM quota.overrides)",
+    args: &[],
+};
+
+static SUBJECT_LOAD: Stmt = Stmt {
+    sql: "
+SELECT sj.plan, sj.time_zone, o.metric, o.period, o.max_amount
+  FROM (SELECT) AS one
+  LEFT JOIN quota.subjects AS sj ON sj.subject = $1
+  LEFT JOIN quota.overrides AS o ON o.subject = $1",
+    args: &[T::TEXTOID],
+};
+
+fn plan_limits(client: &mut SpiClient<'_>, plan: &str, metric: &str) -> Rc<Vec<(String, i64)>> {
+    let key = format!("{plan}\u{0}{metric}");
+    if let Some(hit) = PLAN_LIMITS.with(|l| l.borrow().get(&key).cloned()) {
+        return hit;
+    }
+    let mut periods: Vec<(String, i64)> =
+        spi::run(client, &PLAN_LOAD, &[plan.into(), metric.into()])
+            .map(|row| {
+                (
+                    spi::get::<String>(&row, 1).expect("period"),
+                    spi::get::<i64>(&row, 2).expect("max_amount"),
+                )
+            })
+            .collect();
+    periods.sort_by_key(|(p, _)| period_rank(p));
+    let periods = Rc::new(periods);
+    PLAN_LIMITS.with(|l| {
+        let mut l = l.borrow_mut();
+        if l.len() >= 10_000 {
+            l.clear();
+        }
+        l.insert(key, periods.clone());
+    });
+    periods
+}
+
+fn subject(client: &mut SpiClient<'_>, subject: &str) -> Rc<Subject> {
+    if let Some(hit) = SUBJECTS.with(|l| l.borrow().get(subject).cloned()) {
+        return hit;
+    }
+    let empty = TABLES_EMPTY.with(|t| t.get()).unwrap_or_else(|| {
+        let row = spi::run(client, &EMPTY_LOAD, &[]).next().expect("one row");
+        let e = (
+            spi::get::<bool>(&row, 1).unwrap_or(false),
+            spi::get::<bool>(&row, 2).unwrap_or(false),
+        );
+        TABLES_EMPTY.with(|t| t.set(Some(e)));
+        e
+    });
+    let mut info = Subject {
+        plan: None,
+        time_zone: "UTC".into(),
+        overrides: Vec::new(),
+    };
+    if empty != (true, true) {
+        for row in spi::run(client, &SUBJECT_LOAD, &[subject.into()]) {
+            if let Some(plan) = spi::get::<String>(&row, 1) {
+                info.plan = Some(plan);
+                info.time_zone = spi::get::<String>(&row, 2).expect("time_zone");
+            }
+            if let Some(metric) = spi::get::<String>(&row, 3) {
+                info.overrides.push((
+                    metric,
+                    spi::get::<String>(&row, 4).expect("period"),
+                    spi::get::<i64>(&row, 5).expect("max_amount"),
+                ));
+            }
+        }
+    }
+    let info = Rc::new(info);
+    SUBJECTS.with(|l| {
+        let mut l = l.borrow_mut();
+        if l.len() >= MAX_SUBJECTS {
+            l.clear();
+        }
+        l.insert(subject.to_string(), info.clone());
+    });
+    info
+}
+
+/// The subject's plan limits for `metric`, its overrides replacing them (or adding periods).
 pub fn limits(
     client: &mut SpiClient<'_>,
-    subject: &str,
+    subject_name: &str,
     metric: &str,
     default_plan: &str,
-) -> Result<Rc<Limits>> {
-    // The default plan is part of the key: it is a setting that can differ per session.
-    let key = format!("{subject}\u{0}{metric}\u{0}{default_plan}");
-    if let Some(hit) = LIMITS.with(|l| l.borrow().get(&key).cloned()) {
-        return Ok(hit);
-    }
+) -> Result<Limits> {
     if WATCHED.with(|w| w.get()[0]) == 0 {
         remember_watched_tables();
     }
-    let mut plan = default_plan.to_string();
-    let mut time_zone = "UTC".to_string();
-    let mut periods = Vec::new();
-    for row in spi::run(
-        client,
-        &LOAD,
-        &[subject.into(), metric.into(), default_plan.into()],
-    ) {
-        plan = spi::get::<String>(&row, 1).expect("plan");
-        time_zone = spi::get::<String>(&row, 2).expect("time zone");
-        if let Some(period) = spi::get::<String>(&row, 3) {
-            periods.push((period, spi::get::<i64>(&row, 4).expect("max_amount")));
+    let info = subject(client, subject_name);
+    let plan = info.plan.as_deref().unwrap_or(default_plan);
+    let mut periods: Vec<(String, i64)> = plan_limits(client, plan, metric).as_ref().clone();
+    for (m, period, max) in info.overrides.iter().filter(|(m, _, _)| m == metric) {
+        let _ = m;
+        match periods.iter_mut().find(|(p, _)| p == period) {
+            Some(slot) => slot.1 = *max,
+            None => periods.push((period.clone(), *max)),
         }
     }
     if periods.is_empty() {
-        // Not cached: the usual fix is to define the limit, which must take effect at once.
         return Err(QuotaError::NoLimit {
-            subject: subject.into(),
+            subject: subject_name.into(),
             metric: metric.into(),
-            plan,
+            plan: plan.into(),
         });
     }
-    let entry = Rc::new(Limits {
-        plan,
-        time_zone,
+    periods.sort_by_key(|(p, _)| period_rank(p));
+    Ok(Limits {
+        plan: plan.to_string(),
+        time_zone: info.time_zone.clone(),
         periods,
-    });
-    LIMITS.with(|l| {
-        let mut l = l.borrow_mut();
-        if l.len() >= MAX_ENTRIES {
-            l.clear();
-        }
-        l.insert(key, entry.clone());
-    });
-    Ok(entry)
+    })
 }
 
 static WINDOW: Stmt = Stmt {

@@ -103,6 +103,36 @@ RETURNING u.period, u.used",
     ],
 };
 
+/// The grant path in one statement: the single-row upsert and, when it granted, its audit row.
+static UPSERT_ONE_AUDITED: Stmt = Stmt {
+    sql: "
+WITH u AS (
+    INSERT INTO quota.usage AS u (subject, metric, period, window_start, used)
+    VALUES ($1, $2, $3, $4, $5)
+        ON CONFLICT (subject, metric, period, window_start) DO UPDATE
+       SET used = u.used + excluded.used
+     WHERE u.used <= $6 - excluded.used
+    RETURNING u.period, u.used),
+a AS (
+    INSERT INTO quota.audit_log (subject, action, metric, amount, success, reason, details, idempotency_key)
+    SELECT $1, 'consume', $2, $5, true, 'granted',
+           pg_catalog.jsonb_build_object('plan', $7::text, 'period', $3::text, 'used', u.used,
+                                         'limit', $6::bigint),
+           $8
+      FROM u)
+SELECT period, used FROM u",
+    args: &[
+        T::TEXTOID,
+        T::TEXTOID,
+        T::TEXTOID,
+        T::TIMESTAMPTZOID,
+        T::INT8OID,
+        T::INT8OID,
+        T::TEXTOID,
+        T::TEXTOID,
+    ],
+};
+
 /// Take back an increment this call made (the rows are still locked by it) when another period
 /// denied: all-or-nothing.
 static UNDO: Stmt = Stmt {
@@ -203,7 +233,7 @@ pub(crate) fn load_limits(
     metric: &str,
 ) -> Result<Limits> {
     let cached = cache::limits(client, subject, metric, &guc::default_plan())?;
-    let windows = cached
+    let windows: Vec<Window> = cached
         .periods
         .iter()
         .map(|(period, limit)| {
@@ -264,16 +294,22 @@ fn apply_returned(rows: pgrx::spi::SpiTupleTable<'_>, ws: &mut [Window]) -> Vec<
     touched
 }
 
-fn windows_json(plan: &str, ws: &[Window]) -> serde_json::Value {
-    json!({
+/// Audit details of a quota decision: the plan, and the binding window's period, usage and limit;
+/// when several periods apply, every window too.
+fn details_json(plan: &str, binding: &Window, ws: &[Window]) -> serde_json::Value {
+    let mut d = json!({
         "plan": plan,
-        "windows": ws.iter().map(|w| json!({
-            "period": w.period,
-            "window_start": crate::decision::iso8601(w.start),
-            "used": w.used,
-            "limit": w.limit,
-        })).collect::<Vec<_>>(),
-    })
+        "period": binding.period,
+        "used": binding.used,
+        "limit": binding.limit,
+    });
+    if ws.len() > 1 {
+        d["windows"] = ws
+            .iter()
+            .map(|w| json!({"period": w.period, "used": w.used, "limit": w.limit}))
+            .collect();
+    }
+    d
 }
 
 struct Request<'a> {
@@ -334,6 +370,8 @@ fn decide(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
         windows: mut ws,
     } = load_limits(client, req.subject, req.metric)?;
     let (subject, metric, amount) = (req.subject, req.metric, req.amount);
+    // Set when the grant statement wrote the audit row itself.
+    let mut audited = false;
 
     let (decision, reason) = match req.action {
         Action::Refund => {
@@ -394,18 +432,22 @@ fn decide(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
             } else {
                 let rows = if let [w] = ws.as_slice() {
                     let start = TimestampWithTimeZone::try_from(w.start).expect("window start");
-                    spi::run(
-                        client,
-                        &UPSERT_ONE,
-                        &[
-                            subject.into(),
-                            metric.into(),
-                            w.period.as_str().into(),
-                            start.into(),
-                            amount.into(),
-                            w.limit.into(),
-                        ],
-                    )
+                    let mut args = vec![
+                        subject.into(),
+                        metric.into(),
+                        w.period.as_str().into(),
+                        start.into(),
+                        amount.into(),
+                        w.limit.into(),
+                    ];
+                    if guc::audit_wanted(true) {
+                        audited = true;
+                        args.push(plan.as_str().into());
+                        args.push(req.key.into());
+                        spi::run(client, &UPSERT_ONE_AUDITED, &args)
+                    } else {
+                        spi::run(client, &UPSERT_ONE, &args)
+                    }
                 } else {
                     let refs: Vec<&Window> = ws.iter().collect();
                     let (periods, starts) = window_args(&refs);
@@ -472,9 +514,12 @@ fn decide(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
         }
     };
 
-    if guc::audit_wanted(decision.allowed) {
-        let mut details = windows_json(&plan, &ws);
-        details["binding_period"] = json!(decision.period);
+    if guc::audit_wanted(decision.allowed) && !(audited && decision.allowed) {
+        let binding = ws
+            .iter()
+            .find(|w| Some(&w.period) == decision.period.as_ref())
+            .unwrap_or(&ws[0]);
+        let details = details_json(&plan, binding, &ws);
         audit::record(
             client,
             audit::Entry {

@@ -66,6 +66,12 @@ mod tests {
             one::<i64>("SELECT sum(used)::bigint FROM quota.usage WHERE subject = 'bob'"),
             Some(4)
         );
+        let details = "SELECT (details->'windows')::text FROM quota.audit_log
+                       WHERE subject = 'bob' AND NOT success";
+        assert_eq!(
+            one::<String>(details),
+            Some(r#"[{"used": 2, "limit": 3, "period": "hour"}, {"used": 2, "limit": 10, "period": "day"}]"#.into())
+        );
         assert_eq!(
             one::<i64>("SELECT used FROM quota.usage WHERE subject = 'bob' AND period = 'day'"),
             Some(2)
@@ -311,9 +317,10 @@ mod tests {
             one::<String>(q),
             Some("consume:t:granted consume:f:limit_reached".into())
         );
-        let details = "SELECT details->'windows'->0->>'used' FROM quota.audit_log
-                       WHERE subject = 'lou' AND NOT success";
-        assert_eq!(one::<String>(details), Some("1".into()));
+        let details = "SELECT string_agg(details::text, ' ' ORDER BY id) FROM quota.audit_log
+                       WHERE subject = 'lou'";
+        let one_row = r#"{"plan": "free", "used": 1, "limit": 1, "period": "day"}"#;
+        assert_eq!(one::<String>(details), Some(format!("{one_row} {one_row}")));
         run("SET LOCAL quota_ext.audit = 'denials'");
         run("SELECT quota.refund('lou', 'api')");
         run("SELECT quota.consume('lou', 'api')");
