@@ -50,12 +50,24 @@ thread_local! {
     static WINDOWS: RefCell<HashMap<(String, String), (i64, Option<i64>)>> = RefCell::new(HashMap::new());
     /// OIDs of the tables whose changes empty the caches above (0 = not known yet).
     static WATCHED: Cell<[u32; 4]> = const { Cell::new([0; 4]) };
+    /// Bumped by every invalidation that empties the caches. A loader notes it before its query
+    /// and caches the result only if it did not move: an invalidation processed while the query
+    /// ran (lock acquisitions during executor start-up process them) may concern a commit the
+    /// query's snapshot did not see.
+    static GENERATION: Cell<u64> = const { Cell::new(0) };
 }
 
 fn forget_limits() {
     PLAN_LIMITS.with(|l| l.borrow_mut().clear());
     SUBJECTS.with(|l| l.borrow_mut().clear());
     TABLES_EMPTY.with(|t| t.set(None));
+    // Resolved again on next use: the tables may have been dropped and created anew.
+    WATCHED.with(|w| w.set([0; 4]));
+    GENERATION.with(|g| g.set(g.get().wrapping_add(1)));
+}
+
+fn generation() -> u64 {
+    GENERATION.with(|g| g.get())
 }
 
 /// Relcache invalidation callback. Runs inside invalidation processing: it must not touch the
@@ -122,6 +134,7 @@ fn plan_limits(client: &mut SpiClient<'_>, plan: &str, metric: &str) -> Rc<Vec<(
     if let Some(hit) = PLAN_LIMITS.with(|l| l.borrow().get(&key).cloned()) {
         return hit;
     }
+    let gen = generation();
     let mut periods: Vec<(String, i64)> =
         spi::run(client, &PLAN_LOAD, &[plan.into(), metric.into()])
             .map(|row| {
@@ -133,6 +146,9 @@ fn plan_limits(client: &mut SpiClient<'_>, plan: &str, metric: &str) -> Rc<Vec<(
             .collect();
     periods.sort_by_key(|(p, _)| period_rank(p));
     let periods = Rc::new(periods);
+    if generation() != gen {
+        return periods;
+    }
     PLAN_LIMITS.with(|l| {
         let mut l = l.borrow_mut();
         if l.len() >= 10_000 {
@@ -147,13 +163,16 @@ fn subject(client: &mut SpiClient<'_>, subject: &str) -> Rc<Subject> {
     if let Some(hit) = SUBJECTS.with(|l| l.borrow().get(subject).cloned()) {
         return hit;
     }
+    let gen = generation();
     let empty = TABLES_EMPTY.with(|t| t.get()).unwrap_or_else(|| {
         let row = spi::run(client, &EMPTY_LOAD, &[]).next().expect("one row");
         let e = (
             spi::get::<bool>(&row, 1).unwrap_or(false),
             spi::get::<bool>(&row, 2).unwrap_or(false),
         );
-        TABLES_EMPTY.with(|t| t.set(Some(e)));
+        if generation() == gen {
+            TABLES_EMPTY.with(|t| t.set(Some(e)));
+        }
         e
     });
     let mut info = Subject {
@@ -177,6 +196,9 @@ fn subject(client: &mut SpiClient<'_>, subject: &str) -> Rc<Subject> {
         }
     }
     let info = Rc::new(info);
+    if generation() != gen {
+        return info;
+    }
     SUBJECTS.with(|l| {
         let mut l = l.borrow_mut();
         if l.len() >= MAX_SUBJECTS {
