@@ -37,7 +37,7 @@ bench() { # bench CASE SECONDS -> tps
 log "warming up"
 for s in consume_random naive_random consume_hot naive_hot upsert_audit_random select1; do bench "$s" 3 >/dev/null; done
 
-CASES=(select1 consume_random naive_random consume_hot naive_hot consume_random:quota_ext.audit=off upsert_audit_random)
+CASES=(select1 consume_random naive_random upsert_audit_random consume_random:quota_ext.audit=off consume_hot naive_hot)
 declare -A RUNS TPS
 for round in $(seq "$ROUNDS"); do
     for s in "${CASES[@]}"; do
@@ -46,29 +46,34 @@ for round in $(seq "$ROUNDS"); do
         log "round $round: $s $t tps"
     done
 done
-median() { tr ' ' '\n' | grep . | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2 ? a[(NR + 1) / 2] : int((a[NR / 2] + a[NR / 2 + 1]) / 2)) }'; }
-for s in "${CASES[@]}"; do TPS[$s]=$(echo "${RUNS[$s]}" | median); done
+median() { tr ' ' '\n' | grep . | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
+for s in "${CASES[@]}"; do TPS[$s]=$(echo "${RUNS[$s]}" | median | awk '{ printf "%.0f", $1 }'); done
+# Ratios are taken within each round (a case and its baseline ran seconds apart), then the
+# median over rounds: robust to the slow drifts of a shared machine.
+ratio_of() { # ratio_of CASE BASELINE -> median over rounds of CASE/BASELINE
+    paste <(echo "${RUNS[$1]}" | tr ' ' '\n' | grep .) <(echo "${RUNS[$2]}" | tr ' ' '\n' | grep .) \
+        | awk '$2 > 0 { printf "%s ", $1 / $2 }' | median | awk '{ printf "%.2f", $1 }'
+}
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
 {
     echo "Measured $(date -u +%Y-%m-%d) on $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)," \
          "PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}'), pgbench $CLIENTS clients, -M prepared," \
-         "median of $ROUNDS interleaved rounds of ${SECONDS_PER_CASE}s, CHECKPOINT before each, synchronous_commit = on, quota_ext.audit = all."
+         "$ROUNDS interleaved rounds of ${SECONDS_PER_CASE}s, CHECKPOINT before each, synchronous_commit = on, quota_ext.audit = all. tps: median over rounds; ratios: median over rounds of the ratio within the round."
     echo
     echo "| case | tps | vs SELECT 1 | vs naive upsert (same keys) |"
     echo "|---|---:|---:|---:|"
     echo "| \`SELECT 1\` | ${TPS[select1]} | 1.00 | |"
-    echo "| quota.consume, 10 000 random subjects | ${TPS[consume_random]} | $(ratio "${TPS[consume_random]}" "${TPS[select1]}") | **$(ratio "${TPS[consume_random]}" "${TPS[naive_random]}")** |"
-    echo "| naive upsert, 10 000 random subjects | ${TPS[naive_random]} | $(ratio "${TPS[naive_random]}" "${TPS[select1]}") | 1.00 |"
-    echo "| quota.consume, one hot subject | ${TPS[consume_hot]} | $(ratio "${TPS[consume_hot]}" "${TPS[select1]}") | **$(ratio "${TPS[consume_hot]}" "${TPS[naive_hot]}")** |"
-    echo "| naive upsert, one hot subject | ${TPS[naive_hot]} | $(ratio "${TPS[naive_hot]}" "${TPS[select1]}") | 1.00 |"
+    echo "| quota.consume, 10 000 random subjects | ${TPS[consume_random]} | $(ratio_of consume_random select1) | **$(ratio_of consume_random naive_random)** |"
+    echo "| naive upsert, 10 000 random subjects | ${TPS[naive_random]} | $(ratio_of naive_random select1) | 1.00 |"
+    echo "| quota.consume, one hot subject | ${TPS[consume_hot]} | $(ratio_of consume_hot select1) | **$(ratio_of consume_hot naive_hot)** |"
+    echo "| naive upsert, one hot subject | ${TPS[naive_hot]} | $(ratio_of naive_hot select1) | 1.00 |"
     echo
     echo "Where the gap comes from (random subjects):"
     echo
     echo "| case | tps | vs naive upsert |"
     echo "|---|---:|---:|"
     a=consume_random:quota_ext.audit=off
-    echo "| quota.consume with quota_ext.audit = off | ${TPS[$a]} | $(ratio "${TPS[$a]}" "${TPS[naive_random]}") |"
-    echo "| hand-written SQL doing what consume writes (upsert + audit row, one statement) | ${TPS[upsert_audit_random]} | $(ratio "${TPS[upsert_audit_random]}" "${TPS[naive_random]}") |"
+    echo "| quota.consume with quota_ext.audit = off | ${TPS[$a]} | $(ratio_of "$a" naive_random) |"
+    echo "| hand-written SQL doing what consume writes (upsert + audit row, one statement) | ${TPS[upsert_audit_random]} | $(ratio_of upsert_audit_random naive_random) |"
 } | tee "$OUT"
 log "written to ${OUT#$REPO/}"

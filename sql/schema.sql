@@ -108,3 +108,20 @@ AS $$
       FROM (SELECT CASE WHEN period = 'total' THEN NULL::pg_catalog.timestamptz
                         ELSE pg_catalog.date_trunc(period, at_time, time_zone) END) AS t(start)
 $$;
+
+-- Inventory batches: quantities consumed under row locks, with a version for optimistic checks.
+CREATE TABLE quota.batches (
+    id               uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
+    owner            text        NOT NULL CHECK (btrim(owner) <> '' AND octet_length(owner) <= 256),
+    item             text        NOT NULL CHECK (btrim(item) <> '' AND octet_length(item) <= 256),
+    quantity         bigint      NOT NULL CHECK (quantity >= 0),
+    initial_quantity bigint      NOT NULL CHECK (initial_quantity >= 0),
+    expires_at       timestamptz,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    version          bigint      NOT NULL DEFAULT 1,
+    metadata         jsonb       NOT NULL DEFAULT '{}'
+) WITH (fillfactor = 80);
+-- consume_item: an owner's non-empty batches of an item in expiry order (no expiry last, then
+-- oldest first).
+CREATE INDEX batches_owner_item_fefo_idx ON quota.batches (owner, item, expires_at ASC NULLS LAST, created_at, id)
+    WHERE quantity > 0;

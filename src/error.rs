@@ -71,6 +71,32 @@ pub enum QuotaError {
     #[error("{what} must be a positive interval, got {value}")]
     BadInterval { what: &'static str, value: String },
 
+    #[error("{what} must be positive, got {value}")]
+    NotPositive { what: &'static str, value: i64 },
+
+    #[error("batch {0} does not exist")]
+    UnknownBatch(String),
+
+    #[error("insufficient quantity in {what}: requested {requested}, available {available}")]
+    Insufficient {
+        what: String,
+        requested: i64,
+        available: i64,
+    },
+
+    #[error("batch {id} is at version {actual}, not the expected {expected}")]
+    VersionConflict {
+        id: String,
+        expected: i64,
+        actual: i64,
+    },
+
+    #[error("unknown strategy \"{0}\"")]
+    UnknownStrategy(String),
+
+    #[error("quota_ext is not loaded through shared_preload_libraries")]
+    NotPreloaded,
+
     #[error("{what} must be between {min} and {max}, got {value}")]
     OutOfRange {
         what: &'static str,
@@ -99,6 +125,12 @@ impl QuotaError {
             MalformedClaims { .. } => Code::ERRCODE_INVALID_TEXT_REPRESENTATION,
             BadInterval { .. } => Code::ERRCODE_INVALID_PARAMETER_VALUE,
             OutOfRange { .. } => Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            NotPositive { .. } => Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            UnknownBatch(_) => Code::ERRCODE_NO_DATA_FOUND,
+            Insufficient { .. } => Code::ERRCODE_CHECK_VIOLATION,
+            VersionConflict { .. } => Code::ERRCODE_T_R_SERIALIZATION_FAILURE,
+            UnknownStrategy(_) => Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            NotPreloaded => Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
         }
     }
 
@@ -132,6 +164,16 @@ impl QuotaError {
             }
             BadInterval { .. } => "Pass an interval such as '30 days'.".into(),
             OutOfRange { .. } => return None,
+            NotPositive { .. } => "Pass a quantity of at least 1.".into(),
+            UnknownBatch(_) => "Create batches with quota.create_batch(); list them in quota.batches.".into(),
+            Insufficient { .. } => "Consume less, or add stock with quota.create_batch().".into(),
+            VersionConflict { .. } => {
+                "The batch changed since you read it: read it again and retry with its current version.".into()
+            }
+            UnknownStrategy(_) => "Strategies are fefo (earliest expiry first) and fifo (oldest first).".into(),
+            NotPreloaded => {
+                "Add quota_ext to shared_preload_libraries in postgresql.conf and restart PostgreSQL.".into()
+            }
         })
     }
 

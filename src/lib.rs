@@ -6,12 +6,14 @@ use pgrx::prelude::*;
 ::pgrx::pg_module_magic!(name, version);
 
 mod audit;
+mod batch;
 mod cache;
 mod catalog;
 mod decision;
 mod error;
 mod guc;
 mod identity;
+mod metrics;
 mod quota;
 mod spi;
 
@@ -22,6 +24,7 @@ pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 pub extern "C-unwind" fn _PG_init() {
     guc::init();
     cache::init();
+    metrics::init();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

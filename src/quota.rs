@@ -11,6 +11,7 @@ use crate::decision::{latest_reset, least_remaining, Decision, DecisionRow, Wind
 use crate::error::{OrRaise, QuotaError, Result};
 use crate::guc;
 use crate::identity::{self, AsOwner};
+use crate::metrics::{self, Counter};
 use crate::spi::{self, Stmt};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -361,7 +362,9 @@ fn decide(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
     if let Some(key) = req.key {
         let claimed = spi::run(client, &KEY_CLAIM, &[req.subject.into(), key.into()]).len() == 1;
         if !claimed {
-            return replay(client, req, key);
+            let d = replay(client, req, key)?;
+            metrics::count(Counter::Replays);
+            return Ok(d);
         }
     }
     let Limits {
@@ -519,6 +522,11 @@ fn decide(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
         }
     };
 
+    metrics::count(match (req.action, decision.allowed) {
+        (Action::Refund, _) => Counter::Refunds,
+        (Action::Consume, true) => Counter::Consumes,
+        (Action::Consume, false) => Counter::Denials,
+    });
     if guc::audit_wanted(decision.allowed) && !(audited && decision.allowed) {
         let binding = ws
             .iter()

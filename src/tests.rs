@@ -431,4 +431,127 @@ mod tests {
     fn invalid_time_zone() {
         run("SELECT quota.set_plan('tom', 'free', 'Mars/Olympus')");
     }
+
+    fn batch(owner: &str, item: &str, qty: i64, expires: &str) -> String {
+        one::<pgrx::Uuid>(&format!(
+            "SELECT id FROM quota.create_batch('{owner}', '{item}', {qty}, {expires})"
+        ))
+        .unwrap()
+        .to_string()
+    }
+
+    #[pg_test]
+    fn batch_consumption_bumps_the_version() {
+        let id = batch("shop", "milk", 10, "NULL");
+        let q = format!(
+            "SELECT format('%s/%s/%s', consumed, remaining, version)
+             FROM quota.consume_batch_quantity('{id}', 3)"
+        );
+        assert_eq!(one::<String>(&q), Some("3/7/2".into()));
+        let q = format!(
+            "SELECT format('%s/%s/%s', consumed, remaining, version)
+             FROM quota.consume_batch_quantity('{id}', 7, 2)"
+        );
+        assert_eq!(one::<String>(&q), Some("7/0/3".into()));
+        let details = format!(
+            "SELECT details->>'version_before' || '->' || (details->>'version_after')
+             FROM quota.audit_log WHERE action = 'consume_batch' AND details->>'batch_id' = '{id}'
+             ORDER BY id DESC LIMIT 1"
+        );
+        assert_eq!(one::<String>(&details), Some("2->3".into()));
+    }
+
+    #[pg_test(
+        error = "insufficient quantity in batch 00000000-0000-0000-0000-000000000001: requested 3, available 2"
+    )]
+    fn batch_insufficient() {
+        run(
+            "INSERT INTO quota.batches (id, owner, item, quantity, initial_quantity)
+             VALUES ('00000000-0000-0000-0000-000000000001', 'shop', 'milk', 2, 2)",
+        );
+        run("SELECT quota.consume_batch_quantity('00000000-0000-0000-0000-000000000001', 3)");
+    }
+
+    #[pg_test]
+    fn consume_item_takes_earliest_expiry_first() {
+        let later = batch("shop", "milk", 5, "now() + interval '10 days'");
+        let none = batch("shop", "milk", 5, "NULL");
+        let soon = batch("shop", "milk", 5, "now() + interval '1 day'");
+        let expired = batch("shop", "milk", 5, "now() - interval '1 day'");
+        let other_item = batch("shop", "eggs", 5, "now() + interval '1 hour'");
+        let got = one::<String>(
+            "SELECT string_agg(format('%s:%s', batch_id, consumed), ' ') FROM quota.consume_item('shop', 'milk', 12)",
+        );
+        assert_eq!(got, Some(format!("{soon}:5 {later}:5 {none}:2")));
+        let left = format!(
+            "SELECT string_agg(quantity::text, ',' ORDER BY array_position(ARRAY['{soon}','{later}','{none}','{expired}','{other_item}']::uuid[], id))
+             FROM quota.batches"
+        );
+        assert_eq!(one::<String>(&left), Some("0,0,3,5,5".into()));
+    }
+
+    #[pg_test]
+    fn consume_item_fifo_takes_oldest_first() {
+        // created_at is now() for every batch of one transaction: fifo falls back to the id.
+        run("SELECT quota.create_batch('shop', 'tea', 5, now() + interval '1 day')");
+        run("SELECT quota.create_batch('shop', 'tea', 5, NULL)");
+        run("UPDATE quota.batches SET created_at = now() - interval '1 hour' WHERE expires_at IS NULL");
+        let oldest =
+            one::<pgrx::Uuid>("SELECT id FROM quota.batches WHERE expires_at IS NULL").unwrap();
+        let got =
+            one::<pgrx::Uuid>("SELECT batch_id FROM quota.consume_item('shop', 'tea', 2, 'fifo')")
+                .unwrap();
+        assert_eq!(got, oldest);
+    }
+
+    #[pg_test(
+        error = "insufficient quantity in item \"milk\" of owner \"shop\": requested 11, available 10"
+    )]
+    fn consume_item_is_all_or_nothing() {
+        batch("shop", "milk", 5, "NULL");
+        batch("shop", "milk", 5, "NULL");
+        batch("shop", "milk", 50, "now() - interval '1 minute'");
+        run("SELECT quota.consume_item('shop', 'milk', 11)");
+    }
+
+    fn metric(name: &str) -> i64 {
+        one::<i64>(&format!(
+            "SELECT value FROM quota.metrics() WHERE name = '{name}'"
+        ))
+        .unwrap()
+    }
+
+    #[pg_test]
+    fn metrics_count_decisions() {
+        // Counters are cluster-wide and other tests run beside this one: compare deltas.
+        let (c0, d0, r0, p0) = (
+            metric("consumes"),
+            metric("denials"),
+            metric("refunds"),
+            metric("idempotent_replays"),
+        );
+        run("SELECT quota.set_limit('free', 'api', 'day', 2)");
+        run("SELECT quota.consume('met', 'api', 1, 'k')");
+        run("SELECT quota.consume('met', 'api', 1, 'k')");
+        run("SELECT quota.consume('met', 'api', 2)");
+        run("SELECT quota.refund('met', 'api')");
+        assert!(metric("consumes") - c0 >= 1);
+        assert!(metric("denials") - d0 >= 1);
+        assert!(metric("refunds") - r0 >= 1);
+        assert!(metric("idempotent_replays") - p0 >= 1);
+        let text = one::<String>("SELECT quota.metrics_prometheus()").unwrap();
+        assert!(
+            text.contains("# TYPE quota_ext_consumes_total counter\nquota_ext_consumes_total "),
+            "{text}"
+        );
+        let b0 = (metric("batch_consumes"), metric("insufficient_quantity"));
+        let id = batch("shop", "salt", 1, "NULL");
+        run(&format!("SELECT quota.consume_batch_quantity('{id}', 1)"));
+        assert!(metric("batch_consumes") - b0.0 >= 1);
+        // A refusal raises, but the counter (like a sequence) keeps it.
+        run(&format!(
+            "DO $$ BEGIN PERFORM quota.consume_batch_quantity('{id}', 1); EXCEPTION WHEN check_violation THEN NULL; END $$"
+        ));
+        assert!(metric("insufficient_quantity") - b0.1 >= 1);
+    }
 }

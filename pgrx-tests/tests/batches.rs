@@ -1,0 +1,383 @@
+//! Inventory batches under real concurrency: exact totals, one winner per expected version, and
+//! no deadlock between callers whose batch sets overlap.
+
+use quota_ext_itests::{one_i64, TestDb};
+use rand::Rng;
+use std::sync::{Arc, Barrier};
+use std::thread;
+
+const SESSIONS: usize = 8;
+
+fn code(e: &postgres::Error) -> String {
+    e.code()
+        .map(|c| c.code().to_string())
+        .unwrap_or_else(|| e.to_string())
+}
+
+#[test]
+fn eight_sessions_drain_a_batch_exactly() {
+    let db = TestDb::new("drain");
+    let mut c = db.connect();
+    let id: String = c
+        .query_one(
+            "SELECT id::text FROM quota.create_batch('shop', 'milk', 1000)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let barrier = Arc::new(Barrier::new(SESSIONS));
+    let handles: Vec<_> = (0..SESSIONS)
+        .map(|_| {
+            let mut c = db.connect();
+            let (barrier, id) = (barrier.clone(), id.clone());
+            thread::spawn(move || {
+                let stmt = c
+                    .prepare("SELECT consumed FROM quota.consume_batch_quantity($1::text::uuid, 1)")
+                    .unwrap();
+                barrier.wait();
+                let (mut taken, mut other) = (0i64, Vec::new());
+                loop {
+                    match c.query_one(&stmt, &[&id]) {
+                        Ok(row) => taken += row.get::<_, i64>(0),
+                        Err(e) if code(&e) == "23514" => break,
+                        Err(e) => {
+                            other.push(code(&e));
+                            break;
+                        }
+                    }
+                }
+                (taken, other)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for h in handles {
+        let (taken, other) = h.join().unwrap();
+        assert!(
+            other.is_empty(),
+            "errors other than insufficient quantity: {other:?}"
+        );
+        total += taken;
+    }
+    assert_eq!(total, 1000);
+    let state = c
+        .query_one(
+            "SELECT quantity, version FROM quota.batches WHERE id = $1::text::uuid",
+            &[&id],
+        )
+        .unwrap();
+    assert_eq!((state.get::<_, i64>(0), state.get::<_, i64>(1)), (0, 1001));
+    assert_eq!(
+        one_i64(
+            &mut c,
+            "SELECT count(*) FROM quota.audit_log WHERE action = 'consume_batch' AND success"
+        ),
+        1000
+    );
+}
+
+#[test]
+fn one_expected_version_has_one_winner() {
+    let db = TestDb::new("version");
+    let mut c = db.connect();
+    let id: String = c
+        .query_one(
+            "SELECT id::text FROM quota.create_batch('shop', 'milk', 100)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let barrier = Arc::new(Barrier::new(SESSIONS));
+    let handles: Vec<_> = (0..SESSIONS)
+        .map(|_| {
+            let mut c = db.connect();
+            let (barrier, id) = (barrier.clone(), id.clone());
+            thread::spawn(move || {
+                barrier.wait();
+                c.query_one(
+                    "SELECT version FROM quota.consume_batch_quantity($1::text::uuid, 1, 1)",
+                    &[&id],
+                )
+                .map(|r| r.get::<_, i64>(0))
+                .map_err(|e| code(&e))
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(
+        results.iter().filter(|r| r.is_ok()).count(),
+        1,
+        "{results:?}"
+    );
+    assert!(
+        results
+            .iter()
+            .all(|r| r == &Ok(2) || r == &Err("40001".to_string())),
+        "{results:?}"
+    );
+    assert_eq!(one_i64(&mut c, "SELECT quantity FROM quota.batches"), 99);
+}
+
+/// Sessions with opposite orders (fefo and fifo over batches whose expiry order is the reverse
+/// of their age) would deadlock under naive locking.
+#[test]
+fn overlapping_consume_item_callers_never_deadlock_and_stay_exact() {
+    let db = TestDb::new("items");
+    let mut c = db.connect();
+    c.batch_execute(
+        "SELECT quota.create_batch('shop', 'flour', 100, now() + make_interval(days => 10 - n))
+           FROM generate_series(1, 5) n;
+         UPDATE quota.batches SET created_at = now() - make_interval(hours => expires_at::date - now()::date);
+         SELECT quota.create_batch('shop', 'milk', 100, now() + make_interval(days => n)) FROM generate_series(1, 5) n;",
+    )
+    .unwrap();
+    // The batch that expires first is the newest: fefo and fifo lock in opposite orders.
+    let fefo_first: String = c
+        .query_one(
+            "SELECT id::text FROM quota.batches WHERE item = 'flour' ORDER BY expires_at LIMIT 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let fifo_first: String = c
+        .query_one(
+            "SELECT id::text FROM quota.batches WHERE item = 'flour' ORDER BY created_at LIMIT 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let last_fifo: String = c
+        .query_one("SELECT id::text FROM quota.batches WHERE item = 'flour' ORDER BY created_at DESC LIMIT 1", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(fefo_first, last_fifo);
+    assert_ne!(fefo_first, fifo_first);
+    let barrier = Arc::new(Barrier::new(SESSIONS));
+    let handles: Vec<_> = (0..SESSIONS)
+        .map(|i| {
+            let mut c = db.connect();
+            let barrier = barrier.clone();
+            thread::spawn(move || {
+                let (mut flour, mut milk, mut other) = (0i64, 0i64, Vec::new());
+                let strategy = if i % 2 == 0 { "fefo" } else { "fifo" };
+                barrier.wait();
+                for _ in 0..40 {
+                    let n: i64 = rand::thread_rng().gen_range(1..=5);
+                    match c.query_one(
+                        "SELECT sum(consumed)::bigint FROM quota.consume_item('shop', 'flour', $1, $2)",
+                        &[&n, &strategy],
+                    ) {
+                        Ok(r) => flour += r.get::<_, i64>(0),
+                        Err(e) if code(&e) == "23514" => {}
+                        Err(e) => other.push(code(&e)),
+                    }
+                    match c.query_one("SELECT sum(consumed)::bigint FROM quota.consume_item('shop', 'milk', $1)", &[&n]) {
+                        Ok(r) => milk += r.get::<_, i64>(0),
+                        Err(e) if code(&e) == "23514" => {}
+                        Err(e) => other.push(code(&e)),
+                    }
+                }
+                (flour, milk, other)
+            })
+        })
+        .collect();
+    let (mut flour, mut milk) = (0, 0);
+    for h in handles {
+        let (f, m, other) = h.join().unwrap();
+        assert!(
+            other.is_empty(),
+            "errors other than insufficient quantity (40P01 = deadlock): {other:?}"
+        );
+        flour += f;
+        milk += m;
+    }
+    assert_eq!(
+        flour,
+        500 - one_i64(
+            &mut c,
+            "SELECT sum(quantity)::bigint FROM quota.batches WHERE item = 'flour'"
+        )
+    );
+    assert_eq!(
+        milk,
+        500 - one_i64(
+            &mut c,
+            "SELECT sum(quantity)::bigint FROM quota.batches WHERE item = 'milk'"
+        )
+    );
+    assert!(flour > 0 && milk > 0);
+    // FEFO: in expiry order, empty batches, then at most one partly used, then full ones.
+    let q: Vec<i64> = c
+        .query(
+            "SELECT quantity FROM quota.batches WHERE item = 'milk' ORDER BY expires_at",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let first_not_empty = q.iter().position(|&x| x > 0).unwrap_or(q.len());
+    assert!(
+        q[first_not_empty.min(q.len())..]
+            .iter()
+            .skip(1)
+            .all(|&x| x == 100),
+        "not FEFO: {q:?}"
+    );
+    // One audit row per successful call.
+    let calls = one_i64(
+        &mut c,
+        "SELECT count(*) FROM quota.audit_log WHERE action = 'consume_item'",
+    );
+    let summed = one_i64(&mut c, "SELECT coalesce(sum(amount), 0)::bigint FROM quota.audit_log WHERE action = 'consume_item'");
+    assert!(calls > 0);
+    assert_eq!(summed, flour + milk);
+}
+
+#[test]
+fn authenticated_callers_consume_only_their_own_batches() {
+    let db = TestDb::new("batch_owner");
+    let mut c = db.connect();
+    c.batch_execute(
+        "DO $$ BEGIN
+             IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'quota_app_user') THEN
+                 CREATE ROLE quota_app_user NOLOGIN;
+             END IF;
+         END $$;
+         GRANT USAGE ON SCHEMA quota TO quota_app_user;
+         GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA quota TO quota_app_user;",
+    )
+    .unwrap();
+    let mine: String = c
+        .query_one(
+            "SELECT id::text FROM quota.create_batch('user-1', 'milk', 10)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let theirs: String = c
+        .query_one(
+            "SELECT id::text FROM quota.create_batch('user-2', 'milk', 10)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    c.batch_execute(
+        "SET ROLE quota_app_user; SELECT set_config('request.jwt.claims', '{\"sub\":\"user-1\"}', false)",
+    )
+    .unwrap();
+    let err = |c: &mut postgres::Client, sql: &str| c.batch_execute(sql).err().map(|e| code(&e));
+    assert_eq!(
+        err(
+            &mut c,
+            &format!("SELECT quota.consume_batch_quantity('{theirs}', 1)")
+        )
+        .as_deref(),
+        Some("42501")
+    );
+    assert_eq!(
+        err(&mut c, "SELECT quota.consume_item('user-2', 'milk', 1)").as_deref(),
+        Some("42501")
+    );
+    assert_eq!(
+        err(&mut c, "SELECT quota.create_batch('user-1', 'milk', 1)").as_deref(),
+        Some("42501")
+    );
+    assert_eq!(
+        err(
+            &mut c,
+            &format!("SELECT quota.consume_batch_quantity('{mine}', 1)")
+        ),
+        None
+    );
+    assert_eq!(
+        err(&mut c, "SELECT quota.consume_item('user-1', 'milk', 2)"),
+        None
+    );
+    c.batch_execute("RESET ROLE").unwrap();
+    assert_eq!(
+        one_i64(
+            &mut c,
+            "SELECT sum(quantity)::bigint FROM quota.batches WHERE owner = 'user-1'"
+        ),
+        7
+    );
+    assert_eq!(
+        one_i64(
+            &mut c,
+            "SELECT sum(quantity)::bigint FROM quota.batches WHERE owner = 'user-2'"
+        ),
+        10
+    );
+}
+
+#[test]
+fn batch_refusals_have_their_own_sqlstate_and_change_nothing() {
+    let db = TestDb::new("batch_bad");
+    let mut c = db.connect();
+    let id: String = c
+        .query_one(
+            "SELECT id::text FROM quota.create_batch('shop', 'milk', 5)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let cases = [
+        (
+            "SELECT quota.consume_batch_quantity('00000000-0000-0000-0000-000000000000', 1)"
+                .to_string(),
+            "P0002",
+        ),
+        (
+            format!("SELECT quota.consume_batch_quantity('{id}', 0)"),
+            "22023",
+        ),
+        (
+            format!("SELECT quota.consume_batch_quantity('{id}', -3)"),
+            "22023",
+        ),
+        (
+            format!("SELECT quota.consume_batch_quantity('{id}', NULL)"),
+            "22004",
+        ),
+        (
+            format!("SELECT quota.consume_batch_quantity('{id}', 6)"),
+            "23514",
+        ),
+        (
+            format!("SELECT quota.consume_batch_quantity('{id}', 1, 7)"),
+            "40001",
+        ),
+        (
+            "SELECT quota.consume_item('shop', 'milk', 6)".to_string(),
+            "23514",
+        ),
+        (
+            "SELECT quota.consume_item('shop', 'milk', 0)".to_string(),
+            "22023",
+        ),
+        (
+            "SELECT quota.consume_item('shop', 'milk', 1, 'lifo')".to_string(),
+            "22023",
+        ),
+        (
+            "SELECT quota.consume_item('shop', '', 1)".to_string(),
+            "22023",
+        ),
+        (
+            "SELECT quota.create_batch('shop', 'milk', -1)".to_string(),
+            "22023",
+        ),
+    ];
+    let fingerprint = |c: &mut postgres::Client| -> String {
+        c.query_one("SELECT string_agg(format('%s/%s', quantity, version), ',') || (SELECT count(*) FROM quota.audit_log)::text FROM quota.batches", &[])
+            .unwrap()
+            .get(0)
+    };
+    for (sql, expected) in cases {
+        let before = fingerprint(&mut c);
+        let got = c.batch_execute(&sql).err().map(|e| code(&e));
+        assert_eq!(got.as_deref(), Some(expected), "{sql}");
+        assert_eq!(fingerprint(&mut c), before, "{sql} changed something");
+    }
+}

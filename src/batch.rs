@@ -1,0 +1,380 @@
+//! Inventory batches: quantities taken under row locks (`SELECT ... FOR UPDATE`), a version
+//! bumped on every change for optimistic checks, and all-or-nothing consumption across an
+//! owner's batches, earliest expiry first.
+
+use crate::audit;
+use crate::error::{OrRaise, QuotaError, Result};
+use crate::guc;
+use crate::identity::{self, AsOwner};
+use crate::spi::{self, Stmt};
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use pgrx::PgBuiltInOids as T;
+use serde_json::json;
+
+fn check_quantity(what: &'static str, q: Option<i64>) -> Result<i64> {
+    let q = q.ok_or(QuotaError::NullArgument {
+        what,
+        hint: "Pass a positive quantity.",
+    })?;
+    if q <= 0 {
+        return Err(QuotaError::NotPositive { what, value: q });
+    }
+    Ok(q)
+}
+
+/// The owner an untrusted caller may act for is its JWT subject.
+fn check_owner(owner: &str) -> Result<()> {
+    if identity::is_trusted() {
+        return Ok(());
+    }
+    let me = identity::jwt_subject()?.ok_or(QuotaError::NoJwtSubject)?;
+    if me != owner {
+        return Err(QuotaError::OtherSubject {
+            requested: owner.to_string(),
+        });
+    }
+    Ok(())
+}
+
+static CREATE: Stmt = Stmt {
+    sql: "INSERT INTO quota.batches AS b (owner, item, quantity, initial_quantity, expires_at, metadata)
+          VALUES ($1, $2, $3, $3, $4, coalesce($5, '{}'))
+          RETURNING b",
+    args: &[T::TEXTOID, T::TEXTOID, T::INT8OID, T::TIMESTAMPTZOID, T::JSONBOID],
+};
+
+/// Create a batch of `quantity` units of `item` owned by `owner` (trusted callers only).
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn create_batch(
+    owner: Option<&str>,
+    item: Option<&str>,
+    quantity: Option<i64>,
+    expires_at: default!(Option<TimestampWithTimeZone>, "NULL"),
+    metadata: default!(Option<pgrx::JsonB>, "'{}'"),
+) -> pgrx::composite_type!('static, "quota.batches") {
+    (|| -> Result<_> {
+        identity::require_trusted("quota.create_batch")?;
+        let owner = identity::check_name("owner", owner, "Pass the owner of the batch.")?;
+        let item = identity::check_name("item", item, "Pass the item the batch holds.")?;
+        let q = quantity.ok_or(QuotaError::NullArgument {
+            what: "quantity",
+            hint: "Pass the batch's quantity.",
+        })?;
+        if q < 0 {
+            return Err(QuotaError::Negative {
+                what: "quantity",
+                value: q,
+            });
+        }
+        let _owner = AsOwner::enter();
+        Ok(Spi::connect_mut(|client| {
+            let row = spi::run(
+                client,
+                &CREATE,
+                &[
+                    owner.as_str().into(),
+                    item.as_str().into(),
+                    q.into(),
+                    expires_at.into(),
+                    metadata.into(),
+                ],
+            )
+            .next()
+            .expect("INSERT RETURNING gives one row");
+            let batch = spi::get::<pgrx::composite_type!('static, "quota.batches")>(&row, 1)
+                .expect("the row");
+            audit::record(
+                client,
+                audit::Entry {
+                    subject: Some(&owner),
+                    action: "create_batch",
+                    metric: Some(&item),
+                    amount: Some(q),
+                    success: true,
+                    reason: "admin",
+                    details: json!({"quantity": q}),
+                    idempotency_key: None,
+                },
+            );
+            batch
+        }))
+    })()
+    .or_raise()
+}
+
+static LOCK_ONE: Stmt = Stmt {
+    sql: "SELECT owner, item, quantity, version FROM quota.batches WHERE id = $1 FOR UPDATE",
+    args: &[T::UUIDOID],
+};
+
+static TAKE: Stmt = Stmt {
+    sql: "UPDATE quota.batches AS b SET quantity = b.quantity - t.take, version = b.version + 1
+            FROM unnest($1::uuid[], $2::bigint[]) AS t(id, take)
+           WHERE b.id = t.id
+       RETURNING b.id, b.quantity, b.version",
+    args: &[T::UUIDARRAYOID, T::INT8ARRAYOID],
+};
+
+fn take(
+    client: &mut SpiClient<'_>,
+    takes: &[(pgrx::Uuid, i64)],
+) -> Vec<(pgrx::Uuid, i64, i64, i64)> {
+    let ids: Vec<pgrx::Uuid> = takes.iter().map(|t| t.0).collect();
+    let amounts: Vec<i64> = takes.iter().map(|t| t.1).collect();
+    let rows: Vec<(pgrx::Uuid, i64, i64)> = spi::run(client, &TAKE, &[ids.into(), amounts.into()])
+        .map(|r| {
+            (
+                spi::get::<pgrx::Uuid>(&r, 1).expect("id"),
+                spi::get::<i64>(&r, 2).expect("quantity"),
+                spi::get::<i64>(&r, 3).expect("version"),
+            )
+        })
+        .collect();
+    // In the order taken (FEFO), not the order UPDATE happened to return them.
+    takes
+        .iter()
+        .map(|(id, n)| {
+            let (_, remaining, version) = rows
+                .iter()
+                .find(|r| r.0 == *id)
+                .expect("each batch updated");
+            (*id, *n, *remaining, *version)
+        })
+        .collect()
+}
+
+fn refuse(what: &'static str, e: QuotaError) -> QuotaError {
+    crate::metrics::count_refusal(what, &e);
+    e
+}
+
+/// Take `p_quantity_to_consume` units from one batch. With `p_expected_version`, a batch that
+/// changed since the caller read it is refused (optimistic locking); without, the row lock
+/// alone serializes concurrent callers.
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn consume_batch_quantity(
+    p_batch_id: Option<pgrx::Uuid>,
+    p_quantity_to_consume: Option<i64>,
+    p_expected_version: default!(Option<i64>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(batch_id, pgrx::Uuid),
+        name!(consumed, i64),
+        name!(remaining, i64),
+        name!(version, i64),
+    ),
+> {
+    let row = (|| -> Result<(pgrx::Uuid, i64, i64, i64)> {
+        let id = p_batch_id.ok_or(QuotaError::NullArgument {
+            what: "p_batch_id",
+            hint: "Pass the batch's id.",
+        })?;
+        let q = check_quantity("p_quantity_to_consume", p_quantity_to_consume)?;
+        let trusted = identity::is_trusted();
+        let me = if trusted {
+            None
+        } else {
+            Some(identity::jwt_subject()?.ok_or(QuotaError::NoJwtSubject)?)
+        };
+        let _owner = AsOwner::enter();
+        Spi::connect_mut(|client| {
+            let Some(row) = spi::run(client, &LOCK_ONE, &[id.into()]).next() else {
+                return Err(refuse("batch", QuotaError::UnknownBatch(id.to_string())));
+            };
+            let owner = spi::get::<String>(&row, 1).expect("owner");
+            let item = spi::get::<String>(&row, 2).expect("item");
+            let quantity = spi::get::<i64>(&row, 3).expect("quantity");
+            let version = spi::get::<i64>(&row, 4).expect("version");
+            if let Some(me) = me {
+                if me != owner {
+                    return Err(QuotaError::OtherSubject { requested: owner });
+                }
+            }
+            if let Some(expected) = p_expected_version {
+                if expected != version {
+                    return Err(refuse(
+                        "batch",
+                        QuotaError::VersionConflict {
+                            id: id.to_string(),
+                            expected,
+                            actual: version,
+                        },
+                    ));
+                }
+            }
+            if quantity < q {
+                return Err(refuse(
+                    "batch",
+                    QuotaError::Insufficient {
+                        what: format!("batch {id}"),
+                        requested: q,
+                        available: quantity,
+                    },
+                ));
+            }
+            let done = take(client, &[(id, q)]).remove(0);
+            crate::metrics::count_batch_consume();
+            if guc::audit_wanted(true) {
+                audit::record(
+                    client,
+                    audit::Entry {
+                        subject: Some(&owner),
+                        action: "consume_batch",
+                        metric: Some(&item),
+                        amount: Some(q),
+                        success: true,
+                        reason: "consumed",
+                        details: json!({
+                            "batch_id": id.to_string(),
+                            "consumed": q,
+                            "remaining": done.2,
+                            "version_before": version,
+                            "version_after": done.3,
+                        }),
+                        idempotency_key: None,
+                    },
+                );
+            }
+            Ok(done)
+        })
+    })()
+    .or_raise();
+    TableIterator::once(row)
+}
+
+static CANDIDATES: Stmt = Stmt {
+    sql: "SELECT id FROM quota.batches
+           WHERE owner = $1 AND item = $2 AND quantity > 0
+             AND (expires_at IS NULL OR expires_at > pg_catalog.now())",
+    args: &[T::TEXTOID, T::TEXTOID],
+};
+
+/// Lock in one global order (by id): callers whose batch sets overlap queue instead of
+/// deadlocking. The rows' current values are read after the lock, so the caller re-checks them.
+static LOCK_MANY: Stmt = Stmt {
+    sql: "SELECT id, quantity, expires_at, created_at FROM quota.batches
+           WHERE id = ANY ($1) ORDER BY id FOR UPDATE",
+    args: &[T::UUIDARRAYOID],
+};
+
+/// Take `quantity` units of `item` across `owner`'s unexpired batches, earliest expiry first
+/// (batches without expiry last, then oldest first), or oldest first with strategy 'fifo'.
+/// All or nothing.
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn consume_item(
+    owner: Option<&str>,
+    item: Option<&str>,
+    quantity: Option<i64>,
+    strategy: default!(Option<&str>, "'fefo'"),
+) -> TableIterator<
+    'static,
+    (
+        name!(batch_id, pgrx::Uuid),
+        name!(consumed, i64),
+        name!(remaining, i64),
+        name!(version, i64),
+    ),
+> {
+    let rows = (|| -> Result<Vec<(pgrx::Uuid, i64, i64, i64)>> {
+        let owner =
+            identity::check_name("owner", owner, "Pass the owner whose batches to take from.")?;
+        let item = identity::check_name("item", item, "Pass the item to take.")?;
+        let q = check_quantity("quantity", quantity)?;
+        let fifo = match strategy.unwrap_or("fefo") {
+            "fefo" => false,
+            "fifo" => true,
+            other => return Err(QuotaError::UnknownStrategy(other.to_string())),
+        };
+        check_owner(&owner)?;
+        let _owner = AsOwner::enter();
+        Spi::connect_mut(|client| {
+            let ids: Vec<pgrx::Uuid> = spi::run(
+                client,
+                &CANDIDATES,
+                &[owner.as_str().into(), item.as_str().into()],
+            )
+            .map(|r| spi::get::<pgrx::Uuid>(&r, 1).expect("id"))
+            .collect();
+            let now = crate::decision::now_micros();
+            // (id, quantity, expires_at, created_at) after locking; expired or emptied
+            // meanwhile: skipped.
+            let mut locked: Vec<(pgrx::Uuid, i64, Option<i64>, i64)> =
+                spi::run(client, &LOCK_MANY, &[ids.into()])
+                    .map(|r| {
+                        (
+                            spi::get::<pgrx::Uuid>(&r, 1).expect("id"),
+                            spi::get::<i64>(&r, 2).expect("quantity"),
+                            spi::get::<TimestampWithTimeZone>(&r, 3).map(|t| t.into_inner()),
+                            spi::get::<TimestampWithTimeZone>(&r, 4)
+                                .expect("created_at")
+                                .into_inner(),
+                        )
+                    })
+                    .filter(|b| b.1 > 0 && b.2.is_none_or(|e| e > now))
+                    .collect();
+            if fifo {
+                locked.sort_by_key(|b| (b.3, *b.0.as_bytes()));
+            } else {
+                locked.sort_by_key(|b| (b.2.is_none(), b.2, b.3, *b.0.as_bytes()));
+            }
+            let available: i64 = locked
+                .iter()
+                .map(|b| b.1)
+                .fold(0i64, |a, b| a.saturating_add(b));
+            if available < q {
+                return Err(refuse(
+                    "item",
+                    QuotaError::Insufficient {
+                        what: format!("item \"{item}\" of owner \"{owner}\""),
+                        requested: q,
+                        available,
+                    },
+                ));
+            }
+            let mut left = q;
+            let mut takes = Vec::new();
+            for b in &locked {
+                if left == 0 {
+                    break;
+                }
+                let n = left.min(b.1);
+                takes.push((b.0, n));
+                left -= n;
+            }
+            let done = take(client, &takes);
+            crate::metrics::count_batch_consume();
+            if guc::audit_wanted(true) {
+                audit::record(
+                    client,
+                    audit::Entry {
+                        subject: Some(&owner),
+                        action: "consume_item",
+                        metric: Some(&item),
+                        amount: Some(q),
+                        success: true,
+                        reason: "consumed",
+                        details: json!({
+                            "strategy": if fifo { "fifo" } else { "fefo" },
+                            "batches": done.iter().map(|(id, n, rem, ver)| json!({
+                                "batch_id": id.to_string(),
+                                "consumed": n,
+                                "remaining": rem,
+                                "version_before": ver - 1,
+                                "version_after": ver,
+                            })).collect::<Vec<_>>(),
+                        }),
+                        idempotency_key: None,
+                    },
+                );
+            }
+            Ok(done)
+        })
+    })()
+    .or_raise();
+    TableIterator::new(rows)
+}

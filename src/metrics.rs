@@ -1,0 +1,152 @@
+//! Cluster-wide counters in shared memory (atomics: no lock, nothing that can fail). Like a
+//! sequence they are not transactional: a decision counted stays counted if its transaction
+//! rolls back, which is what lets refusals that raise an error be counted at all. They start at
+//! zero after a restart. Without `shared_preload_libraries = 'quota_ext'` nothing is counted and
+//! the metrics functions say how to enable them.
+
+use crate::error::{OrRaise, QuotaError};
+use crate::identity;
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+#[derive(Clone, Copy)]
+#[repr(usize)]
+pub enum Counter {
+    Consumes,
+    Denials,
+    Refunds,
+    Replays,
+    BatchConsumes,
+    VersionConflicts,
+    InsufficientQuantity,
+}
+
+const COUNTERS: [(&str, &str); 7] = [
+    ("consumes", "quota.consume/require calls that granted"),
+    ("denials", "quota.consume/require calls that denied"),
+    ("refunds", "quota.refund calls"),
+    (
+        "idempotent_replays",
+        "calls answered from an idempotency key",
+    ),
+    (
+        "batch_consumes",
+        "consume_batch_quantity and consume_item calls that took quantity",
+    ),
+    (
+        "version_conflicts",
+        "consume_batch_quantity calls refused for a stale expected version",
+    ),
+    (
+        "insufficient_quantity",
+        "batch consumptions refused for insufficient quantity",
+    ),
+];
+
+pub struct Counters([AtomicU64; COUNTERS.len()]);
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+// SAFETY: plain atomics with no pointers, valid in every process that maps the segment.
+unsafe impl PGRXSharedMemory for Counters {}
+
+// SAFETY: the name is unique to this extension.
+static SHARED: PgAtomic<Counters> = unsafe { PgAtomic::new(c"quota_ext_counters") };
+
+thread_local! {
+    static PRELOADED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// From _PG_init: set up the counters when the library is being preloaded.
+pub fn init() {
+    // SAFETY: reads a postmaster flag that is set while shared_preload_libraries is processed.
+    if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
+        pg_shmem_init!(SHARED);
+        PRELOADED.with(|p| p.set(true));
+    }
+}
+
+pub fn preloaded() -> bool {
+    PRELOADED.with(|p| p.get())
+}
+
+pub fn count(c: Counter) {
+    if preloaded() {
+        SHARED.get().0[c as usize].fetch_add(1, Relaxed);
+    }
+}
+
+pub fn count_batch_consume() {
+    count(Counter::BatchConsumes);
+}
+
+/// Count a refusal of a batch consumption by its kind.
+pub fn count_refusal(_what: &str, e: &QuotaError) {
+    match e {
+        QuotaError::VersionConflict { .. } => count(Counter::VersionConflicts),
+        QuotaError::Insufficient { .. } => count(Counter::InsufficientQuantity),
+        _ => {}
+    }
+}
+
+fn require_preloaded() {
+    if !preloaded() {
+        QuotaError::NotPreloaded.raise();
+    }
+}
+
+fn snapshot() -> Vec<(String, i64, String)> {
+    require_preloaded();
+    COUNTERS
+        .iter()
+        .enumerate()
+        .map(|(i, (name, desc))| {
+            (
+                name.to_string(),
+                SHARED.get().0[i].load(Relaxed) as i64,
+                desc.to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The counters, cluster-wide since the last restart or reset_metrics().
+#[pg_extern(volatile, parallel_safe)]
+fn metrics() -> TableIterator<
+    'static,
+    (
+        name!(name, String),
+        name!(value, i64),
+        name!(description, String),
+    ),
+> {
+    TableIterator::new(snapshot())
+}
+
+/// The counters in Prometheus' text exposition format, as `quota_ext_<name>_total`.
+#[pg_extern(volatile, parallel_safe)]
+fn metrics_prometheus() -> String {
+    let mut out = String::new();
+    for (name, value, desc) in snapshot() {
+        out.push_str(&format!(
+            "# HELP quota_ext_{name}_total {desc}\n# TYPE quota_ext_{name}_total counter\nquota_ext_{name}_total {value}\n"
+        ));
+    }
+    out
+}
+
+/// Set every counter back to zero (trusted callers only).
+#[pg_extern(volatile, parallel_safe)]
+fn reset_metrics() {
+    identity::require_trusted("quota.reset_metrics").or_raise();
+    require_preloaded();
+    for c in &SHARED.get().0 {
+        c.store(0, Relaxed);
+    }
+}
