@@ -35,9 +35,12 @@ bench() { # bench CASE SECONDS -> tps
 
 # Warm up: create the 10 000 subjects' rows on both sides, fill caches.
 log "warming up"
-for s in consume_random naive_random consume_hot naive_hot upsert_audit_random select1; do bench "$s" 3 >/dev/null; done
+for s in consume_random naive_random consume_hot naive_hot upsert_audit_random batch_random plain_update_random select1; do
+    bench "$s" 3 >/dev/null
+done
 
-CASES=(select1 consume_random naive_random upsert_audit_random consume_random:quota_ext.audit=off consume_hot naive_hot)
+CASES=(select1 consume_random naive_random upsert_audit_random consume_random:quota_ext.audit=off consume_hot naive_hot
+       batch_random plain_update_random batch_hot plain_update_hot)
 declare -A RUNS TPS
 for round in $(seq "$ROUNDS"); do
     for s in "${CASES[@]}"; do
@@ -75,5 +78,14 @@ ratio_of() { # ratio_of CASE BASELINE -> median over rounds of CASE/BASELINE
     a=consume_random:quota_ext.audit=off
     echo "| quota.consume with quota_ext.audit = off | ${TPS[$a]} | $(ratio_of "$a" naive_random) |"
     echo "| hand-written SQL doing what consume writes (upsert + audit row, one statement) | ${TPS[upsert_audit_random]} | $(ratio_of upsert_audit_random naive_random) |"
+    echo
+    echo "Inventory batches (consume_batch_quantity writes an audit row too; the plain UPDATE does not):"
+    echo
+    echo "| case | tps | vs plain UPDATE (same rows) |"
+    echo "|---|---:|---:|"
+    echo "| quota.consume_batch_quantity, 1 000 batches | ${TPS[batch_random]} | **$(ratio_of batch_random plain_update_random)** |"
+    echo '| plain `UPDATE ... SET quantity = quantity - $1 WHERE id = $2 AND quantity >= $1`, 1 000 batches | '"${TPS[plain_update_random]}"' | 1.00 |'
+    echo "| quota.consume_batch_quantity, one hot batch | ${TPS[batch_hot]} | **$(ratio_of batch_hot plain_update_hot)** |"
+    echo "| plain UPDATE, one hot batch | ${TPS[plain_update_hot]} | 1.00 |"
 } | tee "$OUT"
 log "written to ${OUT#$REPO/}"

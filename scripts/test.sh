@@ -23,11 +23,53 @@ install_extension
 log "starting a test server on 127.0.0.1:$TEST_PORT ($TEST_DATA)"
 start_server "$TEST_DATA" "$TEST_PORT"
 trap 'stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"' EXIT
+# The roles a Supabase project has, so CREATE EXTENSION grants to them as it would there. The
+# server without the preload has none: there nothing is granted.
+pg_psql "$TEST_PORT" -d postgres <<'SQL'
+CREATE ROLE anon NOLOGIN;
+CREATE ROLE authenticated NOLOGIN;
+CREATE ROLE service_role NOLOGIN BYPASSRLS;
+CREATE ROLE authenticator LOGIN NOINHERIT;
+GRANT anon, authenticated, service_role TO authenticator;
+SQL
 log "starting a server without the preload on 127.0.0.1:$NOPRELOAD_PORT"
 start_server "$NOPRELOAD_DATA" "$NOPRELOAD_PORT" "shared_preload_libraries = ''"
 
+# pgbouncer in transaction mode in front of the test server, with a configuration of our own.
+BOUNCER_DIR=/tmp/quota_ext-pgbouncer
+BOUNCER_PORT=${QUOTA_EXT_PGBOUNCER_PORT:-54319}
+start_pgbouncer() {
+    "${SUDO[@]}" rm -rf "$BOUNCER_DIR"
+    mkdir -p "$BOUNCER_DIR"
+    cat > "$BOUNCER_DIR/pgbouncer.ini" <<INI
+[databases]
+* = host=127.0.0.1 port=$TEST_PORT user=postgres
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $BOUNCER_PORT
+unix_socket_dir =
+auth_type = any
+pool_mode = transaction
+default_pool_size = 4
+max_client_conn = 100
+logfile = $BOUNCER_DIR/pgbouncer.log
+pidfile = $BOUNCER_DIR/pgbouncer.pid
+INI
+    [ "$(id -u)" -eq 0 ] && chown -R postgres "$BOUNCER_DIR"
+    as_pg /usr/sbin/pgbouncer -d "$BOUNCER_DIR/pgbouncer.ini"
+    for _ in $(seq 50); do [ -f "$BOUNCER_DIR/pgbouncer.pid" ] && return 0; sleep 0.1; done
+    die "pgbouncer did not start: $(cat "$BOUNCER_DIR/pgbouncer.log" 2>/dev/null)"
+}
+stop_pgbouncer() {
+    [ -f "$BOUNCER_DIR/pgbouncer.pid" ] && kill "$(cat "$BOUNCER_DIR/pgbouncer.pid")" 2>/dev/null || true
+}
+log "starting pgbouncer (transaction mode) on 127.0.0.1:$BOUNCER_PORT"
+start_pgbouncer
+trap 'stop_pgbouncer; stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"' EXIT
+
 log "pgrx-tests: external suites"
 (cd "$REPO/pgrx-tests" && QUOTA_EXT_TEST_PORT=$TEST_PORT QUOTA_EXT_NOPRELOAD_PORT=$NOPRELOAD_PORT \
+    QUOTA_EXT_PGBOUNCER_PORT=$BOUNCER_PORT \
     cargo test -- --test-threads=2)
 
 log "all tests passed"

@@ -44,6 +44,7 @@ REVOKE ALL ON ALL TABLES IN SCHEMA quota FROM PUBLIC;
 -- Authenticated users read their own rows; nobody but the owner writes (functions do, as owner).
 ALTER TABLE quota.usage ENABLE ROW LEVEL SECURITY;
 ALTER TABLE quota.audit_log ENABLE ROW LEVEL SECURITY;
+ALTER TABLE quota.batches ENABLE ROW LEVEL SECURITY;
 
 CREATE POLICY usage_own_rows ON quota.usage FOR SELECT
     USING (subject = coalesce(nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub',
@@ -51,6 +52,10 @@ CREATE POLICY usage_own_rows ON quota.usage FOR SELECT
 CREATE POLICY audit_own_rows ON quota.audit_log FOR SELECT
     USING (subject = coalesce(nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub',
                               nullif(current_setting('request.jwt.claim.sub', true), '')));
+
+CREATE POLICY batches_own_rows ON quota.batches FOR SELECT
+    USING (owner = coalesce(nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub',
+                            nullif(current_setting('request.jwt.claim.sub', true), '')));
 
 DO $grants$
 BEGIN
@@ -66,9 +71,11 @@ BEGIN
             quota.require(text, text, bigint, text),
             quota.refund(text, text, bigint, text),
             quota.status(text),
-            quota.audit_page(text, bigint, integer)
+            quota.audit_page(text, bigint, integer),
+            quota.consume_batch_quantity(uuid, bigint, bigint),
+            quota.consume_item(text, text, bigint, text)
         TO authenticated;
-        GRANT SELECT ON quota.usage, quota.audit_log, quota.plans, quota.limits TO authenticated;
+        GRANT SELECT ON quota.usage, quota.audit_log, quota.batches, quota.plans, quota.limits TO authenticated;
     END IF;
     IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'anon') THEN
         GRANT USAGE ON SCHEMA quota TO anon;

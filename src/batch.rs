@@ -104,8 +104,39 @@ fn create_batch(
     .or_raise()
 }
 
-static LOCK_ONE: Stmt = Stmt {
-    sql: "SELECT owner, item, quantity, version FROM quota.batches WHERE id = $1 FOR UPDATE",
+/// The whole consumption in one statement. The UPDATE takes the same row lock SELECT ... FOR
+/// UPDATE would, and at READ COMMITTED a caller that waited for it re-checks the condition
+/// against the newest version of the row, so concurrent callers never take more than there is.
+/// The audit row (when wanted) is written by the same statement.
+static CONSUME_ONE: Stmt = Stmt {
+    sql: "
+WITH b AS (
+    UPDATE quota.batches AS b SET quantity = b.quantity - $2, version = b.version + 1
+     WHERE b.id = $1 AND b.quantity >= $2
+       AND ($3::bigint IS NULL OR b.version = $3)
+       AND ($4::text IS NULL OR b.owner = $4)
+    RETURNING b.id, b.owner, b.item, b.quantity, b.version),
+a AS (
+    INSERT INTO quota.audit_log (subject, action, metric, amount, success, reason, details)
+    SELECT b.owner, 'consume_batch', b.item, $2, true, 'consumed',
+           ($5 || b.quantity::text || ',\"version_before\":' || (b.version - 1)::text
+               || ',\"version_after\":' || b.version::text || '}')::jsonb
+      FROM b WHERE $6)
+SELECT quantity, version FROM b",
+    args: &[
+        T::UUIDOID,
+        T::INT8OID,
+        T::INT8OID,
+        T::TEXTOID,
+        T::TEXTOID,
+        T::BOOLOID,
+    ],
+};
+
+/// Why a consumption was refused: read after the fact, which is sound because a batch's quantity
+/// only falls, its version only rises and its owner never changes.
+static DIAGNOSE: Stmt = Stmt {
+    sql: "SELECT owner, quantity, version FROM quota.batches WHERE id = $1",
     args: &[T::UUIDOID],
 };
 
@@ -145,8 +176,9 @@ fn take(
         .collect()
 }
 
-fn refuse(what: &'static str, e: QuotaError) -> QuotaError {
-    crate::metrics::count_refusal(what, &e);
+/// Count a refusal (the counters outlive the error that aborts the transaction) and pass it on.
+fn refuse(e: QuotaError) -> QuotaError {
+    crate::metrics::count_refusal(&e);
     e
 }
 
@@ -174,72 +206,57 @@ fn consume_batch_quantity(
             hint: "Pass the batch's id.",
         })?;
         let q = check_quantity("p_quantity_to_consume", p_quantity_to_consume)?;
-        let trusted = identity::is_trusted();
-        let me = if trusted {
+        let me = if identity::is_trusted() {
             None
         } else {
             Some(identity::jwt_subject()?.ok_or(QuotaError::NoJwtSubject)?)
         };
+        // Details but for the members the statement appends.
+        let mut prefix = json!({"batch_id": id.to_string(), "consumed": q}).to_string();
+        prefix.pop();
+        prefix.push_str(",\"remaining\":");
         let _owner = AsOwner::enter();
         Spi::connect_mut(|client| {
-            let Some(row) = spi::run(client, &LOCK_ONE, &[id.into()]).next() else {
-                return Err(refuse("batch", QuotaError::UnknownBatch(id.to_string())));
-            };
-            let owner = spi::get::<String>(&row, 1).expect("owner");
-            let item = spi::get::<String>(&row, 2).expect("item");
-            let quantity = spi::get::<i64>(&row, 3).expect("quantity");
-            let version = spi::get::<i64>(&row, 4).expect("version");
-            if let Some(me) = me {
-                if me != owner {
-                    return Err(QuotaError::OtherSubject { requested: owner });
-                }
-            }
-            if let Some(expected) = p_expected_version {
-                if expected != version {
-                    return Err(refuse(
-                        "batch",
-                        QuotaError::VersionConflict {
-                            id: id.to_string(),
-                            expected,
-                            actual: version,
-                        },
-                    ));
-                }
-            }
-            if quantity < q {
-                return Err(refuse(
-                    "batch",
-                    QuotaError::Insufficient {
-                        what: format!("batch {id}"),
-                        requested: q,
-                        available: quantity,
-                    },
+            let args = [
+                id.into(),
+                q.into(),
+                p_expected_version.into(),
+                me.as_deref().into(),
+                prefix.as_str().into(),
+                guc::audit_wanted(true).into(),
+            ];
+            if let Some(r) = spi::run(client, &CONSUME_ONE, &args).next() {
+                crate::metrics::count_batch_consume();
+                return Ok((
+                    id,
+                    q,
+                    spi::get::<i64>(&r, 1).expect("quantity"),
+                    spi::get::<i64>(&r, 2).expect("version"),
                 ));
             }
-            let done = take(client, &[(id, q)]).remove(0);
-            crate::metrics::count_batch_consume();
-            if guc::audit_wanted(true) {
-                audit::record(
-                    client,
-                    audit::Entry {
-                        subject: Some(&owner),
-                        action: "consume_batch",
-                        metric: Some(&item),
-                        amount: Some(q),
-                        success: true,
-                        reason: "consumed",
-                        details: json!({
-                            "batch_id": id.to_string(),
-                            "consumed": q,
-                            "remaining": done.2,
-                            "version_before": version,
-                            "version_after": done.3,
-                        }),
-                        idempotency_key: None,
-                    },
-                );
+            let Some(r) = spi::run(client, &DIAGNOSE, &[id.into()]).next() else {
+                return Err(QuotaError::UnknownBatch(id.to_string()));
+            };
+            let owner = spi::get::<String>(&r, 1).expect("owner");
+            let (quantity, version) = (
+                spi::get::<i64>(&r, 2).expect("quantity"),
+                spi::get::<i64>(&r, 3).expect("version"),
+            );
+            if me.as_ref().is_some_and(|me| *me != owner) {
+                return Err(QuotaError::OtherSubject { requested: owner });
             }
-            Ok(done)
+            if let Some(expected) = p_expected_version.filter(|e| *e != version) {
+                return Err(refuse(QuotaError::VersionConflict {
+                    id: id.to_string(),
+                    expected,
+                    actual: version,
+                }));
+            }
+            Err(refuse(QuotaError::Insufficient {
+                what: format!("batch {id}"),
+                requested: q,
+                available: quantity,
+            }))
         })
     })()
     .or_raise();
@@ -327,14 +344,11 @@ fn consume_item(
                 .map(|b| b.1)
                 .fold(0i64, |a, b| a.saturating_add(b));
             if available < q {
-                return Err(refuse(
-                    "item",
-                    QuotaError::Insufficient {
-                        what: format!("item \"{item}\" of owner \"{owner}\""),
-                        requested: q,
-                        available,
-                    },
-                ));
+                return Err(refuse(QuotaError::Insufficient {
+                    what: format!("item \"{item}\" of owner \"{owner}\""),
+                    requested: q,
+                    available,
+                }));
             }
             let mut left = q;
             let mut takes = Vec::new();

@@ -87,7 +87,7 @@ pub fn count_batch_consume() {
 }
 
 /// Count a refusal of a batch consumption by its kind.
-pub fn count_refusal(_what: &str, e: &QuotaError) {
+pub fn count_refusal(e: &QuotaError) {
     match e {
         QuotaError::VersionConflict { .. } => count(Counter::VersionConflicts),
         QuotaError::Insufficient { .. } => count(Counter::InsufficientQuantity),
@@ -118,6 +118,7 @@ fn snapshot() -> Vec<(String, i64, String)> {
 
 /// The counters, cluster-wide since the last restart or reset_metrics().
 #[pg_extern(volatile, parallel_safe)]
+#[search_path(pg_catalog, pg_temp)]
 fn metrics() -> TableIterator<
     'static,
     (
@@ -131,6 +132,7 @@ fn metrics() -> TableIterator<
 
 /// The counters in Prometheus' text exposition format, as `quota_ext_<name>_total`.
 #[pg_extern(volatile, parallel_safe)]
+#[search_path(pg_catalog, pg_temp)]
 fn metrics_prometheus() -> String {
     let mut out = String::new();
     for (name, value, desc) in snapshot() {
@@ -143,6 +145,7 @@ fn metrics_prometheus() -> String {
 
 /// Set every counter back to zero (trusted callers only).
 #[pg_extern(volatile, parallel_safe)]
+#[search_path(pg_catalog, pg_temp)]
 fn reset_metrics() {
     identity::require_trusted("quota.reset_metrics").or_raise();
     require_preloaded();

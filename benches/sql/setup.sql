@@ -13,3 +13,12 @@ CREATE TABLE naive_usage (
     lim          bigint      NOT NULL,
     PRIMARY KEY (subject, metric, window_start)
 );
+
+-- Inventory: 1 000 batches (and one hot one) that never run out, numbered for pgbench.
+CREATE TABLE bench_batches (n int PRIMARY KEY, id uuid NOT NULL);
+INSERT INTO bench_batches
+SELECT n, (quota.create_batch('bench', 'widget', 1000000000000)).id FROM generate_series(0, 1000) n;
+-- The same rows for the plain UPDATE baseline, in a table of the same shape.
+CREATE TABLE plain_batches (id uuid PRIMARY KEY, quantity bigint NOT NULL CHECK (quantity >= 0),
+                            version bigint NOT NULL DEFAULT 1) WITH (fillfactor = 80);
+INSERT INTO plain_batches (id, quantity) SELECT id, 1000000000000 FROM bench_batches;

@@ -1,0 +1,654 @@
+//! The Supabase/PostgREST contract: grants, JWT identity for every consuming function, tables
+//! closed to writes, row level security, pinned search_path, hostile objects, calls shaped as
+//! PostgREST shapes them, and a transaction-mode pooler.
+
+use postgres::{Client, NoTls};
+use quota_ext_itests::{one_i64, table_counts, TestDb};
+use std::sync::{Arc, Barrier};
+use std::thread;
+
+fn code(e: &postgres::Error) -> String {
+    e.code()
+        .map(|c| c.code().to_string())
+        .unwrap_or_else(|| e.to_string())
+}
+
+fn err(c: &mut Client, sql: &str) -> Option<String> {
+    c.batch_execute(sql).err().map(|e| code(&e))
+}
+
+fn as_role(c: &mut Client, role: &str, sub: Option<&str>) {
+    let claims = match sub {
+        Some(s) => format!("{{\"sub\":\"{s}\",\"role\":\"{role}\"}}"),
+        None => format!("{{\"role\":\"{role}\"}}"),
+    };
+    c.batch_execute(&format!(
+        "RESET ROLE; SELECT set_config('request.jwt.claims', '{claims}', false); SET ROLE {role}"
+    ))
+    .unwrap();
+}
+
+fn setup(db: &TestDb) -> (Client, String) {
+    let mut c = db.connect();
+    c.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 100)")
+        .unwrap();
+    let batch: String = c
+        .query_one(
+            "SELECT id::text FROM quota.create_batch('user-1', 'milk', 10)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    c.batch_execute(&format!(
+        "SELECT quota.create_batch('user-2', 'milk', 10);
+         SELECT quota.consume('user-1', 'api'); SELECT quota.consume('user-2', 'api');
+         SELECT quota.consume_batch_quantity('{batch}', 1);"
+    ))
+    .unwrap();
+    (c, batch)
+}
+
+#[test]
+fn supabase_roles_get_what_api_md_grants() {
+    let db = TestDb::new("grants");
+    let mut c = db.connect();
+    let can = |c: &mut Client, role: &str, f: &str| -> bool {
+        c.query_one(
+            &format!("SELECT has_function_privilege('{role}', '{f}', 'EXECUTE')"),
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let user_functions = [
+        "quota.consume(text,text,bigint,text)",
+        "quota.require(text,text,bigint,text)",
+        "quota.refund(text,text,bigint,text)",
+        "quota.status(text)",
+        "quota.audit_page(text,bigint,integer)",
+        "quota.consume_batch_quantity(uuid,bigint,bigint)",
+        "quota.consume_item(text,text,bigint,text)",
+    ];
+    let admin_functions = [
+        "quota.set_plan(text,text,text)",
+        "quota.set_limit(text,text,text,bigint)",
+        "quota.set_override(text,text,text,bigint)",
+        "quota.reset_usage(text,text)",
+        "quota.near_limit(double precision)",
+        "quota.prune(interval,interval)",
+        "quota.create_batch(text,text,bigint,timestamp with time zone,jsonb)",
+        "quota.metrics()",
+        "quota.metrics_prometheus()",
+        "quota.reset_metrics()",
+    ];
+    for f in user_functions {
+        assert!(
+            can(&mut c, "authenticated", f),
+            "authenticated should execute {f}"
+        );
+        assert!(
+            can(&mut c, "service_role", f),
+            "service_role should execute {f}"
+        );
+        assert!(!can(&mut c, "anon", f), "anon must not execute {f}");
+    }
+    for f in admin_functions {
+        assert!(
+            !can(&mut c, "authenticated", f),
+            "authenticated must not execute {f}"
+        );
+        assert!(!can(&mut c, "anon", f), "anon must not execute {f}");
+        assert!(
+            can(&mut c, "service_role", f),
+            "service_role should execute {f}"
+        );
+    }
+    // Nothing is executable by PUBLIC.
+    let public = one_i64(
+        &mut c,
+        "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+          WHERE n.nspname = 'quota' AND has_function_privilege('public', p.oid, 'EXECUTE')",
+    );
+    assert_eq!(public, 0);
+    // anon cannot consume anything, even with a subject in its claims.
+    as_role(&mut c, "anon", Some("user-1"));
+    assert_eq!(
+        err(&mut c, "SELECT quota.consume(NULL, 'api')").as_deref(),
+        Some("42501")
+    );
+    assert_eq!(
+        err(&mut c, "SELECT quota.consume_item('user-1', 'milk', 1)").as_deref(),
+        Some("42501")
+    );
+    c.batch_execute("RESET ROLE").unwrap();
+}
+
+#[test]
+fn service_role_is_trusted() {
+    let db = TestDb::new("service_role");
+    let (mut c, _) = setup(&db);
+    as_role(&mut c, "service_role", None);
+    let used: i64 = c
+        .query_one("SELECT used FROM quota.consume('user-7', 'api')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(used, 1);
+    c.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 5); RESET ROLE")
+        .unwrap();
+}
+
+#[test]
+fn every_consuming_function_acts_only_as_the_jwt_subject() {
+    let db = TestDb::new("jwt_subject");
+    let (mut c, batch) = setup(&db);
+    let before = table_counts(&mut c);
+    // (call as self, call for another subject)
+    let calls = [
+        (
+            "SELECT quota.consume('user-1', 'api')",
+            "SELECT quota.consume('user-2', 'api')",
+        ),
+        (
+            "SELECT quota.require('user-1', 'api')",
+            "SELECT quota.require('user-2', 'api')",
+        ),
+        (
+            "SELECT quota.refund('user-1', 'api')",
+            "SELECT quota.refund('user-2', 'api')",
+        ),
+        (
+            "SELECT quota.status('user-1')",
+            "SELECT quota.status('user-2')",
+        ),
+        (
+            "SELECT quota.audit_page('user-1')",
+            "SELECT quota.audit_page('user-2')",
+        ),
+        (
+            "SELECT quota.consume_item('user-1', 'milk', 1)",
+            "SELECT quota.consume_item('user-2', 'milk', 1)",
+        ),
+    ];
+    for (own, other) in calls {
+        as_role(&mut c, "authenticated", Some("user-1"));
+        assert_eq!(err(&mut c, other).as_deref(), Some("42501"), "{other}");
+        as_role(&mut c, "authenticated", None);
+        assert_eq!(
+            err(&mut c, own).as_deref(),
+            Some("42501"),
+            "{own} without a subject"
+        );
+        c.batch_execute("RESET ROLE").unwrap();
+        assert_eq!(table_counts(&mut c), before, "{other} changed something");
+    }
+    // The other user's batch, by id.
+    let theirs: String = c
+        .query_one(
+            "SELECT id::text FROM quota.batches WHERE owner = 'user-2'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    as_role(&mut c, "authenticated", Some("user-1"));
+    assert_eq!(
+        err(
+            &mut c,
+            &format!("SELECT quota.consume_batch_quantity('{theirs}', 1)")
+        )
+        .as_deref(),
+        Some("42501")
+    );
+    // Its own calls pass.
+    for (own, _) in calls {
+        assert_eq!(err(&mut c, own), None, "{own}");
+    }
+    assert_eq!(
+        err(
+            &mut c,
+            &format!("SELECT quota.consume_batch_quantity('{batch}', 1)")
+        ),
+        None
+    );
+    c.batch_execute("RESET ROLE").unwrap();
+}
+
+#[test]
+fn tables_are_closed_to_writes_and_rows_are_private() {
+    let db = TestDb::new("tables");
+    let (mut c, _) = setup(&db);
+    let before = table_counts(&mut c);
+    let tables = [
+        "plans",
+        "limits",
+        "subjects",
+        "overrides",
+        "usage",
+        "idempotency_keys",
+        "audit_log",
+        "batches",
+    ];
+    for role in ["anon", "authenticated"] {
+        as_role(&mut c, role, Some("user-1"));
+        for t in tables {
+            let col = text_column(t);
+            for sql in [
+                format!("INSERT INTO quota.{t} DEFAULT VALUES"),
+                format!("UPDATE quota.{t} SET {col} = {col}"),
+                format!("DELETE FROM quota.{t}"),
+                format!("TRUNCATE quota.{t}"),
+            ] {
+                assert_eq!(err(&mut c, &sql).as_deref(), Some("42501"), "{role}: {sql}");
+            }
+        }
+        c.batch_execute("RESET ROLE").unwrap();
+    }
+    assert_eq!(table_counts(&mut c), before);
+    // Row level security: authenticated reads its own usage, audit and batch rows only.
+    as_role(&mut c, "authenticated", Some("user-1"));
+    for (t, col) in [
+        ("usage", "subject"),
+        ("audit_log", "subject"),
+        ("batches", "owner"),
+    ] {
+        let others = one_i64(
+            &mut c,
+            &format!("SELECT count(*) FROM quota.{t} WHERE {col} IS DISTINCT FROM 'user-1'"),
+        );
+        let mine = one_i64(&mut c, &format!("SELECT count(*) FROM quota.{t}"));
+        assert_eq!(others, 0, "{t}: saw other subjects' rows");
+        assert!(mine > 0, "{t}: saw none of its own rows");
+    }
+    assert_eq!(
+        err(&mut c, "SELECT * FROM quota.subjects").as_deref(),
+        Some("42501")
+    );
+    c.batch_execute("RESET ROLE").unwrap();
+}
+
+fn text_column(t: &str) -> &'static str {
+    match t {
+        "plans" => "description",
+        "limits" => "metric",
+        "batches" => "owner",
+        _ => "subject",
+    }
+}
+
+#[test]
+fn functions_pin_search_path_and_the_script_replaces_nothing() {
+    let db = TestDb::new("search_path");
+    let mut c = db.connect();
+    // Every function that reads or writes tables runs with a pinned search_path; the two
+    // exceptions touch no table (an inlinable SQL helper, a trigger that queues an
+    // invalidation). None is SECURITY DEFINER without one.
+    let unpinned: Vec<String> = c
+        .query(
+            "SELECT p.proname::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE n.nspname = 'quota'
+                AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (p.proconfig), false)
+              ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        unpinned,
+        vec![
+            "invalidate_limits_cache".to_string(),
+            "window_bounds".to_string()
+        ]
+    );
+    let definer_unpinned = one_i64(
+        &mut c,
+        "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+          WHERE n.nspname = 'quota' AND p.prosecdef AND p.proconfig IS NULL",
+    );
+    assert_eq!(definer_unpinned, 0);
+    // The install script creates everything anew: nothing it could silently take over.
+    let script: String = c
+        .query_one(
+            "SELECT pg_read_file((SELECT setting FROM pg_config WHERE name = 'SHAREDIR') || '/extension/quota_ext--0.1.0.sql')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let upper = script.to_uppercase();
+    assert!(
+        !upper.contains("OR REPLACE"),
+        "install script uses CREATE OR REPLACE"
+    );
+    assert!(
+        !upper.contains("IF NOT EXISTS"),
+        "install script uses IF NOT EXISTS"
+    );
+}
+
+#[test]
+fn hostile_objects_in_public_change_nothing() {
+    let db = TestDb::new("hostile");
+    let mut c = db.connect();
+    c.batch_execute(
+        "SELECT quota.set_limit('free', 'api', 'day', 2);
+         CREATE TABLE public.stolen (what text);
+         -- An = for text that always matches and records its calls, and look-alikes of functions
+         -- the extension calls, all ahead of pg_catalog on the caller's search_path.
+         CREATE FUNCTION public.evil_eq(text, text) RETURNS boolean LANGUAGE sql
+             AS $$ INSERT INTO public.stolen VALUES ($1 || '=' || $2) RETURNING true $$;
+         CREATE OPERATOR public.= (LEFTARG = text, RIGHTARG = text, FUNCTION = public.evil_eq);
+         CREATE FUNCTION public.array_position(text[], text) RETURNS integer LANGUAGE sql
+             AS $$ INSERT INTO public.stolen VALUES ('array_position') RETURNING 1 $$;
+         CREATE FUNCTION public.greatest(bigint, bigint) RETURNS bigint LANGUAGE sql
+             AS $$ INSERT INTO public.stolen VALUES ('greatest') RETURNING 0::bigint $$;
+         CREATE FUNCTION public.now() RETURNS timestamptz LANGUAGE sql
+             AS $$ SELECT '2000-01-01'::timestamptz $$;
+         SET search_path = public, pg_catalog;",
+    )
+    .unwrap();
+    let mut granted = 0;
+    for _ in 0..3 {
+        let ok: bool = c
+            .query_one("SELECT allowed FROM quota.consume('ann', 'api')", &[])
+            .unwrap()
+            .get(0);
+        granted += ok as i64;
+    }
+    c.batch_execute(
+        "SELECT quota.refund('ann', 'api'); SELECT quota.status('ann'); SELECT quota.near_limit();",
+    )
+    .unwrap();
+    c.batch_execute("RESET search_path").unwrap();
+    assert_eq!(granted, 2, "the limit held");
+    assert_eq!(
+        one_i64(&mut c, "SELECT used FROM quota.usage WHERE subject = 'ann'"),
+        1
+    );
+    assert_eq!(
+        one_i64(&mut c, "SELECT count(*) FROM public.stolen"),
+        0,
+        "a hostile object ran"
+    );
+    let window_ok: bool = c
+        .query_one("SELECT window_start = date_trunc('day', now(), 'UTC') FROM quota.usage WHERE subject = 'ann'", &[])
+        .unwrap()
+        .get(0);
+    assert!(window_ok, "the window came from pg_catalog.now()");
+}
+
+/// What PostgREST sends for `POST /rpc/<fn>` with a JSON body, inside its transaction.
+fn rpc(
+    c: &mut Client,
+    role: &str,
+    sub: &str,
+    function: &str,
+    args: &[(&str, &str)],
+    body: &str,
+) -> serde_like::Json {
+    let cols: Vec<String> = args.iter().map(|(n, t)| format!("\"{n}\" {t}")).collect();
+    let named: Vec<String> = args
+        .iter()
+        .map(|(n, _)| format!("\"{n}\" := pgrst_args.\"{n}\""))
+        .collect();
+    let names: Vec<String> = args.iter().map(|(n, _)| format!("\"{n}\"")).collect();
+    let args_from = if args.is_empty() {
+        String::new()
+    } else {
+        format!(
+            ", LATERAL (SELECT {} FROM json_to_record(pgrst_payload.json_data) AS _({}) LIMIT 1) pgrst_args",
+            names.join(", "),
+            cols.join(", ")
+        )
+    };
+    let sql = format!(
+        "WITH pgrst_source AS (
+           SELECT pgrst_call.*
+             FROM (SELECT $1::text::json AS json_data) pgrst_payload{args_from},
+                  LATERAL quota.{function}({named}) pgrst_call)
+         SELECT coalesce(json_agg(_postgrest_t), '[]')::text FROM (SELECT * FROM pgrst_source) _postgrest_t",
+        named = named.join(", "),
+    );
+    let mut tx = c.transaction().unwrap();
+    tx.batch_execute(&format!(
+        "SET LOCAL ROLE {role};
+         SELECT set_config('request.jwt.claims', '{{\"sub\":\"{sub}\",\"role\":\"{role}\"}}', true);
+         SELECT set_config('request.method', 'POST', true);
+         SELECT set_config('request.path', '/rpc/{function}', true);"
+    ))
+    .unwrap();
+    let out: String = tx.query_one(&sql, &[&body]).unwrap().get(0);
+    tx.commit().unwrap();
+    serde_like::Json(out)
+}
+
+mod serde_like {
+    /// The JSON text PostgREST would send back; the tests check its keys and values as text.
+    pub struct Json(pub String);
+    impl Json {
+        pub fn has(&self, fragment: &str) -> bool {
+            self.0.contains(fragment)
+        }
+    }
+}
+
+#[test]
+fn postgrest_rpc_calls_answer_the_documented_json() {
+    let db = TestDb::new("postgrest");
+    let (mut c, batch) = setup(&db);
+    let decision_keys = [
+        "\"allowed\"",
+        "\"subject\"",
+        "\"metric\"",
+        "\"period\"",
+        "\"used\"",
+        "\"quota_limit\"",
+        "\"remaining\"",
+        "\"reset_at\"",
+        "\"retry_after_seconds\"",
+        "\"replayed\"",
+    ];
+    let consume_args = [
+        ("metric", "text"),
+        ("amount", "bigint"),
+        ("idempotency_key", "text"),
+    ];
+    let out = rpc(
+        &mut c,
+        "authenticated",
+        "user-1",
+        "consume",
+        &consume_args,
+        r#"{"metric":"api","amount":2,"idempotency_key":"k-1"}"#,
+    );
+    for k in decision_keys {
+        assert!(out.has(k), "consume: {k} missing in {}", out.0);
+    }
+    assert!(
+        out.has("\"allowed\":true") && out.has("\"subject\":\"user-1\"") && out.has("\"used\":3"),
+        "{}",
+        out.0
+    );
+    let again = rpc(
+        &mut c,
+        "authenticated",
+        "user-1",
+        "consume",
+        &consume_args,
+        r#"{"metric":"api","amount":2,"idempotency_key":"k-1"}"#,
+    );
+    assert!(
+        again.has("\"replayed\":true") && again.has("\"used\":3"),
+        "{}",
+        again.0
+    );
+    let out = rpc(
+        &mut c,
+        "authenticated",
+        "user-1",
+        "refund",
+        &[("metric", "text")],
+        r#"{"metric":"api"}"#,
+    );
+    assert!(out.has("\"used\":2"), "{}", out.0);
+    let out = rpc(
+        &mut c,
+        "authenticated",
+        "user-1",
+        "require",
+        &[("metric", "text")],
+        r#"{"metric":"api"}"#,
+    );
+    assert!(out.has("\"allowed\":true"), "{}", out.0);
+    let out = rpc(&mut c, "authenticated", "user-1", "status", &[], "{}");
+    assert!(
+        out.0.starts_with("[{") && out.has("\"metric\":\"api\"") && out.has("\"quota_limit\":100"),
+        "{}",
+        out.0
+    );
+    let out = rpc(
+        &mut c,
+        "authenticated",
+        "user-1",
+        "audit_page",
+        &[("page_size", "integer")],
+        r#"{"page_size":2}"#,
+    );
+    assert!(
+        out.has("\"action\"") && out.has("\"details\"") && !out.has("user-2"),
+        "{}",
+        out.0
+    );
+    let out = rpc(
+        &mut c,
+        "authenticated",
+        "user-1",
+        "consume_batch_quantity",
+        &[("p_batch_id", "uuid"), ("p_quantity_to_consume", "bigint")],
+        &format!(r#"{{"p_batch_id":"{batch}","p_quantity_to_consume":2}}"#),
+    );
+    assert!(
+        out.has(&format!("\"batch_id\":\"{batch}\""))
+            && out.has("\"consumed\":2")
+            && out.has("\"remaining\":7")
+            && out.has("\"version\":3"),
+        "{}",
+        out.0
+    );
+    let out = rpc(
+        &mut c,
+        "authenticated",
+        "user-1",
+        "consume_item",
+        &[("owner", "text"), ("item", "text"), ("quantity", "bigint")],
+        r#"{"owner":"user-1","item":"milk","quantity":1}"#,
+    );
+    assert!(
+        out.has("\"consumed\":1") && out.has("\"remaining\":6"),
+        "{}",
+        out.0
+    );
+    // service_role reaches the admin functions the same way.
+    let out = rpc(
+        &mut c,
+        "service_role",
+        "admin",
+        "near_limit",
+        &[("threshold", "double precision")],
+        r#"{"threshold":0}"#,
+    );
+    assert!(
+        out.has("\"ratio\"") && out.has("\"subject\":\"user-1\""),
+        "{}",
+        out.0
+    );
+    // PostgREST runs STABLE functions in read-only transactions.
+    let volatility: Vec<(String, String)> = c
+        .query(
+            "SELECT p.proname::text, p.provolatile::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE n.nspname = 'quota' AND p.proname IN ('consume', 'require', 'refund', 'consume_batch_quantity', 'consume_item', 'status', 'audit_page')
+              ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for (f, v) in volatility {
+        let expected = if f == "status" || f == "audit_page" {
+            "s"
+        } else {
+            "v"
+        };
+        assert_eq!(v, expected, "{f}");
+    }
+}
+
+#[test]
+fn exact_totals_through_pgbouncer_in_transaction_mode() {
+    let port: u16 = match std::env::var("QUOTA_EXT_PGBOUNCER_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+    {
+        Some(p) => p,
+        None => {
+            panic!("QUOTA_EXT_PGBOUNCER_PORT is not set: run these tests through scripts/test.sh")
+        }
+    };
+    let db = TestDb::new("pgbouncer");
+    let mut c = db.connect();
+    c.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 300)")
+        .unwrap();
+    const SESSIONS: usize = 8;
+    let barrier = Arc::new(Barrier::new(SESSIONS));
+    let handles: Vec<_> = (0..SESSIONS)
+        .map(|i| {
+            let url = format!("host=127.0.0.1 port={port} user=postgres dbname={}", db.name);
+            let barrier = barrier.clone();
+            thread::spawn(move || {
+                let mut c = Client::connect(&url, NoTls).unwrap();
+                barrier.wait();
+                let (mut granted, mut errors) = (0i64, Vec::new());
+                for n in 0..60 {
+                    // Simple protocol, and every transaction sets its own claims, as PostgREST
+                    // does: nothing relies on the server session staying the same.
+                    let sql = format!(
+                        "BEGIN; SELECT set_config('request.jwt.claims', '{{\"sub\":\"s{i}\"}}', true);
+                         SELECT allowed FROM quota.consume('hot', 'api', 1, 'k-{i}-{n}'); COMMIT;"
+                    );
+                    match c.simple_query(&sql) {
+                        Ok(msgs) => {
+                            for m in msgs {
+                                if let postgres::SimpleQueryMessage::Row(r) = m {
+                                    if r.get(0) == Some("t") {
+                                        granted += 1;
+                                    }
+                                }
+                            }
+                        }
+                        Err(e) => errors.push(e.to_string()),
+                    }
+                }
+                (granted, errors)
+            })
+        })
+        .collect();
+    let mut granted = 0;
+    for h in handles {
+        let (g, e) = h.join().unwrap();
+        assert!(e.is_empty(), "{e:?}");
+        granted += g;
+    }
+    assert_eq!(granted, 300);
+    assert_eq!(one_i64(&mut c, "SELECT used FROM quota.usage"), 300);
+    assert_eq!(
+        one_i64(
+            &mut c,
+            "SELECT count(*) FROM quota.audit_log WHERE action = 'consume' AND success"
+        ),
+        300
+    );
+    assert_eq!(
+        one_i64(&mut c, "SELECT count(*) FROM quota.idempotency_keys"),
+        480
+    );
+}
