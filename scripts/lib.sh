@@ -6,6 +6,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PG_BIN=/usr/lib/postgresql/15/bin
 PG_CONFIG="$PG_BIN/pg_config"
+PG_ISOLATION_REGRESS=/usr/lib/postgresql/15/lib/pgxs/src/test/isolation/pg_isolation_regress
 PGRX_VERSION=0.18.0
 PACKAGES=(postgresql-15 postgresql-client-15 postgresql-server-dev-15 libclang-dev clang
           build-essential pkg-config sudo pgbouncer redis-server redis-tools)

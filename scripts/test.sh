@@ -70,6 +70,24 @@ trap 'stop_pgbouncer; stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"' E
 log "pgrx-tests: external suites"
 (cd "$REPO/pgrx-tests" && QUOTA_EXT_TEST_PORT=$TEST_PORT QUOTA_EXT_NOPRELOAD_PORT=$NOPRELOAD_PORT \
     QUOTA_EXT_PGBOUNCER_PORT=$BOUNCER_PORT \
-    cargo test -- --test-threads=2)
+    cargo test -- --test-threads=2)   # the crash test is #[ignore]d here and run below
+
+log "crash test on a server of its own (SIGKILL of a backend)"
+CRASH_DATA=/tmp/quota_ext-itest-crash
+CRASH_PORT=${QUOTA_EXT_CRASH_PORT:-54320}
+start_server "$CRASH_DATA" "$CRASH_PORT"
+trap 'stop_pgbouncer; stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"; stop_server "$CRASH_DATA"' EXIT
+(cd "$REPO/pgrx-tests" && QUOTA_EXT_CRASH_PORT=$CRASH_PORT cargo test --test crash -- --ignored)
+grep -q "terminated by signal 9" "$CRASH_DATA/server.log" || die "the crash test did not crash a backend"
+
+log "isolation specs (pg_isolation_regress)"
+ISO_OUT=$(mktemp -d /tmp/quota_ext-isolation.XXXXXX)
+chmod 777 "$ISO_OUT"
+if ! (cd "$REPO/pgrx-tests/isolation" && "$PG_ISOLATION_REGRESS" --inputdir=. --outputdir="$ISO_OUT" \
+        --host=127.0.0.1 --port="$TEST_PORT" --user=postgres --dbname=quota_isolation --schedule=schedule); then
+    cat "$ISO_OUT/regression.diffs" >&2
+    die "isolation specs failed"
+fi
+rm -rf "$ISO_OUT"
 
 log "all tests passed"
