@@ -22,7 +22,7 @@ fi
 install_extension
 log "starting a test server on 127.0.0.1:$TEST_PORT ($TEST_DATA)"
 start_server "$TEST_DATA" "$TEST_PORT"
-trap 'stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"' EXIT
+trap 'stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"; stop_server "$TINY_DATA"' EXIT
 # The roles a Supabase project has, so CREATE EXTENSION grants to them as it would there. The
 # server without the preload has none: there nothing is granted.
 pg_psql "$TEST_PORT" -d postgres <<'SQL'
@@ -32,6 +32,10 @@ CREATE ROLE service_role NOLOGIN BYPASSRLS;
 CREATE ROLE authenticator LOGIN NOINHERIT;
 GRANT anon, authenticated, service_role TO authenticator;
 SQL
+TINY_DATA=/tmp/quota_ext-itest-tiny
+TINY_PORT=${QUOTA_EXT_TINY_PORT:-54321}
+log "starting a server with a tiny bucket table on 127.0.0.1:$TINY_PORT"
+start_server "$TINY_DATA" "$TINY_PORT" "quota_ext.rate_max_keys = 64"
 log "starting a server without the preload on 127.0.0.1:$NOPRELOAD_PORT"
 start_server "$NOPRELOAD_DATA" "$NOPRELOAD_PORT" "shared_preload_libraries = ''"
 
@@ -65,18 +69,18 @@ stop_pgbouncer() {
 }
 log "starting pgbouncer (transaction mode) on 127.0.0.1:$BOUNCER_PORT"
 start_pgbouncer
-trap 'stop_pgbouncer; stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"' EXIT
+trap 'stop_pgbouncer; stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"; stop_server "$TINY_DATA"' EXIT
 
 log "pgrx-tests: external suites"
 (cd "$REPO/pgrx-tests" && QUOTA_EXT_TEST_PORT=$TEST_PORT QUOTA_EXT_NOPRELOAD_PORT=$NOPRELOAD_PORT \
-    QUOTA_EXT_PGBOUNCER_PORT=$BOUNCER_PORT \
+    QUOTA_EXT_PGBOUNCER_PORT=$BOUNCER_PORT QUOTA_EXT_TINY_PORT=$TINY_PORT \
     cargo test -- --test-threads=2)   # the crash test is #[ignore]d here and run below
 
 log "crash test on a server of its own (SIGKILL of a backend)"
 CRASH_DATA=/tmp/quota_ext-itest-crash
 CRASH_PORT=${QUOTA_EXT_CRASH_PORT:-54320}
 start_server "$CRASH_DATA" "$CRASH_PORT"
-trap 'stop_pgbouncer; stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"; stop_server "$CRASH_DATA"' EXIT
+trap 'stop_pgbouncer; stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"; stop_server "$TINY_DATA"; stop_server "$CRASH_DATA"' EXIT
 (cd "$REPO/pgrx-tests" && QUOTA_EXT_CRASH_PORT=$CRASH_PORT cargo test --test crash -- --ignored)
 grep -q "terminated by signal 9" "$CRASH_DATA/server.log" || die "the crash test did not crash a backend"
 

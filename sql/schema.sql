@@ -95,6 +95,15 @@ CREATE TYPE quota.decision AS (
     replayed            boolean
 );
 
+CREATE TYPE quota.rate_decision AS (
+    allowed             boolean,
+    key                 text,
+    rate_limit          bigint,
+    remaining           bigint,
+    reset_after_seconds double precision,
+    retry_after_seconds double precision
+);
+
 -- Calendar window of `period` containing `at`, in `time_zone` (weeks start on Monday). `total`
 -- has one window that never resets. A plain SQL function, so the planner inlines it.
 CREATE FUNCTION quota.window_bounds(period text, time_zone text, at_time timestamptz DEFAULT now())

@@ -135,9 +135,7 @@ fn audit_page(
             ),
             None => spi::run(client, &PAGE_ALL, &[before_id.into(), page.into()]),
         };
-        table
-            .filter_map(|row| spi::get::<AuditRow>(&row, 1))
-            .collect()
+        table.filter_map(|row| spi::get::<AuditRow>(&row, 1)).collect()
     });
     SetOfIterator::new(rows)
 }
@@ -184,12 +182,9 @@ fn prune(
                     });
                 }
             }
-            let a = audit_older_than.map_or(0, |i| {
-                spi::run(client, &PRUNE_AUDIT, &[i.into()]).len() as i64
-            });
-            let k = idempotency_older_than.map_or(0, |i| {
-                spi::run(client, &PRUNE_KEYS, &[i.into()]).len() as i64
-            });
+            let a = audit_older_than.map_or(0, |i| spi::run(client, &PRUNE_AUDIT, &[i.into()]).len() as i64);
+            let k =
+                idempotency_older_than.map_or(0, |i| spi::run(client, &PRUNE_KEYS, &[i.into()]).len() as i64);
             Ok((a, k))
         })
     })()

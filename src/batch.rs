@@ -83,8 +83,8 @@ fn create_batch(
             )
             .next()
             .expect("INSERT RETURNING gives one row");
-            let batch = spi::get::<pgrx::composite_type!('static, "quota.batches")>(&row, 1)
-                .expect("the row");
+            let batch =
+                spi::get::<pgrx::composite_type!('static, "quota.batches")>(&row, 1).expect("the row");
             audit::record(
                 client,
                 audit::Entry {
@@ -148,10 +148,7 @@ static TAKE: Stmt = Stmt {
     args: &[T::UUIDARRAYOID, T::INT8ARRAYOID],
 };
 
-fn take(
-    client: &mut SpiClient<'_>,
-    takes: &[(pgrx::Uuid, i64)],
-) -> Vec<(pgrx::Uuid, i64, i64, i64)> {
+fn take(client: &mut SpiClient<'_>, takes: &[(pgrx::Uuid, i64)]) -> Vec<(pgrx::Uuid, i64, i64, i64)> {
     let ids: Vec<pgrx::Uuid> = takes.iter().map(|t| t.0).collect();
     let amounts: Vec<i64> = takes.iter().map(|t| t.1).collect();
     let rows: Vec<(pgrx::Uuid, i64, i64)> = spi::run(client, &TAKE, &[ids.into(), amounts.into()])
@@ -167,10 +164,7 @@ fn take(
     takes
         .iter()
         .map(|(id, n)| {
-            let (_, remaining, version) = rows
-                .iter()
-                .find(|r| r.0 == *id)
-                .expect("each batch updated");
+            let (_, remaining, version) = rows.iter().find(|r| r.0 == *id).expect("each batch updated");
             (*id, *n, *remaining, *version)
         })
         .collect()
@@ -298,8 +292,7 @@ fn consume_item(
     ),
 > {
     let rows = (|| -> Result<Vec<(pgrx::Uuid, i64, i64, i64)>> {
-        let owner =
-            identity::check_name("owner", owner, "Pass the owner whose batches to take from.")?;
+        let owner = identity::check_name("owner", owner, "Pass the owner whose batches to take from.")?;
         let item = identity::check_name("item", item, "Pass the item to take.")?;
         let q = check_quantity("quantity", quantity)?;
         let fifo = match strategy.unwrap_or("fefo") {
@@ -339,10 +332,7 @@ fn consume_item(
             } else {
                 locked.sort_by_key(|b| (b.2.is_none(), b.2, b.3, *b.0.as_bytes()));
             }
-            let available: i64 = locked
-                .iter()
-                .map(|b| b.1)
-                .fold(0i64, |a, b| a.saturating_add(b));
+            let available: i64 = locked.iter().map(|b| b.1).fold(0i64, |a, b| a.saturating_add(b));
             if available < q {
                 return Err(refuse(QuotaError::Insufficient {
                     what: format!("item \"{item}\" of owner \"{owner}\""),

@@ -83,10 +83,7 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid:
 pub fn init() {
     // SAFETY: registers a callback for this process; called once from _PG_init.
     unsafe {
-        pg_sys::CacheRegisterRelcacheCallback(
-            Some(on_relcache_invalidation),
-            pg_sys::Datum::from(0),
-        );
+        pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache_invalidation), pg_sys::Datum::from(0));
     }
 }
 
@@ -135,15 +132,14 @@ fn plan_limits(client: &mut SpiClient<'_>, plan: &str, metric: &str) -> Rc<Vec<(
         return hit;
     }
     let gen = generation();
-    let mut periods: Vec<(String, i64)> =
-        spi::run(client, &PLAN_LOAD, &[plan.into(), metric.into()])
-            .map(|row| {
-                (
-                    spi::get::<String>(&row, 1).expect("period"),
-                    spi::get::<i64>(&row, 2).expect("max_amount"),
-                )
-            })
-            .collect();
+    let mut periods: Vec<(String, i64)> = spi::run(client, &PLAN_LOAD, &[plan.into(), metric.into()])
+        .map(|row| {
+            (
+                spi::get::<String>(&row, 1).expect("period"),
+                spi::get::<i64>(&row, 2).expect("max_amount"),
+            )
+        })
+        .collect();
     periods.sort_by_key(|(p, _)| period_rank(p));
     let periods = Rc::new(periods);
     if generation() != gen {

@@ -46,13 +46,7 @@ pub fn now_micros() -> i64 {
 
 impl Decision {
     /// `w` is the binding window. `outright` means the amount can never fit its limit.
-    pub fn from_window(
-        subject: &str,
-        metric: &str,
-        w: &Window,
-        allowed: bool,
-        outright: bool,
-    ) -> Self {
+    pub fn from_window(subject: &str, metric: &str, w: &Window, allowed: bool, outright: bool) -> Self {
         let retry = if allowed {
             Some(0)
         } else if outright {
@@ -118,12 +112,7 @@ impl Decision {
 /// equals the one that resets last (a `total` window never does).
 pub fn least_remaining(ws: &[Window]) -> &Window {
     ws.iter()
-        .min_by_key(|w| {
-            (
-                w.remaining(),
-                std::cmp::Reverse(w.reset_at.unwrap_or(i64::MAX)),
-            )
-        })
+        .min_by_key(|w| (w.remaining(), std::cmp::Reverse(w.reset_at.unwrap_or(i64::MAX))))
         .expect("at least one window")
 }
 

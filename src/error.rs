@@ -8,10 +8,7 @@ use pgrx::PgSqlErrorCode as Code;
 #[derive(Debug, thiserror::Error)]
 pub enum QuotaError {
     #[error("{what} must not be NULL")]
-    NullArgument {
-        what: &'static str,
-        hint: &'static str,
-    },
+    NullArgument { what: &'static str, hint: &'static str },
 
     #[error("{what} must not be empty or blank")]
     EmptyArgument { what: &'static str },
@@ -32,9 +29,7 @@ pub enum QuotaError {
     #[error("plan \"{0}\" does not exist")]
     UnknownPlan(String),
 
-    #[error(
-        "no limit is defined for metric \"{metric}\" on plan \"{plan}\" of subject \"{subject}\""
-    )]
+    #[error("no limit is defined for metric \"{metric}\" on plan \"{plan}\" of subject \"{subject}\"")]
     NoLimit {
         subject: String,
         metric: String,
@@ -42,13 +37,11 @@ pub enum QuotaError {
     },
 
     #[error("idempotency key \"{key}\" was first used for {first}, not for {now}")]
-    IdempotencyMismatch {
-        key: String,
-        first: String,
-        now: String,
-    },
+    IdempotencyMismatch { key: String, first: String, now: String },
 
-    #[error("consuming {amount} would overflow the usage counter of \"{metric}\" ({period}), which holds {used}")]
+    #[error(
+        "consuming {amount} would overflow the usage counter of \"{metric}\" ({period}), which holds {used}"
+    )]
     UsageOverflow {
         metric: String,
         period: String,
@@ -85,11 +78,7 @@ pub enum QuotaError {
     },
 
     #[error("batch {id} is at version {actual}, not the expected {expected}")]
-    VersionConflict {
-        id: String,
-        expected: i64,
-        actual: i64,
-    },
+    VersionConflict { id: String, expected: i64, actual: i64 },
 
     #[error("unknown strategy \"{0}\"")]
     UnknownStrategy(String),
@@ -119,9 +108,7 @@ impl QuotaError {
             NoLimit { .. } => Code::ERRCODE_UNDEFINED_OBJECT,
             IdempotencyMismatch { .. } => Code::ERRCODE_INVALID_PARAMETER_VALUE,
             UsageOverflow { .. } => Code::ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
-            NoJwtSubject | OtherSubject { .. } | NotTrusted { .. } => {
-                Code::ERRCODE_INSUFFICIENT_PRIVILEGE
-            }
+            NoJwtSubject | OtherSubject { .. } | NotTrusted { .. } => Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
             MalformedClaims { .. } => Code::ERRCODE_INVALID_TEXT_REPRESENTATION,
             BadInterval { .. } => Code::ERRCODE_INVALID_PARAMETER_VALUE,
             OutOfRange { .. } => Code::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -184,9 +171,8 @@ impl QuotaError {
             report = report.set_hint(hint);
         }
         if let QuotaError::OtherSubject { .. } | QuotaError::NoJwtSubject = self {
-            report = report.set_detail(
-                "Untrusted roles act only as their JWT subject (request.jwt.claims ->> 'sub').",
-            );
+            report = report
+                .set_detail("Untrusted roles act only as their JWT subject (request.jwt.claims ->> 'sub').");
         }
         report.report(PgLogLevel::ERROR);
         unreachable!("ERROR returns control to PostgreSQL")

@@ -16,8 +16,7 @@ pub enum AuditMode {
 }
 
 pub static AUDIT: GucSetting<AuditMode> = GucSetting::<AuditMode>::new(AuditMode::All);
-pub static DEFAULT_PLAN: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"free"));
+pub static DEFAULT_PLAN: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"free"));
 pub static TRUSTED_ROLES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 pub fn init() {

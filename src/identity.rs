@@ -66,10 +66,9 @@ fn config(name: &CStr) -> Option<String> {
 /// The caller's JWT subject: request.jwt.claims ->> 'sub', else request.jwt.claim.sub.
 pub fn jwt_subject() -> Result<Option<String>> {
     if let Some(raw) = config(c"request.jwt.claims").filter(|s| !s.trim().is_empty()) {
-        let v: serde_json::Value =
-            serde_json::from_str(&raw).map_err(|e| QuotaError::MalformedClaims {
-                detail: e.to_string(),
-            })?;
+        let v: serde_json::Value = serde_json::from_str(&raw).map_err(|e| QuotaError::MalformedClaims {
+            detail: e.to_string(),
+        })?;
         match v.get("sub") {
             Some(serde_json::Value::String(s)) if !s.is_empty() => return Ok(Some(s.clone())),
             Some(serde_json::Value::Number(n)) => return Ok(Some(n.to_string())),
@@ -119,7 +118,8 @@ pub fn resolve_subject(arg: Option<&str>) -> Result<String> {
             Some(s) => Ok(s.to_string()),
             None => jwt_subject()?.ok_or(QuotaError::NullArgument {
                 what: "subject",
-                hint: "Pass a subject, or set request.jwt.claims with a \"sub\" claim to act as that subject.",
+                hint:
+                    "Pass a subject, or set request.jwt.claims with a \"sub\" claim to act as that subject.",
             }),
         };
     }

@@ -15,6 +15,7 @@ mod guc;
 mod identity;
 mod metrics;
 mod quota;
+mod rate;
 mod spi;
 
 pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
@@ -25,6 +26,7 @@ pub extern "C-unwind" fn _PG_init() {
     guc::init();
     cache::init();
     metrics::init();
+    rate::init();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -21,16 +21,18 @@ pub enum Counter {
     BatchConsumes,
     VersionConflicts,
     InsufficientQuantity,
+    RateChecks,
+    RateDenials,
+    ShadowDenials,
+    Evictions,
+    FullTableEvents,
 }
 
-const COUNTERS: [(&str, &str); 7] = [
+const COUNTERS: [(&str, &str); 12] = [
     ("consumes", "quota.consume/require calls that granted"),
     ("denials", "quota.consume/require calls that denied"),
     ("refunds", "quota.refund calls"),
-    (
-        "idempotent_replays",
-        "calls answered from an idempotency key",
-    ),
+    ("idempotent_replays", "calls answered from an idempotency key"),
     (
         "batch_consumes",
         "consume_batch_quantity and consume_item calls that took quantity",
@@ -42,6 +44,20 @@ const COUNTERS: [(&str, &str); 7] = [
     (
         "insufficient_quantity",
         "batch consumptions refused for insufficient quantity",
+    ),
+    ("rate_checks", "rate_check and rate_limit calls"),
+    ("rate_denials", "rate checks that denied"),
+    (
+        "shadow_denials",
+        "rate_limit calls a shadow policy allowed but would have denied",
+    ),
+    (
+        "evictions",
+        "fully refilled buckets evicted to make room for new keys",
+    ),
+    (
+        "full_table_events",
+        "new keys that found the bucket table full with nothing to evict",
     ),
 ];
 
@@ -103,7 +119,7 @@ fn require_preloaded() {
 
 fn snapshot() -> Vec<(String, i64, String)> {
     require_preloaded();
-    COUNTERS
+    let mut rows: Vec<(String, i64, String)> = COUNTERS
         .iter()
         .enumerate()
         .map(|(i, (name, desc))| {
@@ -113,20 +129,29 @@ fn snapshot() -> Vec<(String, i64, String)> {
                 desc.to_string(),
             )
         })
-        .collect()
+        .collect();
+    rows.push((
+        "keys_in_use".into(),
+        crate::rate::keys_in_use().unwrap_or(0),
+        "rate-limit buckets in shared memory now".into(),
+    ));
+    rows.push((
+        "key_capacity".into(),
+        crate::rate::key_capacity(),
+        "rate-limit buckets that fit (quota_ext.rate_max_keys, rounded up per partition)".into(),
+    ));
+    rows
+}
+
+/// Gauges are not counters: Prometheus wants them typed as such.
+fn is_gauge(name: &str) -> bool {
+    matches!(name, "keys_in_use" | "key_capacity")
 }
 
 /// The counters, cluster-wide since the last restart or reset_metrics().
 #[pg_extern(volatile, parallel_safe)]
 #[search_path(pg_catalog, pg_temp)]
-fn metrics() -> TableIterator<
-    'static,
-    (
-        name!(name, String),
-        name!(value, i64),
-        name!(description, String),
-    ),
-> {
+fn metrics() -> TableIterator<'static, (name!(name, String), name!(value, i64), name!(description, String))> {
     TableIterator::new(snapshot())
 }
 
@@ -136,8 +161,13 @@ fn metrics() -> TableIterator<
 fn metrics_prometheus() -> String {
     let mut out = String::new();
     for (name, value, desc) in snapshot() {
+        let (metric, kind) = if is_gauge(&name) {
+            (format!("quota_ext_{name}"), "gauge")
+        } else {
+            (format!("quota_ext_{name}_total"), "counter")
+        };
         out.push_str(&format!(
-            "# HELP quota_ext_{name}_total {desc}\n# TYPE quota_ext_{name}_total counter\nquota_ext_{name}_total {value}\n"
+            "# HELP {metric} {desc}\n# TYPE {metric} {kind}\n{metric} {value}\n"
         ));
     }
     out

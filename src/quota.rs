@@ -136,8 +136,7 @@ SELECT period, used FROM u",
 /// Take back an increment this call made (the rows are still locked by it) when another period
 /// denied: all-or-nothing.
 static UNDO: Stmt = Stmt {
-    sql:
-        "
+    sql: "
 UPDATE quota.usage AS u SET used = u.used - $3
   FROM unnest($4::text[], $5::timestamptz[]) AS t(period, window_start)
  WHERE u.subject = $1 AND u.metric = $2 AND u.period = t.period AND u.window_start = t.window_start",
@@ -151,18 +150,12 @@ UPDATE quota.usage AS u SET used = u.used - $3
 };
 
 static READ: Stmt = Stmt {
-    sql:
-        "
+    sql: "
 SELECT t.period, coalesce(u.used, 0)
   FROM unnest($3::text[], $4::timestamptz[]) AS t(period, window_start)
   LEFT JOIN quota.usage AS u
     ON u.subject = $1 AND u.metric = $2 AND u.period = t.period AND u.window_start = t.window_start",
-    args: &[
-        T::TEXTOID,
-        T::TEXTOID,
-        T::TEXTARRAYOID,
-        T::TIMESTAMPTZARRAYOID,
-    ],
+    args: &[T::TEXTOID, T::TEXTOID, T::TEXTARRAYOID, T::TIMESTAMPTZARRAYOID],
 };
 
 static REFUND: Stmt = Stmt {
@@ -227,11 +220,7 @@ fn ts(row: &pgrx::spi::SpiHeapTupleData<'_>, n: usize) -> Option<i64> {
     spi::get::<TimestampWithTimeZone>(row, n).map(|t| t.into_inner())
 }
 
-pub(crate) fn load_limits(
-    client: &mut SpiClient<'_>,
-    subject: &str,
-    metric: &str,
-) -> Result<Limits> {
+pub(crate) fn load_limits(client: &mut SpiClient<'_>, subject: &str, metric: &str) -> Result<Limits> {
     let cached = cache::limits(client, subject, metric, &guc::default_plan())?;
     let windows: Vec<Window> = cached
         .periods
@@ -257,9 +246,7 @@ fn window_args(ws: &[&Window]) -> (Vec<String>, Vec<TimestampWithTimeZone>) {
     let periods = ws.iter().map(|w| w.period.clone()).collect();
     let starts = ws
         .iter()
-        .map(|w| {
-            TimestampWithTimeZone::try_from(w.start).expect("window start read from PostgreSQL")
-        })
+        .map(|w| TimestampWithTimeZone::try_from(w.start).expect("window start read from PostgreSQL"))
         .collect();
     (periods, starts)
 }
@@ -406,13 +393,7 @@ fn decide(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
             let d = if full.is_empty() {
                 Decision::from_window(subject, metric, least_remaining(&ws), true, false)
             } else {
-                Decision::from_window(
-                    subject,
-                    metric,
-                    latest_reset(full.into_iter()),
-                    false,
-                    false,
-                )
+                Decision::from_window(subject, metric, latest_reset(full.into_iter()), false, false)
             };
             store_key(client, req, &d);
             return Ok(d);
@@ -481,8 +462,7 @@ fn decide(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
                     )
                 } else {
                     if !granted.is_empty() {
-                        let undo: Vec<&Window> =
-                            ws.iter().filter(|w| granted.contains(&w.period)).collect();
+                        let undo: Vec<&Window> = ws.iter().filter(|w| granted.contains(&w.period)).collect();
                         let (periods, starts) = window_args(&undo);
                         spi::run(
                             client,
@@ -497,8 +477,7 @@ fn decide(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
                         );
                     }
                     read_used(client, subject, metric, &mut ws);
-                    let denying: Vec<&Window> =
-                        ws.iter().filter(|w| !granted.contains(&w.period)).collect();
+                    let denying: Vec<&Window> = ws.iter().filter(|w| !granted.contains(&w.period)).collect();
                     if let Some(w) = denying.iter().find(|w| w.used > i64::MAX - amount) {
                         return Err(QuotaError::UsageOverflow {
                             metric: metric.into(),
@@ -669,9 +648,7 @@ fn status(
     drop(_owner);
     let decisions: Vec<DecisionRow> = rows
         .into_iter()
-        .map(|(metric, w)| {
-            Decision::from_window(&subject, &metric, &w, w.remaining() > 0, false).into_row()
-        })
+        .map(|(metric, w)| Decision::from_window(&subject, &metric, &w, w.remaining() > 0, false).into_row())
         .collect();
     SetOfIterator::new(decisions)
 }
@@ -691,8 +668,7 @@ static CHECK_TZ: Stmt = Stmt {
 };
 
 static SET_PLAN: Stmt = Stmt {
-    sql:
-        "
+    sql: "
 INSERT INTO quota.subjects AS s (subject, plan, time_zone) VALUES ($1, $2, coalesce($3, 'UTC'))
     ON CONFLICT (subject) DO UPDATE SET plan = excluded.plan, time_zone = coalesce($3, s.time_zone)",
     args: &[T::TEXTOID, T::TEXTOID, T::TEXTOID],
@@ -711,8 +687,7 @@ fn ensure_plan(client: &mut SpiClient<'_>, plan: &str) -> Result<()> {
 fn set_plan(subject: Option<&str>, plan: Option<&str>, time_zone: default!(Option<&str>, "NULL")) {
     (|| -> Result<()> {
         identity::require_trusted("quota.set_plan")?;
-        let subject =
-            identity::check_name("subject", subject, "Pass the subject to put on a plan.")?;
+        let subject = identity::check_name("subject", subject, "Pass the subject to put on a plan.")?;
         let plan = identity::check_name("plan", plan, "Pass a plan from quota.plans.")?;
         if let Some(tz) = time_zone {
             identity::check_present("time_zone", tz)?;
@@ -726,11 +701,7 @@ fn set_plan(subject: Option<&str>, plan: Option<&str>, time_zone: default!(Optio
             spi::run(
                 client,
                 &SET_PLAN,
-                &[
-                    subject.as_str().into(),
-                    plan.as_str().into(),
-                    time_zone.into(),
-                ],
+                &[subject.as_str().into(), plan.as_str().into(), time_zone.into()],
             );
             audit::admin(
                 client,
@@ -758,12 +729,7 @@ static DEL_LIMIT: Stmt = Stmt {
 /// Set a plan's limit for a metric and period; NULL deletes it.
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
-fn set_limit(
-    plan: Option<&str>,
-    metric: Option<&str>,
-    period: Option<&str>,
-    max_amount: Option<i64>,
-) {
+fn set_limit(plan: Option<&str>, metric: Option<&str>, period: Option<&str>, max_amount: Option<i64>) {
     (|| -> Result<()> {
         identity::require_trusted("quota.set_limit")?;
         let plan = identity::check_name("plan", plan, "Pass a plan from quota.plans.")?;
@@ -780,11 +746,7 @@ fn set_limit(
             ensure_plan(client, &plan)?;
             let (p, m, pe) = (plan.as_str(), metric.as_str(), period.as_str());
             match max_amount {
-                Some(max) => spi::run(
-                    client,
-                    &SET_LIMIT,
-                    &[p.into(), m.into(), pe.into(), max.into()],
-                ),
+                Some(max) => spi::run(client, &SET_LIMIT, &[p.into(), m.into(), pe.into(), max.into()]),
                 None => spi::run(client, &DEL_LIMIT, &[p.into(), m.into(), pe.into()]),
             };
             audit::admin(
@@ -813,16 +775,10 @@ static DEL_OVERRIDE: Stmt = Stmt {
 /// Replace the plan's limit for one subject, metric and period; NULL deletes the override.
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
-fn set_override(
-    subject: Option<&str>,
-    metric: Option<&str>,
-    period: Option<&str>,
-    max_amount: Option<i64>,
-) {
+fn set_override(subject: Option<&str>, metric: Option<&str>, period: Option<&str>, max_amount: Option<i64>) {
     (|| -> Result<()> {
         identity::require_trusted("quota.set_override")?;
-        let subject =
-            identity::check_name("subject", subject, "Pass the subject the override is for.")?;
+        let subject = identity::check_name("subject", subject, "Pass the subject the override is for.")?;
         let metric = check_metric(metric)?;
         let period = check_period(period)?;
         if let Some(m) = max_amount.filter(|m| *m < 0) {
@@ -866,15 +822,13 @@ static RESET: Stmt = Stmt {
 fn reset_usage(subject: Option<&str>, metric: default!(Option<&str>, "NULL")) -> i64 {
     (|| -> Result<i64> {
         identity::require_trusted("quota.reset_usage")?;
-        let subject =
-            identity::check_name("subject", subject, "Pass the subject whose usage to reset.")?;
+        let subject = identity::check_name("subject", subject, "Pass the subject whose usage to reset.")?;
         if let Some(m) = metric {
             identity::check_present("metric", m)?;
         }
         let _owner = AsOwner::enter();
         Ok(Spi::connect_mut(|client| {
-            let n =
-                spi::run(client, &RESET, &[subject.as_str().into(), metric.into()]).len() as i64;
+            let n = spi::run(client, &RESET, &[subject.as_str().into(), metric.into()]).len() as i64;
             audit::admin(
                 client,
                 &subject,

@@ -58,8 +58,7 @@ mod tests {
             one::<String>("SELECT period FROM quota.consume('bob', 'search', 0)"),
             Some("hour".into())
         );
-        let denied =
-            one::<String>("SELECT period FROM quota.consume('bob', 'search', 2) WHERE NOT allowed");
+        let denied = one::<String>("SELECT period FROM quota.consume('bob', 'search', 2) WHERE NOT allowed");
         assert_eq!(denied, Some("hour".into()));
         // The day window was not incremented by the denied call.
         assert_eq!(
@@ -70,7 +69,10 @@ mod tests {
                        WHERE subject = 'bob' AND NOT success";
         assert_eq!(
             one::<String>(details),
-            Some(r#"[{"used": 2, "limit": 3, "period": "hour"}, {"used": 2, "limit": 10, "period": "day"}]"#.into())
+            Some(
+                r#"[{"used": 2, "limit": 3, "period": "hour"}, {"used": 2, "limit": 10, "period": "day"}]"#
+                    .into()
+            )
         );
         assert_eq!(
             one::<i64>("SELECT used FROM quota.usage WHERE subject = 'bob' AND period = 'day'"),
@@ -129,10 +131,7 @@ mod tests {
         );
         // An override for a period the plan does not limit adds that period.
         run("SELECT quota.set_override('erin', 'api', 'total', 2)");
-        assert_eq!(
-            one::<i64>("SELECT count(*) FROM quota.status('erin')"),
-            Some(2)
-        );
+        assert_eq!(one::<i64>("SELECT count(*) FROM quota.status('erin')"), Some(2));
         run("SELECT quota.set_override('erin', 'api', 'day', NULL)");
         assert_eq!(
             one::<i64>("SELECT quota_limit FROM quota.status('erin') WHERE period = 'day'"),
@@ -264,12 +263,8 @@ mod tests {
             one::<i64>("SELECT used FROM quota.refund('ivy', 'api', 5)"),
             Some(0)
         );
-        assert_eq!(
-            one::<i64>("SELECT remaining FROM quota.status('ivy')"),
-            Some(10)
-        );
-        let actions =
-            one::<String>("SELECT string_agg(action, ',' ORDER BY id) FROM quota.audit_log");
+        assert_eq!(one::<i64>("SELECT remaining FROM quota.status('ivy')"), Some(10));
+        let actions = one::<String>("SELECT string_agg(action, ',' ORDER BY id) FROM quota.audit_log");
         assert_eq!(actions, Some("set_limit,consume,refund,refund".into()));
     }
 
@@ -285,10 +280,7 @@ mod tests {
             one::<String>(q),
             Some("api/day:10:f api/month:10:t storage/total:0:t".into())
         );
-        assert_eq!(
-            one::<i64>("SELECT sum(used)::bigint FROM quota.usage"),
-            Some(20)
-        );
+        assert_eq!(one::<i64>("SELECT sum(used)::bigint FROM quota.usage"), Some(20));
     }
 
     #[pg_test]
@@ -297,13 +289,9 @@ mod tests {
         run("SELECT quota.consume('k1', 'api', 9)");
         run("SELECT quota.consume('k2', 'api', 10)");
         run("SELECT quota.consume('k3', 'api', 2)");
-        let q =
-            "SELECT string_agg(format('%s:%s', subject, ratio), ' ') FROM quota.near_limit(0.8)";
+        let q = "SELECT string_agg(format('%s:%s', subject, ratio), ' ') FROM quota.near_limit(0.8)";
         assert_eq!(one::<String>(q), Some("k2:1 k1:0.9".into()));
-        assert_eq!(
-            one::<i64>("SELECT count(*) FROM quota.near_limit(0)"),
-            Some(3)
-        );
+        assert_eq!(one::<i64>("SELECT count(*) FROM quota.near_limit(0)"), Some(3));
     }
 
     #[pg_test]
@@ -344,8 +332,7 @@ mod tests {
             run("SELECT quota.consume('mia', 'api')");
         }
         run("SELECT quota.consume('other', 'api')");
-        let p1 =
-            one::<Vec<i64>>("SELECT array_agg(id) FROM quota.audit_page('mia', NULL, 2)").unwrap();
+        let p1 = one::<Vec<i64>>("SELECT array_agg(id) FROM quota.audit_page('mia', NULL, 2)").unwrap();
         let p2 = one::<Vec<i64>>(&format!(
             "SELECT array_agg(id) FROM quota.audit_page('mia', {}, 2)",
             p1[1]
@@ -377,10 +364,7 @@ mod tests {
         run("UPDATE quota.idempotency_keys SET created_at = now() - interval '8 days' WHERE key = 'k1'");
         let q = "SELECT format('%s,%s', audit_deleted, idempotency_deleted) FROM quota.prune()";
         assert_eq!(one::<String>(q), Some("1,1".into()));
-        assert_eq!(
-            one::<i64>("SELECT count(*) FROM quota.idempotency_keys"),
-            Some(1)
-        );
+        assert_eq!(one::<i64>("SELECT count(*) FROM quota.idempotency_keys"), Some(1));
     }
 
     #[pg_test]
@@ -390,10 +374,7 @@ mod tests {
         run("SELECT quota.set_limit('free', 'jobs', 'day', 10)");
         run("SELECT quota.consume('oli', 'api')");
         run("SELECT quota.consume('oli', 'jobs')");
-        assert_eq!(
-            one::<i64>("SELECT quota.reset_usage('oli', 'api')"),
-            Some(2)
-        );
+        assert_eq!(one::<i64>("SELECT quota.reset_usage('oli', 'api')"), Some(2));
         assert_eq!(one::<i64>("SELECT quota.reset_usage('oli')"), Some(1));
     }
 
@@ -404,9 +385,7 @@ mod tests {
         run("SELECT quota.require('pat', 'api')");
     }
 
-    #[pg_test(
-        error = "no limit is defined for metric \"nothing\" on plan \"free\" of subject \"quinn\""
-    )]
+    #[pg_test(error = "no limit is defined for metric \"nothing\" on plan \"free\" of subject \"quinn\"")]
     fn no_limit_is_an_error() {
         run("SELECT quota.consume('quinn', 'nothing')");
     }
@@ -496,17 +475,13 @@ mod tests {
         run("SELECT quota.create_batch('shop', 'tea', 5, now() + interval '1 day')");
         run("SELECT quota.create_batch('shop', 'tea', 5, NULL)");
         run("UPDATE quota.batches SET created_at = now() - interval '1 hour' WHERE expires_at IS NULL");
-        let oldest =
-            one::<pgrx::Uuid>("SELECT id FROM quota.batches WHERE expires_at IS NULL").unwrap();
+        let oldest = one::<pgrx::Uuid>("SELECT id FROM quota.batches WHERE expires_at IS NULL").unwrap();
         let got =
-            one::<pgrx::Uuid>("SELECT batch_id FROM quota.consume_item('shop', 'tea', 2, 'fifo')")
-                .unwrap();
+            one::<pgrx::Uuid>("SELECT batch_id FROM quota.consume_item('shop', 'tea', 2, 'fifo')").unwrap();
         assert_eq!(got, oldest);
     }
 
-    #[pg_test(
-        error = "insufficient quantity in item \"milk\" of owner \"shop\": requested 11, available 10"
-    )]
+    #[pg_test(error = "insufficient quantity in item \"milk\" of owner \"shop\": requested 11, available 10")]
     fn consume_item_is_all_or_nothing() {
         batch("shop", "milk", 5, "NULL");
         batch("shop", "milk", 5, "NULL");
@@ -553,5 +528,101 @@ mod tests {
             "DO $$ BEGIN PERFORM quota.consume_batch_quantity('{id}', 1); EXCEPTION WHEN check_violation THEN NULL; END $$"
         ));
         assert!(metric("insufficient_quantity") - b0.1 >= 1);
+    }
+
+    #[pg_test]
+    fn rate_check_passes_exactly_burst() {
+        for i in 0..5 {
+            let q =
+                "SELECT format('%s/%s', allowed, remaining) FROM quota.rate_check('t:burst', 5, '1 minute')";
+            assert_eq!(one::<String>(q), Some(format!("t/{}", 4 - i)));
+        }
+        let q = "SELECT NOT allowed AND remaining = 0 AND rate_limit = 5
+                        AND retry_after_seconds BETWEEN 11 AND 12 AND reset_after_seconds BETWEEN 59 AND 60
+                 FROM quota.rate_check('t:burst', 5, '1 minute')";
+        assert_eq!(one::<bool>(q), Some(true));
+        // Other keys are not affected; cost 0 peeks and changes nothing.
+        assert_eq!(
+            one::<bool>("SELECT allowed FROM quota.rate_check('t:other', 5, '1 minute')"),
+            Some(true)
+        );
+        assert_eq!(
+            one::<i64>("SELECT remaining FROM quota.rate_check('t:other', 5, '1 minute', NULL, 0)"),
+            Some(4)
+        );
+        assert_eq!(
+            one::<i64>("SELECT remaining FROM quota.rate_check('t:other', 5, '1 minute', NULL, 0)"),
+            Some(4)
+        );
+    }
+
+    #[pg_test]
+    fn rate_check_refills_after_retry_after() {
+        // 20 per second, burst 1: the next token comes 50 ms later.
+        assert_eq!(
+            one::<bool>("SELECT allowed FROM quota.rate_check('t:refill', 20, '1 second', 1)"),
+            Some(true)
+        );
+        let retry =
+            one::<f64>("SELECT retry_after_seconds FROM quota.rate_check('t:refill', 20, '1 second', 1)")
+                .unwrap();
+        assert!(retry > 0.0 && retry <= 0.05, "{retry}");
+        run(&format!("SELECT pg_sleep({retry})"));
+        assert_eq!(
+            one::<bool>("SELECT allowed FROM quota.rate_check('t:refill', 20, '1 second', 1)"),
+            Some(true)
+        );
+    }
+
+    #[pg_test]
+    fn rate_check_cost_above_burst_never_passes() {
+        let q = "SELECT NOT allowed AND retry_after_seconds IS NULL FROM quota.rate_check('t:big', 10, '1 second', 3, 4)";
+        assert_eq!(one::<bool>(q), Some(true));
+        // It took nothing: the whole burst is still there.
+        assert_eq!(
+            one::<bool>("SELECT allowed FROM quota.rate_check('t:big', 10, '1 second', 3, 3)"),
+            Some(true)
+        );
+    }
+
+    #[pg_test]
+    fn rate_reset_forgets_a_bucket() {
+        run("SELECT quota.rate_check('t:reset', 1, '1 hour')");
+        assert_eq!(
+            one::<bool>("SELECT allowed FROM quota.rate_check('t:reset', 1, '1 hour')"),
+            Some(false)
+        );
+        assert_eq!(one::<bool>("SELECT quota.rate_reset('t:reset')"), Some(true));
+        assert_eq!(one::<bool>("SELECT quota.rate_reset('t:reset')"), Some(false));
+        assert_eq!(
+            one::<bool>("SELECT allowed FROM quota.rate_check('t:reset', 1, '1 hour')"),
+            Some(true)
+        );
+    }
+
+    #[pg_test]
+    fn rate_metrics_count_checks_and_keys() {
+        let (c0, d0) = (metric("rate_checks"), metric("rate_denials"));
+        run("SELECT quota.rate_check('t:m' || i, 1, '1 hour') FROM generate_series(1, 3) i");
+        run("SELECT quota.rate_check('t:m1', 1, '1 hour')");
+        assert!(metric("rate_checks") - c0 >= 4);
+        assert!(metric("rate_denials") - d0 >= 1);
+        assert!(metric("keys_in_use") >= 3);
+        assert!(metric("key_capacity") >= 100_000);
+    }
+
+    #[pg_test(error = "key is 257 bytes long; the maximum is 256")]
+    fn rate_check_key_too_long() {
+        run("SELECT quota.rate_check(repeat('k', 257), 1)");
+    }
+
+    #[pg_test(error = "rate must be positive, got 0")]
+    fn rate_check_zero_rate() {
+        run("SELECT quota.rate_check('k', 0)");
+    }
+
+    #[pg_test(error = "per must be a positive interval, got 00:00:00")]
+    fn rate_check_zero_interval() {
+        run("SELECT quota.rate_check('k', 1, '0 seconds')");
     }
 }

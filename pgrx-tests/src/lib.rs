@@ -35,9 +35,7 @@ impl TestDb {
         admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
             .unwrap();
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .unwrap();
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
         let mut c = connect_to(&name);
         c.batch_execute("CREATE EXTENSION quota_ext").unwrap();
         TestDb { name }
@@ -55,10 +53,7 @@ impl Drop for TestDb {
             return;
         }
         let mut admin = connect_to("postgres");
-        let _ = admin.batch_execute(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        ));
+        let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
     }
 }
 

@@ -104,11 +104,7 @@ fn one_expected_version_has_one_winner() {
         })
         .collect();
     let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    assert_eq!(
-        results.iter().filter(|r| r.is_ok()).count(),
-        1,
-        "{results:?}"
-    );
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "{results:?}");
     assert!(
         results
             .iter()
@@ -147,7 +143,10 @@ fn overlapping_consume_item_callers_never_deadlock_and_stay_exact() {
         .unwrap()
         .get(0);
     let last_fifo: String = c
-        .query_one("SELECT id::text FROM quota.batches WHERE item = 'flour' ORDER BY created_at DESC LIMIT 1", &[])
+        .query_one(
+            "SELECT id::text FROM quota.batches WHERE item = 'flour' ORDER BY created_at DESC LIMIT 1",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert_eq!(fefo_first, last_fifo);
@@ -171,7 +170,10 @@ fn overlapping_consume_item_callers_never_deadlock_and_stay_exact() {
                         Err(e) if code(&e) == "23514" => {}
                         Err(e) => other.push(code(&e)),
                     }
-                    match c.query_one("SELECT sum(consumed)::bigint FROM quota.consume_item('shop', 'milk', $1)", &[&n]) {
+                    match c.query_one(
+                        "SELECT sum(consumed)::bigint FROM quota.consume_item('shop', 'milk', $1)",
+                        &[&n],
+                    ) {
                         Ok(r) => milk += r.get::<_, i64>(0),
                         Err(e) if code(&e) == "23514" => {}
                         Err(e) => other.push(code(&e)),
@@ -229,7 +231,10 @@ fn overlapping_consume_item_callers_never_deadlock_and_stay_exact() {
         &mut c,
         "SELECT count(*) FROM quota.audit_log WHERE action = 'consume_item'",
     );
-    let summed = one_i64(&mut c, "SELECT coalesce(sum(amount), 0)::bigint FROM quota.audit_log WHERE action = 'consume_item'");
+    let summed = one_i64(
+        &mut c,
+        "SELECT coalesce(sum(amount), 0)::bigint FROM quota.audit_log WHERE action = 'consume_item'",
+    );
     assert!(calls > 0);
     assert_eq!(summed, flour + milk);
 }
@@ -316,22 +321,15 @@ fn batch_refusals_have_their_own_sqlstate_and_change_nothing() {
     let db = TestDb::new("batch_bad");
     let mut c = db.connect();
     let id: String = c
-        .query_one(
-            "SELECT id::text FROM quota.create_batch('shop', 'milk', 5)",
-            &[],
-        )
+        .query_one("SELECT id::text FROM quota.create_batch('shop', 'milk', 5)", &[])
         .unwrap()
         .get(0);
     let cases = [
         (
-            "SELECT quota.consume_batch_quantity('00000000-0000-0000-0000-000000000000', 1)"
-                .to_string(),
+            "SELECT quota.consume_batch_quantity('00000000-0000-0000-0000-000000000000', 1)".to_string(),
             "P0002",
         ),
-        (
-            format!("SELECT quota.consume_batch_quantity('{id}', 0)"),
-            "22023",
-        ),
+        (format!("SELECT quota.consume_batch_quantity('{id}', 0)"), "22023"),
         (
             format!("SELECT quota.consume_batch_quantity('{id}', -3)"),
             "22023",
@@ -340,10 +338,7 @@ fn batch_refusals_have_their_own_sqlstate_and_change_nothing() {
             format!("SELECT quota.consume_batch_quantity('{id}', NULL)"),
             "22004",
         ),
-        (
-            format!("SELECT quota.consume_batch_quantity('{id}', 6)"),
-            "23514",
-        ),
+        (format!("SELECT quota.consume_batch_quantity('{id}', 6)"), "23514"),
         (
             format!("SELECT quota.consume_batch_quantity('{id}', 1, 7)"),
             "40001",
@@ -360,10 +355,7 @@ fn batch_refusals_have_their_own_sqlstate_and_change_nothing() {
             "SELECT quota.consume_item('shop', 'milk', 1, 'lifo')".to_string(),
             "22023",
         ),
-        (
-            "SELECT quota.consume_item('shop', '', 1)".to_string(),
-            "22023",
-        ),
+        ("SELECT quota.consume_item('shop', '', 1)".to_string(), "22023"),
         (
             "SELECT quota.create_batch('shop', 'milk', -1)".to_string(),
             "22023",

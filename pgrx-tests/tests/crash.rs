@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 
 fn connect(port: u16, db: &str) -> Result<Client, postgres::Error> {
     Client::connect(
-        &format!(
-            "host=127.0.0.1 port={port} user=postgres dbname={db} application_name=crash-client"
-        ),
+        &format!("host=127.0.0.1 port={port} user=postgres dbname={db} application_name=crash-client"),
         NoTls,
     )
 }
@@ -31,18 +29,22 @@ fn sigkill_of_a_backend_loses_no_acknowledged_consume() {
         .unwrap();
     admin.batch_execute("CREATE DATABASE crash").unwrap();
     let mut c = connect(port, "crash").unwrap();
-    c.batch_execute(
-        "CREATE EXTENSION quota_ext; SELECT quota.set_limit('free', 'api', 'day', 1000000000)",
-    )
-    .unwrap();
+    c.batch_execute("CREATE EXTENSION quota_ext; SELECT quota.set_limit('free', 'api', 'day', 1000000000)")
+        .unwrap();
     let metrics_before: i64 = c
+        .query_one("SELECT value FROM quota.metrics() WHERE name = 'consumes'", &[])
+        .unwrap()
+        .get(0);
+    assert!(metrics_before >= 0);
+
+    let spent: bool = c
         .query_one(
-            "SELECT value FROM quota.metrics() WHERE name = 'consumes'",
+            "SELECT allowed FROM quota.rate_check('crash:key', 1, '1 hour')",
             &[],
         )
         .unwrap()
         .get(0);
-    assert!(metrics_before >= 0);
+    assert!(spent);
 
     const SESSIONS: usize = 8;
     let stop = Arc::new(AtomicBool::new(false));
@@ -124,21 +126,26 @@ fn sigkill_of_a_backend_loses_no_acknowledged_consume() {
         );
         assert_eq!(audited, used, "s{i}: usage and audit commit together");
     }
-    // Shared memory was re-created: the counters work, from zero.
-    let consumes: i64 = c
-        .query_one(
-            "SELECT value FROM quota.metrics() WHERE name = 'consumes'",
+    // Shared memory was re-created: buckets start empty (the spent one is full again) and the
+    // bucket table works.
+    let check = |c: &mut Client| -> bool {
+        c.query_one(
+            "SELECT allowed FROM quota.rate_check('crash:key', 1, '1 hour')",
             &[],
         )
         .unwrap()
+        .get(0)
+    };
+    assert!(check(&mut c), "a bucket spent before the crash is full after it");
+    assert!(!check(&mut c), "and works: the next call is denied");
+    // Shared memory was re-created: the counters work, from zero.
+    let consumes: i64 = c
+        .query_one("SELECT value FROM quota.metrics() WHERE name = 'consumes'", &[])
+        .unwrap()
         .get(0);
-    c.batch_execute("SELECT quota.consume('after', 'api')")
-        .unwrap();
+    c.batch_execute("SELECT quota.consume('after', 'api')").unwrap();
     let after: i64 = c
-        .query_one(
-            "SELECT value FROM quota.metrics() WHERE name = 'consumes'",
-            &[],
-        )
+        .query_one("SELECT value FROM quota.metrics() WHERE name = 'consumes'", &[])
         .unwrap()
         .get(0);
     assert_eq!(after, consumes + 1);

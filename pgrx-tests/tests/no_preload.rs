@@ -4,7 +4,7 @@
 use postgres::{Client, NoTls};
 
 #[test]
-fn without_preload_metrics_refuse_and_quotas_work() {
+fn without_preload_shared_memory_features_refuse_and_the_rest_works() {
     let port: u16 = std::env::var("QUOTA_EXT_NOPRELOAD_PORT")
         .ok()
         .and_then(|p| p.parse().ok())
@@ -16,18 +16,22 @@ fn without_preload_metrics_refuse_and_quotas_work() {
     .unwrap();
     c.batch_execute("DROP EXTENSION IF EXISTS quota_ext CASCADE; CREATE EXTENSION quota_ext")
         .unwrap();
-    let preload: String = c
-        .query_one("SHOW shared_preload_libraries", &[])
-        .unwrap()
-        .get(0);
+    let preload: String = c.query_one("SHOW shared_preload_libraries", &[]).unwrap().get(0);
     assert!(
         !preload.contains("quota_ext"),
         "this server must not preload quota_ext: {preload}"
     );
 
-    let err = c
-        .batch_execute("SELECT * FROM quota.metrics()")
-        .unwrap_err();
+    let err = c.batch_execute("SELECT * FROM quota.metrics()").unwrap_err();
+    let db = err.as_db_error().unwrap();
+    assert_eq!(db.code().code(), "55000");
+    assert!(
+        db.hint().unwrap_or("").contains("shared_preload_libraries"),
+        "{:?}",
+        db.hint()
+    );
+
+    let err = c.batch_execute("SELECT quota.rate_check('k', 10)").unwrap_err();
     let db = err.as_db_error().unwrap();
     assert_eq!(db.code().code(), "55000");
     assert!(

@@ -15,11 +15,7 @@ struct Outcome {
     errors: Vec<String>,
 }
 
-fn hammer(
-    db: &TestDb,
-    calls: usize,
-    amount: impl Fn() -> i64 + Send + Sync + Copy + 'static,
-) -> Outcome {
+fn hammer(db: &TestDb, calls: usize, amount: impl Fn() -> i64 + Send + Sync + Copy + 'static) -> Outcome {
     let barrier = Arc::new(Barrier::new(SESSIONS));
     let handles: Vec<_> = (0..SESSIONS)
         .map(|_| {
@@ -166,7 +162,10 @@ fn concurrent_replays_of_one_key_grant_once() {
             thread::spawn(move || {
                 barrier.wait();
                 let row = c
-                    .query_one("SELECT allowed, replayed, used FROM quota.consume('hot', 'api', 5, 'order-42')", &[])
+                    .query_one(
+                        "SELECT allowed, replayed, used FROM quota.consume('hot', 'api', 5, 'order-42')",
+                        &[],
+                    )
                     .unwrap();
                 (row.get::<_, bool>(0), row.get::<_, bool>(1), row.get::<_, i64>(2))
             })

@@ -25,10 +25,7 @@ fn rolled_back_consume_leaves_nothing() {
     assert_eq!(table_counts(&mut c), before);
     // A key whose transaction rolled back is free again: this is not a replay.
     let replayed: bool = c
-        .query_one(
-            "SELECT replayed FROM quota.consume('ann', 'api', 3, 'k1')",
-            &[],
-        )
+        .query_one("SELECT replayed FROM quota.consume('ann', 'api', 3, 'k1')", &[])
         .unwrap()
         .get(0);
     assert!(!replayed);
@@ -38,13 +35,9 @@ fn rolled_back_consume_leaves_nothing() {
 fn require_raises_pt429_with_the_decision() {
     let db = TestDb::new("require");
     let mut c = db.connect();
-    c.batch_execute(
-        "SELECT quota.set_limit('free', 'api', 'day', 1); SELECT quota.require('ann', 'api');",
-    )
-    .unwrap();
-    let err = c
-        .batch_execute("SELECT quota.require('ann', 'api')")
-        .unwrap_err();
+    c.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 1); SELECT quota.require('ann', 'api');")
+        .unwrap();
+    let err = c.batch_execute("SELECT quota.require('ann', 'api')").unwrap_err();
     let db_err = err.as_db_error().expect("server error");
     assert_eq!(db_err.code().code(), "PT429");
     let detail = db_err.detail().expect("decision in DETAIL");
@@ -97,18 +90,12 @@ fn bad_input_gets_a_specific_sqlstate_and_changes_nothing() {
             "SELECT quota.set_limit('free', 'api', 'fortnight', 1)".into(),
             "22023",
         ),
-        (
-            "SELECT quota.set_limit('free', 'api', NULL, 1)".into(),
-            "22004",
-        ),
+        ("SELECT quota.set_limit('free', 'api', NULL, 1)".into(), "22004"),
         (
             "SELECT quota.set_limit('platinum', 'api', 'day', 1)".into(),
             "42704",
         ),
-        (
-            "SELECT quota.set_limit('free', 'api', 'day', -5)".into(),
-            "22023",
-        ),
+        ("SELECT quota.set_limit('free', 'api', 'day', -5)".into(), "22023"),
         ("SELECT quota.set_plan('ann', 'platinum')".into(), "42704"),
         (
             "SELECT quota.set_plan('ann', 'pro', 'Mars/Olympus')".into(),
@@ -127,10 +114,7 @@ fn bad_input_gets_a_specific_sqlstate_and_changes_nothing() {
         ("SELECT quota.near_limit(-1)".into(), "22023"),
         ("SELECT quota.near_limit('NaN')".into(), "22023"),
         ("SELECT quota.audit_page('ann', NULL, 0)".into(), "22023"),
-        (
-            "SELECT quota.audit_page('ann', NULL, 1000000)".into(),
-            "22023",
-        ),
+        ("SELECT quota.audit_page('ann', NULL, 1000000)".into(), "22023"),
         ("SELECT quota.prune('-1 day')".into(), "22023"),
         ("SELECT quota.prune('90 days', '-1 second')".into(), "22023"),
     ];
@@ -165,9 +149,8 @@ fn untrusted_roles_act_only_as_their_jwt_subject() {
          GRANT SELECT ON quota.usage TO quota_app_user;"
     ))
     .unwrap();
-    let claims = |sub: &str| {
-        format!("SELECT set_config('request.jwt.claims', '{{\"sub\":\"{sub}\"}}', false)")
-    };
+    let claims =
+        |sub: &str| format!("SELECT set_config('request.jwt.claims', '{{\"sub\":\"{sub}\"}}', false)");
     c.batch_execute("SET ROLE quota_app_user").unwrap();
     let before = {
         c.batch_execute("RESET ROLE").unwrap();
@@ -244,8 +227,10 @@ fn untrusted_roles_act_only_as_their_jwt_subject() {
 
     // A role named in quota_ext.trusted_roles may act for anyone (roles that do not exist are
     // ignored).
-    c.batch_execute("RESET ROLE; SET quota_ext.trusted_roles = 'no_such_role, quota_app_user'; SET ROLE quota_app_user")
-        .unwrap();
+    c.batch_execute(
+        "RESET ROLE; SET quota_ext.trusted_roles = 'no_such_role, quota_app_user'; SET ROLE quota_app_user",
+    )
+    .unwrap();
     let used: i64 = c
         .query_one("SELECT used FROM quota.consume('user-9', 'api')", &[])
         .unwrap()
@@ -262,23 +247,16 @@ fn limit_changes_reach_other_sessions_at_commit() {
     a.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 10)")
         .unwrap();
     let limit = |c: &mut postgres::Client| -> i64 {
-        c.query_one(
-            "SELECT quota_limit FROM quota.consume('ann', 'api', 0)",
-            &[],
-        )
-        .unwrap()
-        .get(0)
+        c.query_one("SELECT quota_limit FROM quota.consume('ann', 'api', 0)", &[])
+            .unwrap()
+            .get(0)
     };
     assert_eq!(limit(&mut a), 10, "session a has cached the limit");
 
     // Uncommitted, then rolled back: a keeps seeing 10.
     b.batch_execute("BEGIN; SELECT quota.set_limit('free', 'api', 'day', 1);")
         .unwrap();
-    assert_eq!(
-        limit(&mut b),
-        1,
-        "the writing transaction sees its own change"
-    );
+    assert_eq!(limit(&mut b), 1, "the writing transaction sees its own change");
     assert_eq!(limit(&mut a), 10);
     b.batch_execute("ROLLBACK").unwrap();
     assert_eq!(limit(&mut a), 10);
@@ -292,8 +270,7 @@ fn limit_changes_reach_other_sessions_at_commit() {
     b.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 2)")
         .unwrap();
     assert_eq!(limit(&mut a), 2);
-    b.batch_execute("UPDATE quota.limits SET max_amount = 3")
-        .unwrap();
+    b.batch_execute("UPDATE quota.limits SET max_amount = 3").unwrap();
     assert_eq!(limit(&mut a), 3);
     b.batch_execute("INSERT INTO quota.overrides VALUES ('ann', 'api', 'day', 4)")
         .unwrap();
@@ -308,7 +285,6 @@ fn limit_changes_reach_other_sessions_at_commit() {
     // A session's default plan is a setting: a change applies to it at once.
     b.batch_execute("DELETE FROM quota.subjects; SELECT quota.set_limit('pro', 'api', 'day', 7)")
         .unwrap();
-    a.batch_execute("SET quota_ext.default_plan = 'pro'")
-        .unwrap();
+    a.batch_execute("SET quota_ext.default_plan = 'pro'").unwrap();
     assert_eq!(limit(&mut a), 7);
 }

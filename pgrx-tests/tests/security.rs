@@ -80,16 +80,15 @@ fn supabase_roles_get_what_api_md_grants() {
         "quota.metrics()",
         "quota.metrics_prometheus()",
         "quota.reset_metrics()",
+        "quota.rate_check(text,bigint,interval,bigint,bigint)",
+        "quota.rate_reset(text)",
     ];
     for f in user_functions {
         assert!(
             can(&mut c, "authenticated", f),
             "authenticated should execute {f}"
         );
-        assert!(
-            can(&mut c, "service_role", f),
-            "service_role should execute {f}"
-        );
+        assert!(can(&mut c, "service_role", f), "service_role should execute {f}");
         assert!(!can(&mut c, "anon", f), "anon must not execute {f}");
     }
     for f in admin_functions {
@@ -98,10 +97,7 @@ fn supabase_roles_get_what_api_md_grants() {
             "authenticated must not execute {f}"
         );
         assert!(!can(&mut c, "anon", f), "anon must not execute {f}");
-        assert!(
-            can(&mut c, "service_role", f),
-            "service_role should execute {f}"
-        );
+        assert!(can(&mut c, "service_role", f), "service_role should execute {f}");
     }
     // Nothing is executable by PUBLIC.
     let public = one_i64(
@@ -156,10 +152,7 @@ fn every_consuming_function_acts_only_as_the_jwt_subject() {
             "SELECT quota.refund('user-1', 'api')",
             "SELECT quota.refund('user-2', 'api')",
         ),
-        (
-            "SELECT quota.status('user-1')",
-            "SELECT quota.status('user-2')",
-        ),
+        ("SELECT quota.status('user-1')", "SELECT quota.status('user-2')"),
         (
             "SELECT quota.audit_page('user-1')",
             "SELECT quota.audit_page('user-2')",
@@ -183,10 +176,7 @@ fn every_consuming_function_acts_only_as_the_jwt_subject() {
     }
     // The other user's batch, by id.
     let theirs: String = c
-        .query_one(
-            "SELECT id::text FROM quota.batches WHERE owner = 'user-2'",
-            &[],
-        )
+        .query_one("SELECT id::text FROM quota.batches WHERE owner = 'user-2'", &[])
         .unwrap()
         .get(0);
     as_role(&mut c, "authenticated", Some("user-1"));
@@ -278,9 +268,10 @@ fn text_column(t: &str) -> &'static str {
 fn functions_pin_search_path_and_the_script_replaces_nothing() {
     let db = TestDb::new("search_path");
     let mut c = db.connect();
-    // Every function that reads or writes tables runs with a pinned search_path; the two
-    // exceptions touch no table (an inlinable SQL helper, a trigger that queues an
-    // invalidation). None is SECURITY DEFINER without one.
+    // Every function that reads or writes tables runs with a pinned search_path; the three
+    // exceptions run no SQL that could resolve a name (an inlinable SQL helper, a trigger that
+    // queues an invalidation, and rate_check, whose hot path is shared memory only and would
+    // pay for the GUC switch on every call). None is SECURITY DEFINER without one.
     let unpinned: Vec<String> = c
         .query(
             "SELECT p.proname::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
@@ -297,6 +288,7 @@ fn functions_pin_search_path_and_the_script_replaces_nothing() {
         unpinned,
         vec![
             "invalidate_limits_cache".to_string(),
+            "rate_check".to_string(),
             "window_bounds".to_string()
         ]
     );
@@ -370,7 +362,10 @@ fn hostile_objects_in_public_change_nothing() {
         "a hostile object ran"
     );
     let window_ok: bool = c
-        .query_one("SELECT window_start = date_trunc('day', now(), 'UTC') FROM quota.usage WHERE subject = 'ann'", &[])
+        .query_one(
+            "SELECT window_start = date_trunc('day', now(), 'UTC') FROM quota.usage WHERE subject = 'ann'",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert!(window_ok, "the window came from pg_catalog.now()");

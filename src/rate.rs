@@ -1,0 +1,593 @@
+//! Rate limits: GCRA token buckets in shared memory.
+//!
+//! A bucket is one word of state, its theoretical arrival time (TAT, nanoseconds): the moment
+//! it would be full again. The table is an open-addressing hash table split into PARTITIONS
+//! partitions, each with its own LWLock. A check takes its partition's lock in shared mode and
+//! updates the TAT with a compare-and-swap, so checks on different keys never wait for each
+//! other and checks on one key never take an exclusive lock; only inserting, evicting and
+//! resetting a bucket take the partition exclusively. Nothing that can raise an ERROR runs
+//! while a lock is held: only hashing-free arithmetic and memory reads and writes.
+//!
+//! Keys are identified by a 128-bit xxh3 hash plus their length. Sized by
+//! quota_ext.rate_max_keys (postmaster); state is not transactional (like a sequence) and
+//! starts empty after a restart or a crash.
+
+use crate::catalog;
+use crate::error::{OrRaise, QuotaError};
+use crate::identity;
+use crate::metrics::{self, Counter};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PgTupleDesc};
+use std::ffi::CStr;
+use std::sync::atomic::{AtomicI64, AtomicPtr, AtomicU64, Ordering};
+
+pub const PARTITIONS: usize = 64;
+const TRANCHE: &CStr = c"quota_ext_rate";
+const SHMEM_NAME: &CStr = c"quota_ext_rate_buckets";
+pub const MAX_KEY_BYTES: usize = 256;
+
+pub static RATE_MAX_KEYS: GucSetting<i32> = GucSetting::<i32>::new(100_000);
+
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum WhenFull {
+    #[name = c"allow"]
+    Allow,
+    #[name = c"deny"]
+    Deny,
+}
+pub static RATE_WHEN_FULL: GucSetting<WhenFull> = GucSetting::<WhenFull>::new(WhenFull::Allow);
+
+#[repr(C)]
+struct Slot {
+    hi: u64,
+    lo: u64,
+    /// Key length in bytes; 0 marks a free slot (keys are never empty).
+    len: u64,
+    tat: AtomicI64,
+}
+
+#[repr(C)]
+struct Header {
+    slots_per_partition: u64,
+    capacity_per_partition: u64,
+    in_use: AtomicU64,
+    used: [AtomicU64; PARTITIONS],
+}
+
+static HEADER: AtomicPtr<Header> = AtomicPtr::new(std::ptr::null_mut());
+static SLOTS: AtomicPtr<Slot> = AtomicPtr::new(std::ptr::null_mut());
+static LOCKS: AtomicPtr<pg_sys::LWLockPadded> = AtomicPtr::new(std::ptr::null_mut());
+
+static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
+static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
+
+fn geometry() -> (usize, usize) {
+    let keys = RATE_MAX_KEYS.get().max(PARTITIONS as i32) as usize;
+    let capacity = keys.div_ceil(PARTITIONS);
+    // At most 75% full, so probe sequences stay short.
+    (capacity, capacity * 4 / 3 + 1)
+}
+
+fn shmem_size() -> usize {
+    let (_, slots) = geometry();
+    std::mem::size_of::<Header>() + PARTITIONS * slots * std::mem::size_of::<Slot>()
+}
+
+pub fn init() {
+    GucRegistry::define_enum_guc(
+        c"quota_ext.rate_when_full",
+        c"What a rate check on a new key does when no bucket can be evicted: allow or deny.",
+        c"",
+        &RATE_WHEN_FULL,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    // SAFETY: reads a flag that is set while shared_preload_libraries is processed.
+    if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        // A postmaster setting can only be created at server start (PostgreSQL refuses it
+        // later with FATAL), and without the preload there is no table to size.
+        return;
+    }
+    GucRegistry::define_int_guc(
+        c"quota_ext.rate_max_keys",
+        c"Number of rate-limit buckets kept in shared memory (needs a restart).",
+        c"",
+        &RATE_MAX_KEYS,
+        PARTITIONS as i32,
+        i32::MAX / 2,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    // SAFETY: installed once, in the postmaster, chaining to the previous hooks.
+    unsafe {
+        PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
+        pg_sys::shmem_request_hook = Some(shmem_request);
+        PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(shmem_startup);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_request() {
+    // SAFETY: called by the postmaster in the shmem request phase.
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_REQUEST {
+            prev();
+        }
+        pg_sys::RequestAddinShmemSpace(shmem_size());
+        pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), PARTITIONS as i32);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_startup() {
+    // SAFETY: runs in the postmaster at start-up and again after a crash re-creates shared
+    // memory; AddinShmemInitLock serializes it with other extensions' set-up.
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_STARTUP {
+            prev();
+        }
+        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let base = pg_sys::ShmemInitStruct(SHMEM_NAME.as_ptr(), shmem_size(), &mut found).cast::<u8>();
+        let (capacity, slots) = geometry();
+        if !found {
+            std::ptr::write_bytes(base, 0, shmem_size());
+            let h = base.cast::<Header>();
+            (*h).slots_per_partition = slots as u64;
+            (*h).capacity_per_partition = capacity as u64;
+        }
+        HEADER.store(base.cast::<Header>(), Ordering::Release);
+        SLOTS.store(
+            base.add(std::mem::size_of::<Header>()).cast::<Slot>(),
+            Ordering::Release,
+        );
+        LOCKS.store(pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr()), Ordering::Release);
+        pg_sys::LWLockRelease(init_lock);
+    }
+}
+
+fn ready() -> bool {
+    !HEADER.load(Ordering::Acquire).is_null()
+}
+
+pub fn keys_in_use() -> Option<i64> {
+    let h = HEADER.load(Ordering::Acquire);
+    // SAFETY: the header lives as long as shared memory.
+    (!h.is_null()).then(|| unsafe { (*h).in_use.load(Ordering::Relaxed) as i64 })
+}
+
+pub fn key_capacity() -> i64 {
+    (geometry().0 * PARTITIONS) as i64
+}
+
+/// One partition: its slots and its lock.
+struct Partition {
+    slots: *mut Slot,
+    n: usize,
+    capacity: usize,
+    used: &'static AtomicU64,
+    lock: *mut pg_sys::LWLock,
+}
+
+fn partition(hi: u64) -> Partition {
+    let p = (hi % PARTITIONS as u64) as usize;
+    // SAFETY: ready() was checked; index p is within the PARTITIONS partitions and locks.
+    unsafe {
+        let h = &*HEADER.load(Ordering::Acquire);
+        let n = h.slots_per_partition as usize;
+        Partition {
+            slots: SLOTS.load(Ordering::Acquire).add(p * n),
+            n,
+            capacity: h.capacity_per_partition as usize,
+            used: &h.used[p],
+            lock: &raw mut (*LOCKS.load(Ordering::Acquire).add(p)).lock,
+        }
+    }
+}
+
+impl Partition {
+    fn slot(&self, i: usize) -> &Slot {
+        // SAFETY: i < n, within this partition.
+        unsafe { &*self.slots.add(i) }
+    }
+    fn slot_mut(&self, i: usize) -> *mut Slot {
+        // SAFETY: i < n, within this partition; callers hold the lock exclusively.
+        unsafe { self.slots.add(i) }
+    }
+    fn home(&self, lo: u64) -> usize {
+        (lo % self.n as u64) as usize
+    }
+    /// Position of the key's slot. Caller holds the lock (either mode).
+    fn find(&self, hi: u64, lo: u64, len: u64) -> Option<usize> {
+        let mut i = self.home(lo);
+        for _ in 0..self.n {
+            let s = self.slot(i);
+            if s.len == 0 {
+                return None;
+            }
+            if s.hi == hi && s.lo == lo && s.len == len {
+                return Some(i);
+            }
+            i = (i + 1) % self.n;
+        }
+        None
+    }
+    /// Put a new key in. Caller holds the lock exclusively and checked there is room.
+    fn insert(&self, hi: u64, lo: u64, len: u64, tat: i64) {
+        let mut i = self.home(lo);
+        while self.slot(i).len != 0 {
+            i = (i + 1) % self.n;
+        }
+        // SAFETY: exclusive lock held; the slot is free.
+        unsafe {
+            let s = self.slot_mut(i);
+            (*s).hi = hi;
+            (*s).lo = lo;
+            (*s).len = len;
+            (*s).tat.store(tat, Ordering::Relaxed);
+        }
+        self.used.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Free slot i, shifting later entries of its probe run back (no tombstones). Caller holds
+    /// the lock exclusively.
+    fn remove(&self, mut i: usize) {
+        // SAFETY: exclusive lock held; all indexes are < n.
+        unsafe {
+            (*self.slot_mut(i)).len = 0;
+            let mut j = i;
+            loop {
+                j = (j + 1) % self.n;
+                let sj = self.slot(j);
+                if sj.len == 0 {
+                    break;
+                }
+                let k = self.home(sj.lo);
+                let stays = if i <= j { i < k && k <= j } else { i < k || k <= j };
+                if !stays {
+                    let (si, sj) = (self.slot_mut(i), self.slot_mut(j));
+                    (*si).hi = (*sj).hi;
+                    (*si).lo = (*sj).lo;
+                    (*si).len = (*sj).len;
+                    (*si)
+                        .tat
+                        .store((*sj).tat.load(Ordering::Relaxed), Ordering::Relaxed);
+                    (*sj).len = 0;
+                    i = j;
+                }
+            }
+        }
+        self.used.fetch_sub(1, Ordering::Relaxed);
+    }
+    fn lock(&self, mode: pg_sys::LWLockMode::Type) {
+        // SAFETY: a lock of the named tranche, valid for the life of shared memory.
+        unsafe { pg_sys::LWLockAcquire(self.lock, mode) };
+    }
+    fn unlock(&self) {
+        // SAFETY: released by the process that acquired it.
+        unsafe { pg_sys::LWLockRelease(self.lock) };
+    }
+}
+
+/// The GCRA answer for a bucket whose TAT is `tat` (nanoseconds).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Gcra {
+    pub allowed: bool,
+    /// TAT to store when allowed (None: nothing changes).
+    pub new_tat: Option<i64>,
+    pub remaining: i64,
+    pub reset_after_ns: i64,
+    /// None when the cost can never pass (it exceeds the burst).
+    pub retry_after_ns: Option<i64>,
+}
+
+/// Generic cell rate algorithm, as redis-cell's CL.THROTTLE: a bucket of `burst` tokens that
+/// refills one token every `t` nanoseconds. `cost` 0 peeks. A denied call changes nothing.
+pub fn gcra(tat: i64, now: i64, t: i64, burst: i64, cost: i64) -> Gcra {
+    let (t128, limit) = (t as i128, t as i128 * burst as i128);
+    let base = tat.max(now) as i128;
+    let now128 = now as i128;
+    let remaining_at = |tat: i128| (((limit - (tat - now128)) / t128).max(0)) as i64;
+    if cost > burst {
+        return Gcra {
+            allowed: false,
+            new_tat: None,
+            remaining: remaining_at(base),
+            reset_after_ns: (base - now128) as i64,
+            retry_after_ns: None,
+        };
+    }
+    let new_tat = base + t128 * cost as i128;
+    if new_tat - now128 > limit {
+        return Gcra {
+            allowed: false,
+            new_tat: None,
+            remaining: remaining_at(base),
+            reset_after_ns: (base - now128) as i64,
+            retry_after_ns: Some((new_tat - limit - now128) as i64),
+        };
+    }
+    Gcra {
+        allowed: true,
+        new_tat: (cost > 0).then_some(new_tat.min(i64::MAX as i128) as i64),
+        remaining: remaining_at(new_tat),
+        reset_after_ns: (new_tat - now128) as i64,
+        retry_after_ns: Some(0),
+    }
+}
+
+/// Check `cost` against the bucket of `key` and take it when allowed.
+pub fn check(key: &[u8], t: i64, burst: i64, cost: i64, now: i64) -> Gcra {
+    let h = xxhash_rust::xxh3::xxh3_128(key);
+    let (hi, lo, len) = ((h >> 64) as u64, h as u64, key.len() as u64);
+    let part = partition(hi);
+
+    let take = |slot: &Slot| loop {
+        let cur = slot.tat.load(Ordering::Acquire);
+        let g = gcra(cur, now, t, burst, cost);
+        match g.new_tat {
+            None => return g,
+            Some(new) => {
+                if slot
+                    .tat
+                    .compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    return g;
+                }
+            }
+        }
+    };
+
+    part.lock(pg_sys::LWLockMode::LW_SHARED);
+    if let Some(i) = part.find(hi, lo, len) {
+        let g = take(part.slot(i));
+        part.unlock();
+        return g;
+    }
+    part.unlock();
+
+    // A new key: a fresh (full) bucket. Nothing is stored unless the call is allowed and takes
+    // tokens.
+    let fresh = gcra(now, now, t, burst, cost);
+    let Some(new_tat) = fresh.new_tat else {
+        return fresh;
+    };
+    part.lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
+    if let Some(i) = part.find(hi, lo, len) {
+        // Another session inserted it meanwhile.
+        let g = take(part.slot(i));
+        part.unlock();
+        return g;
+    }
+    let mut evicted = false;
+    if part.used.load(Ordering::Relaxed) as usize >= part.capacity {
+        // Full: a bucket whose TAT has passed is full again and loses nothing by going.
+        match (0..part.n).find(|&i| part.slot(i).len != 0 && part.slot(i).tat.load(Ordering::Acquire) <= now)
+        {
+            Some(i) => {
+                part.remove(i);
+                evicted = true;
+            }
+            None => {
+                part.unlock();
+                metrics::count(Counter::FullTableEvents);
+                return match RATE_WHEN_FULL.get() {
+                    WhenFull::Allow => Gcra {
+                        new_tat: None,
+                        ..fresh
+                    },
+                    WhenFull::Deny => Gcra {
+                        allowed: false,
+                        new_tat: None,
+                        remaining: 0,
+                        reset_after_ns: 0,
+                        retry_after_ns: None,
+                    },
+                };
+            }
+        }
+    }
+    part.insert(hi, lo, len, new_tat);
+    part.unlock();
+    // SAFETY: ready() holds: the header exists.
+    unsafe {
+        (*HEADER.load(Ordering::Acquire))
+            .in_use
+            .fetch_add(1 - evicted as u64, Ordering::Relaxed)
+    };
+    if evicted {
+        metrics::count(Counter::Evictions);
+    }
+    fresh
+}
+
+/// Remove a key's bucket; true when there was one.
+pub fn reset(key: &[u8]) -> bool {
+    let h = xxhash_rust::xxh3::xxh3_128(key);
+    let (hi, lo, len) = ((h >> 64) as u64, h as u64, key.len() as u64);
+    let part = partition(hi);
+    part.lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
+    let found = part.find(hi, lo, len);
+    if let Some(i) = found {
+        part.remove(i);
+    }
+    part.unlock();
+    if found.is_some() {
+        // SAFETY: ready() holds.
+        unsafe {
+            (*HEADER.load(Ordering::Acquire))
+                .in_use
+                .fetch_sub(1, Ordering::Relaxed)
+        };
+    }
+    found.is_some()
+}
+
+pub fn require_ready() {
+    if !ready() {
+        QuotaError::NotPreloaded.raise();
+    }
+}
+
+pub fn now_ns() -> i64 {
+    // SAFETY: reads the clock.
+    let us = unsafe { pg_sys::GetCurrentTimestamp() };
+    us.saturating_mul(1000)
+}
+
+/// Nanoseconds in an interval, months counted as 30 days (as PostgreSQL's interval arithmetic
+/// does when it must compare them).
+pub fn interval_ns(i: &Interval) -> i128 {
+    (i.months() as i128 * 30 + i.days() as i128) * 86_400_000_000_000 + i.micros() as i128 * 1000
+}
+
+pub type RateRow = pgrx::composite_type!('static, "quota.rate_decision");
+
+pub fn decision_row(key: &str, burst: i64, g: &Gcra) -> RateRow {
+    let oid = catalog::quota_type(c"rate_decision");
+    let tupdesc = PgTupleDesc::for_composite_type_by_oid(oid)
+        .unwrap_or_else(|| pgrx::error!("quota.rate_decision is not a composite type"));
+    let secs = |ns: i64| ns as f64 / 1e9;
+    let datums = [
+        g.allowed.into_datum(),
+        key.into_datum(),
+        burst.into_datum(),
+        g.remaining.into_datum(),
+        secs(g.reset_after_ns.max(0)).into_datum(),
+        g.retry_after_ns.map(|r| secs(r.max(0))).into_datum(),
+    ];
+    // SAFETY: the datums are in quota.rate_decision's column order and of its column types.
+    unsafe { PgHeapTuple::from_datums(tupdesc, datums) }
+        .unwrap_or_else(|e| pgrx::error!("cannot form quota.rate_decision: {e}"))
+}
+
+/// Validated numbers of a rate: emission interval `t` (ns per token) and bucket size.
+pub fn rate_params(
+    rate: Option<i64>,
+    per: Option<Interval>,
+    burst: Option<i64>,
+) -> Result<(i64, i64), QuotaError> {
+    let rate = rate.ok_or(QuotaError::NullArgument {
+        what: "rate",
+        hint: "Pass how many tokens refill per interval.",
+    })?;
+    if rate <= 0 {
+        return Err(QuotaError::NotPositive {
+            what: "rate",
+            value: rate,
+        });
+    }
+    let per = per.ok_or(QuotaError::NullArgument {
+        what: "per",
+        hint: "Pass an interval such as '1 second'.",
+    })?;
+    let per_ns = interval_ns(&per);
+    if per_ns <= 0 {
+        return Err(QuotaError::BadInterval {
+            what: "per",
+            value: format!("{per}"),
+        });
+    }
+    let burst = burst.unwrap_or(rate);
+    if burst <= 0 {
+        return Err(QuotaError::NotPositive {
+            what: "burst",
+            value: burst,
+        });
+    }
+    let t = per_ns / rate as i128;
+    if t == 0 || t > i64::MAX as i128 / (burst as i128).max(1) {
+        return Err(QuotaError::OutOfRange {
+            what: "rate per interval",
+            value: rate as f64,
+            min: 1.0,
+            max: per_ns as f64,
+        });
+    }
+    Ok((t as i64, burst))
+}
+
+pub fn check_key(key: Option<&str>) -> Result<&str, QuotaError> {
+    let key = key.ok_or(QuotaError::NullArgument {
+        what: "key",
+        hint: "Pass the key to limit, e.g. 'user:42'.",
+    })?;
+    if key.is_empty() {
+        return Err(QuotaError::EmptyArgument { what: "key" });
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(QuotaError::TooLong {
+            what: "key",
+            len: key.len(),
+            max: MAX_KEY_BYTES,
+        });
+    }
+    Ok(key)
+}
+
+/// Check (and take) `cost` tokens from the bucket of `key`: `rate` tokens per `per`, holding at
+/// most `burst` (default `rate`). `cost` 0 peeks. A denied call changes nothing.
+#[pg_extern(volatile, parallel_safe)]
+fn rate_check(
+    key: Option<&str>,
+    rate: Option<i64>,
+    per: default!(Option<Interval>, "'1 second'"),
+    burst: default!(Option<i64>, "NULL"),
+    cost: default!(Option<i64>, 1),
+) -> pgrx::composite_type!('static, "quota.rate_decision") {
+    require_ready();
+    let key = check_key(key).or_raise();
+    let (t, burst) = rate_params(rate, per, burst).or_raise();
+    let cost = cost.unwrap_or(1);
+    if cost < 0 {
+        QuotaError::Negative {
+            what: "cost",
+            value: cost,
+        }
+        .raise();
+    }
+    let g = check(key.as_bytes(), t, burst, cost, now_ns());
+    metrics::count(Counter::RateChecks);
+    if !g.allowed {
+        metrics::count(Counter::RateDenials);
+    }
+    decision_row(key, burst, &g)
+}
+
+/// Forget a key's bucket (trusted callers only). True when there was one.
+#[pg_extern(volatile, parallel_safe)]
+#[search_path(pg_catalog, pg_temp)]
+fn rate_reset(key: Option<&str>) -> bool {
+    identity::require_trusted("quota.rate_reset").or_raise();
+    require_ready();
+    let key = check_key(key).or_raise();
+    reset(key.as_bytes())
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+mod unit {
+    use super::gcra;
+    const S: i64 = 1_000_000_000;
+
+    #[test]
+    fn exactly_burst_then_denied_then_refilled() {
+        let t = S / 10; // 10 per second
+        let (mut tat, now) = (0, 100 * S);
+        for i in 0..5 {
+            let g = gcra(tat, now, t, 5, 1);
+            assert!(g.allowed, "call {i}");
+            assert_eq!(g.remaining, 4 - i);
+            tat = g.new_tat.unwrap();
+        }
+        let g = gcra(tat, now, t, 5, 1);
+        assert!(!g.allowed);
+        assert_eq!(g.retry_after_ns, Some(t));
+        assert!(gcra(tat, now + t, t, 5, 1).allowed);
+        assert!(!gcra(tat, now + t - 1, t, 5, 1).allowed);
+        assert_eq!(gcra(tat, now, t, 5, 6).retry_after_ns, None);
+        assert_eq!(gcra(tat, now, t, 5, 0).new_tat, None);
+    }
+}
