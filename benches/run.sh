@@ -24,7 +24,26 @@ pg_psql "$BENCH_PORT" -d bench -f "$SQL/setup.sql" >/dev/null
 
 # Cases are pgbench scripts in benches/sql; a case NAME:SETTING runs script NAME with the
 # server setting SETTING for its sessions.
+REDIS_PORT=${QUOTA_EXT_REDIS_PORT:-6391}
+REDIS_SHA=""
+if command -v redis-server >/dev/null; then
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
+        --pidfile /tmp/quota_ext-bench-redis.pid --logfile /tmp/quota_ext-bench-redis.log
+    for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    REDIS_SHA=$(redis-cli -p "$REDIS_PORT" SCRIPT LOAD "$(cat "$REPO/benches/redis_bucket.lua")")
+    trap 'stop_server "$BENCH_DATA"; redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true' EXIT
+fi
+
+# redis-benchmark has no duration: a request count that takes about the case's seconds.
+redis_bench() { # redis_bench SECONDS -> requests per second
+    [ -n "$REDIS_SHA" ] || { echo 0; return; }
+    redis-benchmark -p "$REDIS_PORT" -c "$CLIENTS" -n $((40000 * $1)) -r 10000 -q \
+        EVALSHA "$REDIS_SHA" 1 bucket:__rand_int__ 1 1000000000 2>/dev/null \
+        | tr '\r' '\n' | awk '/requests per second/ { for (i = 1; i <= NF; i++) if ($(i+1) == "requests") { printf "%.0f\n", $i; exit } }'
+}
+
 bench() { # bench CASE SECONDS -> tps
+    [ "$1" = redis_lua ] && { redis_bench "$2"; return; }
     local script="${1%%:*}" opts=""
     [ "$script" != "$1" ] && opts="-c ${1#*:}"
     pg_psql "$BENCH_PORT" -d bench -c CHECKPOINT
@@ -35,12 +54,14 @@ bench() { # bench CASE SECONDS -> tps
 
 # Warm up: create the 10 000 subjects' rows on both sides, fill caches.
 log "warming up"
-for s in consume_random naive_random consume_hot naive_hot upsert_audit_random batch_random plain_update_random select1; do
+for s in consume_random naive_random consume_hot naive_hot upsert_audit_random batch_random plain_update_random \
+         rate_random plpgsql_bucket_random select1; do
     bench "$s" 3 >/dev/null
 done
 
 CASES=(select1 consume_random naive_random upsert_audit_random consume_random:quota_ext.audit=off consume_hot naive_hot
-       batch_random plain_update_random batch_hot plain_update_hot)
+       batch_random plain_update_random batch_hot plain_update_hot
+       select1b rate_random rate_hot plpgsql_bucket_random plpgsql_bucket_hot redis_lua)
 declare -A RUNS TPS
 for round in $(seq "$ROUNDS"); do
     for s in "${CASES[@]}"; do
@@ -49,6 +70,8 @@ for round in $(seq "$ROUNDS"); do
         log "round $round: $s $t tps"
     done
 done
+NS_PER_CALL=$(pg_psql "$BENCH_PORT" -d bench -f "$SQL/ns_per_call.sql" 2>&1 | sed -n 's/.*ns_per_call=\([0-9]*\).*/\1/p')
+log "rate_check inside the database: $NS_PER_CALL ns per call"
 median() { tr ' ' '\n' | grep . | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
 for s in "${CASES[@]}"; do TPS[$s]=$(echo "${RUNS[$s]}" | median | awk '{ printf "%.0f", $1 }'); done
 # Ratios are taken within each round (a case and its baseline ran seconds apart), then the
@@ -87,5 +110,20 @@ ratio_of() { # ratio_of CASE BASELINE -> median over rounds of CASE/BASELINE
     echo '| plain `UPDATE ... SET quantity = quantity - $1 WHERE id = $2 AND quantity >= $1`, 1 000 batches | '"${TPS[plain_update_random]}"' | 1.00 |'
     echo "| quota.consume_batch_quantity, one hot batch | ${TPS[batch_hot]} | **$(ratio_of batch_hot plain_update_hot)** |"
     echo "| plain UPDATE, one hot batch | ${TPS[plain_update_hot]} | 1.00 |"
+    echo
+    echo 'Rate limits (shared memory, no table writes; `SELECT 1` measured again in the same round):'
+    echo
+    echo "| case | tps | vs SELECT 1 |"
+    echo "|---|---:|---:|"
+    echo '| `SELECT 1` | '"${TPS[select1b]}"' | 1.00 |'
+    echo "| quota.rate_check, 10 000 random keys | ${TPS[rate_random]} | **$(ratio_of rate_random select1b)** |"
+    echo "| quota.rate_check, one hot key | ${TPS[rate_hot]} | **$(ratio_of rate_hot select1b)** |"
+    echo "| plpgsql GCRA bucket on an UNLOGGED table, 10 000 random keys | ${TPS[plpgsql_bucket_random]} | $(ratio_of plpgsql_bucket_random select1b) |"
+    echo "| plpgsql GCRA bucket on an UNLOGGED table, one hot key | ${TPS[plpgsql_bucket_hot]} | $(ratio_of plpgsql_bucket_hot select1b) |"
+    echo "| Redis Lua GCRA bucket, EVALSHA from redis-benchmark, 10 000 random keys | ${TPS[redis_lua]} | $(ratio_of redis_lua select1b) |"
+    echo
+    echo "rate_check vs the plpgsql bucket: **$(ratio_of rate_random plpgsql_bucket_random)x** (random keys);" \
+         "hot key vs random keys: **$(ratio_of rate_hot rate_random)**;" \
+         "cost inside the database: **${NS_PER_CALL} ns per call** (one statement, a million calls, minus the same statement without them)."
 } | tee "$OUT"
 log "written to ${OUT#$REPO/}"

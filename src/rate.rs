@@ -12,7 +12,6 @@
 //! quota_ext.rate_max_keys (postmaster); state is not transactional (like a sequence) and
 //! starts empty after a restart or a crash.
 
-use crate::catalog;
 use crate::error::{OrRaise, QuotaError};
 use crate::identity;
 use crate::metrics::{self, Counter};
@@ -446,10 +445,32 @@ pub fn interval_ns(i: &Interval) -> i128 {
 
 pub type RateRow = pgrx::composite_type!('static, "quota.rate_decision");
 
-pub fn decision_row(key: &str, burst: i64, g: &Gcra) -> RateRow {
-    let oid = catalog::quota_type(c"rate_decision");
-    let tupdesc = PgTupleDesc::for_composite_type_by_oid(oid)
-        .unwrap_or_else(|| pgrx::error!("quota.rate_decision is not a composite type"));
+/// The result row type of the function being called, resolved and blessed on the first call
+/// at this call site and kept in `fn_extra` (the hot path then looks nothing up).
+///
+/// # Safety
+/// `fcinfo` must be the call's own, for a function returning a composite type.
+pub unsafe fn result_tupdesc(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::TupleDesc {
+    unsafe {
+        let flinfo = (*fcinfo).flinfo;
+        if !(*flinfo).fn_extra.is_null() {
+            return (*flinfo).fn_extra.cast();
+        }
+        let mut td: pg_sys::TupleDesc = std::ptr::null_mut();
+        let kind = pg_sys::get_call_result_type(fcinfo, std::ptr::null_mut(), &mut td);
+        if kind != pg_sys::TypeFuncClass::TYPEFUNC_COMPOSITE || td.is_null() {
+            pgrx::error!("quota_ext: this function must return a composite type");
+        }
+        let previous = pg_sys::CurrentMemoryContext;
+        pg_sys::CurrentMemoryContext = (*flinfo).fn_mcxt;
+        let kept = pg_sys::BlessTupleDesc(pg_sys::CreateTupleDescCopy(td));
+        pg_sys::CurrentMemoryContext = previous;
+        (*flinfo).fn_extra = kept.cast();
+        kept
+    }
+}
+
+pub fn decision_row(fcinfo: pg_sys::FunctionCallInfo, key: &str, burst: i64, g: &Gcra) -> RateRow {
     let secs = |ns: i64| ns as f64 / 1e9;
     let datums = [
         g.allowed.into_datum(),
@@ -459,9 +480,14 @@ pub fn decision_row(key: &str, burst: i64, g: &Gcra) -> RateRow {
         secs(g.reset_after_ns.max(0)).into_datum(),
         g.retry_after_ns.map(|r| secs(r.max(0))).into_datum(),
     ];
-    // SAFETY: the datums are in quota.rate_decision's column order and of its column types.
-    unsafe { PgHeapTuple::from_datums(tupdesc, datums) }
-        .unwrap_or_else(|e| pgrx::error!("cannot form quota.rate_decision: {e}"))
+    // SAFETY: fcinfo is this call's; the descriptor lives in fn_mcxt for as long as the call
+    // site, so it is wrapped without reference counting; the datums are in
+    // quota.rate_decision's column order and of its column types.
+    unsafe {
+        let tupdesc = PgTupleDesc::from_pg_unchecked(result_tupdesc(fcinfo));
+        PgHeapTuple::from_datums(tupdesc, datums)
+    }
+    .unwrap_or_else(|e| pgrx::error!("cannot form quota.rate_decision: {e}"))
 }
 
 /// Validated numbers of a rate: emission interval `t` (ns per token) and bucket size.
@@ -537,6 +563,7 @@ fn rate_check(
     per: default!(Option<Interval>, "'1 second'"),
     burst: default!(Option<i64>, "NULL"),
     cost: default!(Option<i64>, 1),
+    fcinfo: pg_sys::FunctionCallInfo,
 ) -> pgrx::composite_type!('static, "quota.rate_decision") {
     require_ready();
     let key = check_key(key).or_raise();
@@ -554,7 +581,7 @@ fn rate_check(
     if !g.allowed {
         metrics::count(Counter::RateDenials);
     }
-    decision_row(key, burst, &g)
+    decision_row(fcinfo, key, burst, &g)
 }
 
 /// Forget a key's bucket (trusted callers only). True when there was one.

@@ -22,3 +22,21 @@ SELECT n, (quota.create_batch('bench', 'widget', 1000000000000)).id FROM generat
 CREATE TABLE plain_batches (id uuid PRIMARY KEY, quantity bigint NOT NULL CHECK (quantity >= 0),
                             version bigint NOT NULL DEFAULT 1) WITH (fillfactor = 80);
 INSERT INTO plain_batches (id, quantity) SELECT id, 1000000000000 FROM bench_batches;
+
+-- Rate limits: the best hand-written SQL alternative, a GCRA bucket in one upsert on an
+-- UNLOGGED table (no WAL, no fsync; lost on a crash, like shared memory).
+CREATE UNLOGGED TABLE plpgsql_buckets (key text PRIMARY KEY, tat timestamptz NOT NULL);
+CREATE FUNCTION plpgsql_rate_check(p_key text, p_rate bigint, p_per interval, p_burst bigint)
+RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    t  interval    := p_per / p_rate;
+    ts timestamptz := clock_timestamp();
+    ok boolean;
+BEGIN
+    INSERT INTO plpgsql_buckets AS b VALUES (p_key, ts + t)
+        ON CONFLICT (key) DO UPDATE SET tat = greatest(b.tat, ts) + t
+     WHERE greatest(b.tat, ts) + t - ts <= t * p_burst
+    RETURNING true INTO ok;
+    RETURN coalesce(ok, false);
+END
+$$;

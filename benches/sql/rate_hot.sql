@@ -1,0 +1,1 @@
+SELECT quota.rate_check('bench.hot', 1000000000, '1 second');
