@@ -36,6 +36,54 @@ CREATE TRIGGER limits_cache_invalidation AFTER INSERT OR UPDATE OR DELETE OR TRU
     FOR EACH STATEMENT EXECUTE FUNCTION quota.invalidate_limits_cache();
 CREATE TRIGGER limits_cache_invalidation AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON quota.plans
     FOR EACH STATEMENT EXECUTE FUNCTION quota.invalidate_limits_cache();
+CREATE TRIGGER limits_cache_invalidation AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON quota.rate_policies
+    FOR EACH STATEMENT EXECUTE FUNCTION quota.invalidate_limits_cache();
+
+-- PostgREST's db-pre-request: rate-limit every request by policy 'read' (GET, HEAD) or
+-- 'write', falling back to 'default'. Sets the RateLimit-* headers; a denial raises PostgREST's
+-- custom status error, answered as HTTP 429 with Retry-After. Trusted roles pass unlimited.
+CREATE FUNCTION quota.pre_request()
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    d       quota.rate_decision;
+    reset_s bigint;
+    headers json;
+BEGIN
+    d := quota.request_rate_decision(current_setting('request.method', true));
+    IF d IS NULL THEN
+        RETURN;
+    END IF;
+    reset_s := ceil(d.reset_after_seconds)::bigint;
+    headers := json_build_array(
+        json_build_object('RateLimit-Limit', d.rate_limit::text),
+        json_build_object('RateLimit-Remaining', d.remaining::text),
+        json_build_object('RateLimit-Reset', reset_s::text),
+        json_build_object('X-RateLimit-Limit', d.rate_limit::text),
+        json_build_object('X-RateLimit-Remaining', d.remaining::text),
+        json_build_object('X-RateLimit-Reset', (extract(epoch FROM now())::bigint + reset_s)::text));
+    PERFORM set_config('response.headers', headers::text, true);
+    IF NOT d.allowed THEN
+        RAISE SQLSTATE 'PGRST' USING
+            MESSAGE = json_build_object(
+                'code', 'PT429',
+                'message', 'Too Many Requests',
+                'details', format('rate limit of %s reached for %s', d.rate_limit, d.key),
+                'hint', CASE WHEN d.retry_after_seconds IS NULL THEN 'The request costs more than the limit allows.'
+                             ELSE format('Retry after %s seconds.', ceil(d.retry_after_seconds)) END)::text,
+            DETAIL = json_build_object(
+                'status', 429,
+                'status_text', 'Too Many Requests',
+                'headers', json_build_object(
+                    'Retry-After', coalesce(ceil(d.retry_after_seconds)::bigint, 3600)::text,
+                    'RateLimit-Limit', d.rate_limit::text,
+                    'RateLimit-Remaining', d.remaining::text,
+                    'RateLimit-Reset', reset_s::text))::text;
+    END IF;
+END
+$$;
 
 -- Nothing is callable by PUBLIC; grants below, or by hand (see README) without Supabase roles.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA quota FROM PUBLIC;
@@ -73,12 +121,20 @@ BEGIN
             quota.status(text),
             quota.audit_page(text, bigint, integer),
             quota.consume_batch_quantity(uuid, bigint, bigint),
-            quota.consume_item(text, text, bigint, text)
+            quota.consume_item(text, text, bigint, text),
+            quota.rate_limit(text, text, bigint),
+            quota.pre_request(),
+            quota.request_rate_decision(text)
         TO authenticated;
         GRANT SELECT ON quota.usage, quota.audit_log, quota.batches, quota.plans, quota.limits TO authenticated;
     END IF;
     IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'anon') THEN
         GRANT USAGE ON SCHEMA quota TO anon;
+        GRANT EXECUTE ON FUNCTION
+            quota.rate_limit(text, text, bigint),
+            quota.pre_request(),
+            quota.request_rate_decision(text)
+        TO anon;
     END IF;
 END
 $grants$;

@@ -95,6 +95,22 @@ CREATE TYPE quota.decision AS (
     replayed            boolean
 );
 
+-- Rate-limit policies per plan, read by quota.rate_limit() and quota.pre_request().
+CREATE TABLE quota.rate_policies (
+    policy text     NOT NULL CHECK (btrim(policy) <> '' AND octet_length(policy) <= 256),
+    plan   text     NOT NULL REFERENCES quota.plans (plan) ON UPDATE CASCADE ON DELETE CASCADE,
+    rate   bigint   NOT NULL CHECK (rate > 0),
+    per    interval NOT NULL DEFAULT '1 minute' CHECK (per > '0'::interval),
+    burst  bigint   CHECK (burst > 0),
+    shadow boolean  NOT NULL DEFAULT false,
+    PRIMARY KEY (policy, plan)
+);
+INSERT INTO quota.rate_policies (policy, plan, rate, per) VALUES
+    ('default', 'anonymous',    20, '1 minute'),
+    ('default', 'free',        100, '1 minute'),
+    ('default', 'pro',        1000, '1 minute'),
+    ('default', 'enterprise', 10000, '1 minute');
+
 CREATE TYPE quota.rate_decision AS (
     allowed             boolean,
     key                 text,

@@ -49,7 +49,9 @@ thread_local! {
     static TABLES_EMPTY: Cell<Option<(bool, bool)>> = const { Cell::new(None) };
     static WINDOWS: RefCell<HashMap<(String, String), (i64, Option<i64>)>> = RefCell::new(HashMap::new());
     /// OIDs of the tables whose changes empty the caches above (0 = not known yet).
-    static WATCHED: Cell<[u32; 4]> = const { Cell::new([0; 4]) };
+    static WATCHED: Cell<[u32; 5]> = const { Cell::new([0; 5]) };
+    /// policy -> plan -> (emission interval ns, burst, shadow); an empty map: no such policy.
+    static POLICIES: RefCell<HashMap<String, Rc<HashMap<String, Policy>>>> = RefCell::new(HashMap::new());
     /// Bumped by every invalidation that empties the caches. A loader notes it before its query
     /// and caches the result only if it did not move: an invalidation processed while the query
     /// ran (lock acquisitions during executor start-up process them) may concern a commit the
@@ -62,7 +64,8 @@ fn forget_limits() {
     SUBJECTS.with(|l| l.borrow_mut().clear());
     TABLES_EMPTY.with(|t| t.set(None));
     // Resolved again on next use: the tables may have been dropped and created anew.
-    WATCHED.with(|w| w.set([0; 4]));
+    WATCHED.with(|w| w.set([0; 5]));
+    POLICIES.with(|p| p.borrow_mut().clear());
     GENERATION.with(|g| g.set(g.get().wrapping_add(1)));
 }
 
@@ -89,8 +92,8 @@ pub fn init() {
 
 fn remember_watched_tables() {
     let (nsp, _) = catalog::quota_schema();
-    let mut ids = [0u32; 4];
-    for (i, name) in [c"limits", c"overrides", c"subjects", c"plans"]
+    let mut ids = [0u32; 5];
+    for (i, name) in [c"limits", c"overrides", c"subjects", c"plans", c"rate_policies"]
         .iter()
         .enumerate()
     {
@@ -290,4 +293,76 @@ mod trigger {
         unsafe { pg_sys::CacheInvalidateRelcacheByRelid(trigger.relation()?.oid()) };
         Ok(None)
     }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Policy {
+    pub t_ns: i64,
+    pub burst: i64,
+    pub shadow: bool,
+}
+
+static POLICY_LOAD: Stmt = Stmt {
+    sql: "SELECT plan, rate, per, burst, shadow FROM quota.rate_policies WHERE policy = $1",
+    args: &[T::TEXTOID],
+};
+
+/// A policy's limits per plan, from the backend cache (no SQL when warm).
+pub fn policy(name: &str) -> Rc<HashMap<String, Policy>> {
+    if let Some(hit) = POLICIES.with(|p| p.borrow().get(name).cloned()) {
+        return hit;
+    }
+    if WATCHED.with(|w| w.get()[0]) == 0 {
+        remember_watched_tables();
+    }
+    let gen = generation();
+    let _owner = crate::identity::AsOwner::enter();
+    let map: HashMap<String, Policy> = crate::identity::with_pinned_search_path(|| {
+        Spi::connect_mut(|client| {
+            spi::run(client, &POLICY_LOAD, &[name.into()])
+                .map(|r| {
+                    let plan = spi::get::<String>(&r, 1).expect("plan");
+                    let (t_ns, burst) = crate::rate::rate_params(
+                        spi::get::<i64>(&r, 2),
+                        spi::get::<Interval>(&r, 3),
+                        spi::get::<i64>(&r, 4),
+                    )
+                    .unwrap_or_else(|e| pgrx::error!("quota.rate_policies ({name}, {plan}): {e}"));
+                    (
+                        plan,
+                        Policy {
+                            t_ns,
+                            burst,
+                            shadow: spi::get::<bool>(&r, 5).unwrap_or(false),
+                        },
+                    )
+                })
+                .collect()
+        })
+    });
+    let map = Rc::new(map);
+    if generation() == gen {
+        POLICIES.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() >= 1_000 {
+                p.clear();
+            }
+            p.insert(name.to_string(), map.clone());
+        });
+    }
+    map
+}
+
+/// A subject's plan (None: no row in quota.subjects), from the backend cache.
+pub fn subject_plan(subject_name: &str) -> Option<String> {
+    if let Some(hit) = SUBJECTS.with(|l| l.borrow().get(subject_name).cloned()) {
+        return hit.plan.clone();
+    }
+    if WATCHED.with(|w| w.get()[0]) == 0 {
+        remember_watched_tables();
+    }
+    let _owner = crate::identity::AsOwner::enter();
+    crate::identity::with_pinned_search_path(|| {
+        Spi::connect_mut(|client| subject(client, subject_name).plan.clone())
+    })
 }

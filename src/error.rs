@@ -83,6 +83,9 @@ pub enum QuotaError {
     #[error("unknown strategy \"{0}\"")]
     UnknownStrategy(String),
 
+    #[error("rate policy \"{policy}\" has no limits for plan \"{plan}\"")]
+    NoPolicy { policy: String, plan: String },
+
     #[error("quota_ext is not loaded through shared_preload_libraries")]
     NotPreloaded,
 
@@ -118,6 +121,7 @@ impl QuotaError {
             VersionConflict { .. } => Code::ERRCODE_T_R_SERIALIZATION_FAILURE,
             UnknownStrategy(_) => Code::ERRCODE_INVALID_PARAMETER_VALUE,
             NotPreloaded => Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            NoPolicy { .. } => Code::ERRCODE_UNDEFINED_OBJECT,
         }
     }
 
@@ -158,6 +162,9 @@ impl QuotaError {
                 "The batch changed since you read it: read it again and retry with its current version.".into()
             }
             UnknownStrategy(_) => "Strategies are fefo (earliest expiry first) and fifo (oldest first).".into(),
+            NoPolicy { .. } => {
+                "Add a row to quota.rate_policies for that plan, or for quota_ext.default_plan.".into()
+            }
             NotPreloaded => {
                 "Add quota_ext to shared_preload_libraries in postgresql.conf and restart PostgreSQL.".into()
             }

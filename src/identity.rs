@@ -176,3 +176,96 @@ impl Drop for AsOwner {
         unsafe { pg_sys::SetUserIdAndSecContext(self.saved_user, self.saved_context) }
     }
 }
+
+/// The parts of the request the rate limiter needs, parsed once per distinct text of
+/// request.jwt.claims and request.headers (PostgREST sets them per request; a pooled backend
+/// sees the same text many times in a row).
+#[derive(Clone, Debug, Default)]
+pub struct RequestInfo {
+    pub sub: Option<String>,
+    /// JWT claim app_metadata.plan.
+    pub plan: Option<String>,
+    /// First address of x-forwarded-for.
+    pub client_ip: Option<String>,
+}
+
+thread_local! {
+    static LAST_CLAIMS: std::cell::RefCell<(String, Option<String>, Option<String>)> =
+        const { std::cell::RefCell::new((String::new(), None, None)) };
+    static LAST_HEADERS: std::cell::RefCell<(String, Option<String>)> =
+        const { std::cell::RefCell::new((String::new(), None)) };
+}
+
+pub fn request_info() -> Result<RequestInfo> {
+    let claims = config(c"request.jwt.claims").unwrap_or_default();
+    let (sub, plan) = LAST_CLAIMS.with(|c| -> Result<(Option<String>, Option<String>)> {
+        let mut c = c.borrow_mut();
+        if c.0 != claims || claims.is_empty() {
+            let (sub, plan) = if claims.trim().is_empty() {
+                (None, None)
+            } else {
+                let v: serde_json::Value =
+                    serde_json::from_str(&claims).map_err(|e| QuotaError::MalformedClaims {
+                        detail: e.to_string(),
+                    })?;
+                let sub = match v.get("sub") {
+                    Some(serde_json::Value::String(s)) if !s.is_empty() => Some(s.clone()),
+                    Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+                    _ => None,
+                };
+                let plan = v
+                    .pointer("/app_metadata/plan")
+                    .and_then(|p| p.as_str())
+                    .map(str::to_string);
+                (sub, plan)
+            };
+            *c = (claims.clone(), sub, plan);
+        }
+        Ok((c.1.clone(), c.2.clone()))
+    })?;
+    let sub = sub.or_else(|| config(c"request.jwt.claim.sub").filter(|s| !s.is_empty()));
+    let headers = config(c"request.headers").unwrap_or_default();
+    let client_ip = LAST_HEADERS.with(|h| {
+        let mut h = h.borrow_mut();
+        if h.0 != headers {
+            let ip = serde_json::from_str::<serde_json::Value>(&headers)
+                .ok()
+                .and_then(|v| {
+                    v.get("x-forwarded-for")
+                        .and_then(|x| x.as_str())
+                        .and_then(|x| x.split(',').next())
+                        .map(|x| x.trim().to_string())
+                        .filter(|x| !x.is_empty())
+                });
+            *h = (headers.clone(), ip);
+        }
+        h.1.clone()
+    });
+    Ok(RequestInfo { sub, plan, client_ip })
+}
+
+/// Run `f` with search_path pinned to `pg_catalog, pg_temp`, as a function's
+/// `SET search_path` would, for the rare SQL of paths that otherwise run none (so they do not
+/// pay for the switch on every call). An ERROR inside is fine: the transaction's abort resets
+/// the setting.
+pub fn with_pinned_search_path<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: the documented way to set a GUC for a nested scope and restore it.
+    let level = unsafe {
+        let level = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        level
+    };
+    let out = f();
+    // SAFETY: closes the nest level opened above.
+    unsafe { pg_sys::AtEOXact_GUC(true, level) };
+    out
+}

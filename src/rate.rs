@@ -443,8 +443,6 @@ pub fn interval_ns(i: &Interval) -> i128 {
     (i.months() as i128 * 30 + i.days() as i128) * 86_400_000_000_000 + i.micros() as i128 * 1000
 }
 
-pub type RateRow = pgrx::composite_type!('static, "quota.rate_decision");
-
 /// The result row type of the function being called, resolved and blessed on the first call
 /// at this call site and kept in `fn_extra` (the hot path then looks nothing up).
 ///
@@ -470,7 +468,12 @@ pub unsafe fn result_tupdesc(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::TupleD
     }
 }
 
-pub fn decision_row(fcinfo: pg_sys::FunctionCallInfo, key: &str, burst: i64, g: &Gcra) -> RateRow {
+pub fn decision_row(
+    fcinfo: pg_sys::FunctionCallInfo,
+    key: &str,
+    burst: i64,
+    g: &Gcra,
+) -> pgrx::composite_type!('static, "quota.rate_decision") {
     let secs = |ns: i64| ns as f64 / 1e9;
     let datums = [
         g.allowed.into_datum(),
@@ -617,4 +620,145 @@ mod unit {
         assert_eq!(gcra(tat, now, t, 5, 6).retry_after_ns, None);
         assert_eq!(gcra(tat, now, t, 5, 0).new_tat, None);
     }
+}
+
+/// The bucket a policy call uses and the limits that apply to it.
+struct Resolved {
+    key: String,
+    policy: crate::cache::Policy,
+}
+
+/// Plan and key of the caller for `policy`: the JWT claim app_metadata.plan, else
+/// quota.subjects, else quota_ext.default_plan; callers without a JWT subject are plan
+/// `anonymous` keyed by `ip:<first x-forwarded-for address>`.
+fn resolve(policy_name: &str, key: Option<&str>, trusted: bool) -> Result<Option<Resolved>, QuotaError> {
+    let policies = crate::cache::policy(policy_name);
+    if policies.is_empty() {
+        return Ok(None);
+    }
+    let req = identity::request_info()?;
+    let default_plan = crate::guc::default_plan();
+    let (own_key, plan) = match &req.sub {
+        Some(sub) => {
+            let plan = req
+                .plan
+                .clone()
+                .filter(|p| policies.contains_key(p))
+                .or_else(|| crate::cache::subject_plan(sub))
+                .unwrap_or_else(|| default_plan.clone());
+            (sub.clone(), plan)
+        }
+        None => (
+            format!("ip:{}", req.client_ip.as_deref().unwrap_or("unknown")),
+            "anonymous".to_string(),
+        ),
+    };
+    let key = match key {
+        None => own_key,
+        Some(k) if trusted || k == own_key => check_key(Some(k))?.to_string(),
+        Some(k) => {
+            return Err(QuotaError::OtherSubject {
+                requested: k.to_string(),
+            })
+        }
+    };
+    let policy = policies
+        .get(&plan)
+        .or_else(|| policies.get(&default_plan))
+        .copied()
+        .ok_or_else(|| QuotaError::NoPolicy {
+            policy: policy_name.to_string(),
+            plan: plan.clone(),
+        })?;
+    Ok(Some(Resolved { key, policy }))
+}
+
+fn limit(
+    fcinfo: pg_sys::FunctionCallInfo,
+    policy_name: &str,
+    r: Resolved,
+    cost: i64,
+) -> pgrx::composite_type!('static, "quota.rate_decision") {
+    let mut bucket = String::with_capacity(policy_name.len() + 1 + r.key.len());
+    bucket.push_str(policy_name);
+    bucket.push('\u{1f}');
+    bucket.push_str(&r.key);
+    let p = r.policy;
+    let mut g = check(bucket.as_bytes(), p.t_ns, p.burst, cost, now_ns());
+    metrics::count(Counter::RateChecks);
+    if !g.allowed {
+        if p.shadow {
+            // A shadow policy counts what it would deny, and allows.
+            metrics::count(Counter::ShadowDenials);
+            g = Gcra {
+                allowed: true,
+                retry_after_ns: Some(0),
+                ..g
+            };
+        } else {
+            metrics::count(Counter::RateDenials);
+        }
+    }
+    decision_row(fcinfo, &r.key, p.burst, &g)
+}
+
+/// Rate-limit the caller by a policy of quota.rate_policies, per plan (see resolve()). `key`
+/// NULL means the caller's own: its JWT subject, or `ip:<address>` when anonymous. Its SQL
+/// (policy and subject look-ups on a cold cache) runs under a pinned search_path; the warm path
+/// runs none.
+#[pg_extern(volatile, parallel_safe)]
+fn rate_limit(
+    policy: Option<&str>,
+    key: default!(Option<&str>, "NULL"),
+    cost: default!(Option<i64>, 1),
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pgrx::composite_type!('static, "quota.rate_decision") {
+    require_ready();
+    let policy = identity::check_name(
+        "policy",
+        policy,
+        "Pass a policy of quota.rate_policies, e.g. 'default'.",
+    )
+    .or_raise();
+    let cost = cost.unwrap_or(1);
+    if cost < 0 {
+        QuotaError::Negative {
+            what: "cost",
+            value: cost,
+        }
+        .raise();
+    }
+    let r = resolve(&policy, key, identity::is_trusted())
+        .and_then(|r| {
+            r.ok_or(QuotaError::NoPolicy {
+                policy: policy.clone(),
+                plan: "any".into(),
+            })
+        })
+        .or_raise();
+    limit(fcinfo, &policy, r, cost)
+}
+
+/// The decision for the current PostgREST request (used by quota.pre_request()): policy `read`
+/// for GET and HEAD, `write` otherwise, falling back to `default`. NULL for trusted callers and
+/// when no such policy exists.
+#[pg_extern(volatile, parallel_safe)]
+fn request_rate_decision(
+    method: Option<&str>,
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> Option<pgrx::composite_type!('static, "quota.rate_decision")> {
+    require_ready();
+    if identity::is_trusted() {
+        return None;
+    }
+    let first = match method.unwrap_or("GET").to_ascii_uppercase().as_str() {
+        "GET" | "HEAD" => "read",
+        _ => "write",
+    };
+    for policy in [first, "default"] {
+        if let Some(r) = resolve(policy, None, false).or_raise() {
+            return Some(limit(fcinfo, policy, r, 1));
+        }
+    }
+    None
 }

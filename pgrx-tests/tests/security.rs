@@ -268,10 +268,12 @@ fn text_column(t: &str) -> &'static str {
 fn functions_pin_search_path_and_the_script_replaces_nothing() {
     let db = TestDb::new("search_path");
     let mut c = db.connect();
-    // Every function that reads or writes tables runs with a pinned search_path; the three
-    // exceptions run no SQL that could resolve a name (an inlinable SQL helper, a trigger that
-    // queues an invalidation, and rate_check, whose hot path is shared memory only and would
-    // pay for the GUC switch on every call). None is SECURITY DEFINER without one.
+    // Every function that reads or writes tables runs with a pinned search_path. The exceptions
+    // run no SQL that could resolve a name through the caller's path: an inlinable SQL helper, a
+    // trigger that queues an invalidation, rate_check (shared memory only), and rate_limit and
+    // request_rate_decision, whose only SQL (cold-cache look-ups) runs inside a pinned scope of
+    // its own so the warm path does not pay for the switch (hostile_objects_in_public_change_nothing
+    // calls them cold). None is SECURITY DEFINER without one.
     let unpinned: Vec<String> = c
         .query(
             "SELECT p.proname::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
@@ -289,6 +291,8 @@ fn functions_pin_search_path_and_the_script_replaces_nothing() {
         vec![
             "invalidate_limits_cache".to_string(),
             "rate_check".to_string(),
+            "rate_limit".to_string(),
+            "request_rate_decision".to_string(),
             "window_bounds".to_string()
         ]
     );
@@ -347,7 +351,8 @@ fn hostile_objects_in_public_change_nothing() {
         granted += ok as i64;
     }
     c.batch_execute(
-        "SELECT quota.refund('ann', 'api'); SELECT quota.status('ann'); SELECT quota.near_limit();",
+        "SELECT quota.refund('ann', 'api'); SELECT quota.status('ann'); SELECT quota.near_limit();
+         SELECT quota.rate_limit('default'); SELECT quota.request_rate_decision('GET');",
     )
     .unwrap();
     c.batch_execute("RESET search_path").unwrap();

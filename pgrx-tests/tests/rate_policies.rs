@@ -1,0 +1,205 @@
+//! rate_limit() by policy and plan, and pre_request() driven the way PostgREST drives it.
+
+use postgres::Client;
+use quota_ext_itests::{one_i64, TestDb};
+
+fn code(e: &postgres::Error) -> String {
+    e.code()
+        .map(|c| c.code().to_string())
+        .unwrap_or_else(|| e.to_string())
+}
+
+/// One PostgREST request: its transaction, role and request.* settings, then `sql`.
+fn request(
+    c: &mut Client,
+    role: &str,
+    method: &str,
+    claims: &str,
+    headers: &str,
+    sql: &str,
+) -> Result<Vec<postgres::Row>, postgres::Error> {
+    let mut tx = c.transaction()?;
+    tx.batch_execute(&format!(
+        "SET LOCAL ROLE {role};
+         SELECT set_config('request.method', '{method}', true),
+                set_config('request.path', '/items', true),
+                set_config('request.headers', '{headers}', true),
+                set_config('request.jwt.claims', '{claims}', true);"
+    ))?;
+    let rows = tx.query(sql, &[])?;
+    tx.commit()?;
+    Ok(rows)
+}
+
+fn limit_of(c: &mut Client, role: &str, claims: &str) -> (String, i64, i64) {
+    let rows = request(
+        c,
+        role,
+        "POST",
+        claims,
+        "{}",
+        "SELECT key, rate_limit, remaining FROM quota.rate_limit('default')",
+    )
+    .unwrap();
+    (rows[0].get(0), rows[0].get(1), rows[0].get(2))
+}
+
+#[test]
+fn policies_apply_per_plan_and_key() {
+    let db = TestDb::new("rate_policies");
+    let mut c = db.connect();
+    c.batch_execute("SELECT quota.set_plan('u3', 'enterprise')")
+        .unwrap();
+    assert_eq!(
+        limit_of(&mut c, "authenticated", r#"{"sub":"u1"}"#),
+        ("u1".into(), 100, 99),
+        "default plan: free"
+    );
+    assert_eq!(
+        limit_of(
+            &mut c,
+            "authenticated",
+            r#"{"sub":"u2","app_metadata":{"plan":"pro"}}"#
+        ),
+        ("u2".into(), 1000, 999),
+        "plan from the JWT claim"
+    );
+    assert_eq!(
+        limit_of(&mut c, "authenticated", r#"{"sub":"u3"}"#),
+        ("u3".into(), 10000, 9999),
+        "plan from quota.subjects"
+    );
+    // Anonymous: plan anonymous, keyed by the first x-forwarded-for address.
+    let rows = request(
+        &mut c,
+        "anon",
+        "GET",
+        "{}",
+        r#"{"x-forwarded-for":"203.0.113.7, 10.0.0.1"}"#,
+        "SELECT key, rate_limit FROM quota.rate_limit('default')",
+    )
+    .unwrap();
+    assert_eq!(
+        (rows[0].get::<_, String>(0), rows[0].get::<_, i64>(1)),
+        ("ip:203.0.113.7".into(), 20)
+    );
+    // Buckets are per (policy, key): u1 went from 99 to 98, not 99 again.
+    assert_eq!(limit_of(&mut c, "authenticated", r#"{"sub":"u1"}"#).2, 98);
+    // Someone else's key, an unknown policy.
+    let err = request(
+        &mut c,
+        "authenticated",
+        "POST",
+        r#"{"sub":"u1"}"#,
+        "{}",
+        "SELECT quota.rate_limit('default', 'u2')",
+    )
+    .unwrap_err();
+    assert_eq!(code(&err), "42501");
+    let err = request(
+        &mut c,
+        "authenticated",
+        "POST",
+        r#"{"sub":"u1"}"#,
+        "{}",
+        "SELECT quota.rate_limit('nope')",
+    )
+    .unwrap_err();
+    assert_eq!(code(&err), "42704");
+}
+
+#[test]
+fn shadow_policies_allow_and_count_and_changes_apply_at_commit() {
+    let db = TestDb::new("rate_shadow");
+    let mut c = db.connect();
+    c.batch_execute("INSERT INTO quota.rate_policies VALUES ('exports', 'free', 1, '1 hour', NULL, true)")
+        .unwrap();
+    let shadow_before = one_i64(
+        &mut c,
+        "SELECT value FROM quota.metrics() WHERE name = 'shadow_denials'",
+    );
+    let allowed = |c: &mut Client| -> bool {
+        request(
+            c,
+            "authenticated",
+            "POST",
+            r#"{"sub":"s1"}"#,
+            "{}",
+            "SELECT allowed FROM quota.rate_limit('exports')",
+        )
+        .unwrap()[0]
+            .get(0)
+    };
+    assert!(allowed(&mut c));
+    assert!(allowed(&mut c), "a shadow policy allows");
+    assert!(
+        one_i64(
+            &mut c,
+            "SELECT value FROM quota.metrics() WHERE name = 'shadow_denials'"
+        ) > shadow_before
+    );
+    // Enforce it: the cached policy is replaced at commit.
+    c.batch_execute("UPDATE quota.rate_policies SET shadow = false WHERE policy = 'exports'")
+        .unwrap();
+    assert!(!allowed(&mut c));
+    c.batch_execute("UPDATE quota.rate_policies SET burst = 5 WHERE policy = 'exports'")
+        .unwrap();
+    assert!(allowed(&mut c), "a larger burst applies at once");
+}
+
+#[test]
+fn pre_request_sets_headers_and_answers_429() {
+    let db = TestDb::new("pre_request");
+    let mut c = db.connect();
+    c.batch_execute("INSERT INTO quota.rate_policies VALUES ('read', 'anonymous', 2, '1 hour')")
+        .unwrap();
+    let headers = r#"{"x-forwarded-for":"198.51.100.9"}"#;
+    let call = |c: &mut Client, method: &str| {
+        request(
+            c,
+            "anon",
+            method,
+            "{}",
+            headers,
+            "SELECT quota.pre_request(), current_setting('response.headers', true)",
+        )
+    };
+    // GET uses policy 'read': 2 per hour.
+    let rows = call(&mut c, "GET").unwrap();
+    let h: String = rows[0].get(1);
+    for expected in [
+        r#"{"RateLimit-Limit" : "2"}"#,
+        r#"{"RateLimit-Remaining" : "1"}"#,
+        r#"{"RateLimit-Reset" : "1800"}"#,
+        r#"{"X-RateLimit-Limit" : "2"}"#,
+        r#"{"X-RateLimit-Remaining" : "1"}"#,
+    ] {
+        assert!(h.contains(expected), "{expected} missing from {h}");
+    }
+    call(&mut c, "HEAD").unwrap();
+    let err = call(&mut c, "GET").unwrap_err();
+    let db_err = err.as_db_error().expect("a server error");
+    assert_eq!(db_err.code().code(), "PGRST");
+    let message = db_err.message();
+    assert!(
+        message.contains(r#""message" : "Too Many Requests""#),
+        "{message}"
+    );
+    let detail = db_err.detail().unwrap();
+    assert!(detail.contains(r#""status" : 429"#), "{detail}");
+    assert!(detail.contains(r#""Retry-After" : "1800""#), "{detail}");
+    // POST has no 'write' policy: 'default' applies (anonymous: 20 per minute).
+    let h: String = call(&mut c, "POST").unwrap()[0].get(1);
+    assert!(h.contains(r#"{"RateLimit-Limit" : "20"}"#), "{h}");
+    // Trusted roles pass without limits or headers.
+    let rows = request(
+        &mut c,
+        "service_role",
+        "GET",
+        "{}",
+        headers,
+        "SELECT quota.pre_request(), current_setting('response.headers', true)",
+    )
+    .unwrap();
+    assert_eq!(rows[0].get::<_, Option<String>>(1).unwrap_or_default(), "");
+}
