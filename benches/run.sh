@@ -61,7 +61,7 @@ done
 
 CASES=(select1 consume_random naive_random upsert_audit_random consume_random:quota_ext.audit=off consume_hot naive_hot
        batch_random plain_update_random batch_hot plain_update_hot
-       select1b rate_random rate_hot plpgsql_bucket_random plpgsql_bucket_hot redis_lua)
+       select1b rate_random rate_hot rate_limit_random plpgsql_bucket_random plpgsql_bucket_hot redis_lua)
 declare -A RUNS TPS
 for round in $(seq "$ROUNDS"); do
     for s in "${CASES[@]}"; do
@@ -118,6 +118,7 @@ ratio_of() { # ratio_of CASE BASELINE -> median over rounds of CASE/BASELINE
     echo '| `SELECT 1` | '"${TPS[select1b]}"' | 1.00 |'
     echo "| quota.rate_check, 10 000 random keys | ${TPS[rate_random]} | **$(ratio_of rate_random select1b)** |"
     echo "| quota.rate_check, one hot key | ${TPS[rate_hot]} | **$(ratio_of rate_hot select1b)** |"
+    echo "| quota.rate_limit (policy path: policy and plan resolved from the backend cache), 10 000 random keys | ${TPS[rate_limit_random]} | **$(ratio_of rate_limit_random select1b)** |"
     echo "| plpgsql GCRA bucket on an UNLOGGED table, 10 000 random keys | ${TPS[plpgsql_bucket_random]} | $(ratio_of plpgsql_bucket_random select1b) |"
     echo "| plpgsql GCRA bucket on an UNLOGGED table, one hot key | ${TPS[plpgsql_bucket_hot]} | $(ratio_of plpgsql_bucket_hot select1b) |"
     echo "| Redis Lua GCRA bucket, EVALSHA from redis-benchmark, 10 000 random keys | ${TPS[redis_lua]} | $(ratio_of redis_lua select1b) |"

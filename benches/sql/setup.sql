@@ -40,3 +40,7 @@ BEGIN
     RETURN coalesce(ok, false);
 END
 $$;
+
+-- The policy path: a policy that never denies in the benchmark (the bench role is a
+-- superuser without a JWT, so it is plan 'anonymous' and may name any key).
+INSERT INTO quota.rate_policies (policy, plan, rate, per) VALUES ('bench', 'anonymous', 1000000000, '1 second');

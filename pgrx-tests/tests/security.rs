@@ -216,6 +216,7 @@ fn tables_are_closed_to_writes_and_rows_are_private() {
         "idempotency_keys",
         "audit_log",
         "batches",
+        "rate_policies",
     ];
     for role in ["anon", "authenticated"] {
         as_role(&mut c, role, Some("user-1"));
@@ -260,6 +261,7 @@ fn text_column(t: &str) -> &'static str {
         "plans" => "description",
         "limits" => "metric",
         "batches" => "owner",
+        "rate_policies" => "policy",
         _ => "subject",
     }
 }
@@ -561,6 +563,163 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
         "{}",
         out.0
     );
+    // The admin, batch, rate and metrics functions, as service_role calls them. (A function
+    // returning a scalar or void comes back as the column the call is aliased to, pgrst_call;
+    // PostgREST answers such calls with the bare value.)
+    let admin_calls: [(&str, &[(&str, &str)], &str, &[&str]); 15] = [
+        (
+            "window_bounds",
+            &[
+                ("period", "text"),
+                ("time_zone", "text"),
+                ("at_time", "timestamptz"),
+            ],
+            r#"{"period":"week","time_zone":"UTC","at_time":"2026-11-22T12:00:00Z"}"#,
+            &[
+                r#""window_start":"2026-11-16T00:00:00+00:00""#,
+                r#""reset_at":"2026-11-23T00:00:00+00:00""#,
+            ],
+        ),
+        (
+            "set_plan",
+            &[("subject", "text"), ("plan", "text"), ("time_zone", "text")],
+            r#"{"subject":"user-9","plan":"pro","time_zone":"Europe/Paris"}"#,
+            &[r#"{"pgrst_call":""}"#],
+        ),
+        (
+            "set_limit",
+            &[
+                ("plan", "text"),
+                ("metric", "text"),
+                ("period", "text"),
+                ("max_amount", "bigint"),
+            ],
+            r#"{"plan":"pro","metric":"api","period":"day","max_amount":500}"#,
+            &[r#"{"pgrst_call":""}"#],
+        ),
+        (
+            "set_override",
+            &[
+                ("subject", "text"),
+                ("metric", "text"),
+                ("period", "text"),
+                ("max_amount", "bigint"),
+            ],
+            r#"{"subject":"user-9","metric":"api","period":"day","max_amount":7}"#,
+            &[r#"{"pgrst_call":""}"#],
+        ),
+        (
+            "reset_usage",
+            &[("subject", "text")],
+            r#"{"subject":"user-2"}"#,
+            &[r#"{"pgrst_call":1}"#],
+        ),
+        (
+            "prune",
+            &[("audit_older_than", "interval")],
+            r#"{"audit_older_than":"1 year"}"#,
+            &[r#""audit_deleted":0"#, r#""idempotency_deleted":0"#],
+        ),
+        (
+            "create_batch",
+            &[("owner", "text"), ("item", "text"), ("quantity", "bigint")],
+            r#"{"owner":"user-9","item":"tea","quantity":4}"#,
+            &[
+                r#""owner":"user-9""#,
+                r#""quantity":4"#,
+                r#""version":1"#,
+                r#""initial_quantity":4"#,
+            ],
+        ),
+        (
+            "metrics",
+            &[],
+            "{}",
+            &[r#""name":"consumes""#, r#""description""#],
+        ),
+        ("metrics_prometheus", &[], "{}", &["quota_ext_consumes_total"]),
+        (
+            "rate_check",
+            &[("key", "text"), ("rate", "bigint"), ("per", "interval")],
+            r#"{"key":"rpc:k","rate":10,"per":"1 minute"}"#,
+            &[
+                r#""allowed":true"#,
+                r#""key":"rpc:k""#,
+                r#""rate_limit":10"#,
+                r#""remaining":9"#,
+                r#""reset_after_seconds""#,
+                r#""retry_after_seconds":0"#,
+            ],
+        ),
+        (
+            "rate_reset",
+            &[("key", "text")],
+            r#"{"key":"rpc:k"}"#,
+            &[r#"{"pgrst_call":true}"#],
+        ),
+        (
+            "rate_limit",
+            &[("policy", "text")],
+            r#"{"policy":"default"}"#,
+            &[r#""allowed":true"#, r#""key":"admin""#],
+        ),
+        (
+            "request_rate_decision",
+            &[("method", "text")],
+            r#"{"method":"GET"}"#,
+            &[r#"{"allowed":null"#],
+        ),
+        ("pre_request", &[], "{}", &[r#"{"pgrst_call":""}"#]),
+        ("reset_metrics", &[], "{}", &[r#"{"pgrst_call":""}"#]),
+    ];
+    for (function, args, body, expected) in admin_calls {
+        let out = rpc(&mut c, "service_role", "admin", function, args, body);
+        for e in expected {
+            assert!(out.has(e), "{function}: {e} missing in {}", out.0);
+        }
+    }
+    // Every function of the extension was called above, as PostgREST would call it.
+    let called = [
+        "consume",
+        "require",
+        "refund",
+        "status",
+        "audit_page",
+        "consume_batch_quantity",
+        "consume_item",
+        "near_limit",
+        "set_plan",
+        "set_limit",
+        "set_override",
+        "reset_usage",
+        "prune",
+        "create_batch",
+        "metrics",
+        "metrics_prometheus",
+        "rate_check",
+        "rate_reset",
+        "rate_limit",
+        "request_rate_decision",
+        "pre_request",
+        "reset_metrics",
+        "window_bounds",
+    ];
+    let not_called: Vec<String> = c
+        .query(
+            "SELECT p.proname::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE n.nspname = 'quota' AND p.prorettype <> 'trigger'::regtype
+                AND NOT (p.proname = ANY ($1))",
+            &[&called.iter().map(|s| s.to_string()).collect::<Vec<String>>()],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        not_called.is_empty(),
+        "functions the contract test does not call: {not_called:?}"
+    );
+
     // PostgREST runs STABLE functions in read-only transactions.
     let volatility: Vec<(String, String)> = c
         .query(
