@@ -20,6 +20,9 @@ else
 fi
 
 install_extension
+# The released install scripts, for the upgrade test (cargo pgrx install only copies upgrade
+# scripts, sql/quota_ext--A--B.sql).
+"${SUDO[@]}" install -m 644 "$REPO"/sql/frozen/quota_ext--*.sql "$("$PG_CONFIG" --sharedir)/extension/"
 log "starting a test server on 127.0.0.1:$TEST_PORT ($TEST_DATA)"
 start_server "$TEST_DATA" "$TEST_PORT"
 trap 'stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"; stop_server "$TINY_DATA"' EXIT

@@ -1,6 +1,8 @@
 \echo Use "CREATE EXTENSION quota_ext" to load this file. \quit
 
--- quota_ext schema, version 0.1.0. Tables, indexes and helpers; functions with logic are in Rust.
+-- quota_ext schema, version 0.2.0. Tables, indexes and helpers; functions with logic are in Rust.
+-- Released versions are frozen in sql/frozen/; each later change ships as
+-- sql/quota_ext--<old>--<new>.sql and is added here too, so a fresh install equals an upgrade.
 
 CREATE TABLE quota.plans (
     plan        text PRIMARY KEY CHECK (btrim(plan) <> '' AND octet_length(plan) <= 256),
@@ -25,7 +27,9 @@ CREATE TABLE quota.subjects (
     subject    text        PRIMARY KEY CHECK (btrim(subject) <> '' AND octet_length(subject) <= 256),
     plan       text        NOT NULL REFERENCES quota.plans (plan) ON UPDATE CASCADE,
     time_zone  text        NOT NULL DEFAULT 'UTC',
-    created_at timestamptz NOT NULL DEFAULT now()
+    created_at timestamptz NOT NULL DEFAULT now(),
+    -- 0.2.0: whatever the application keeps about a subject (billing ids, ...).
+    metadata   jsonb       NOT NULL DEFAULT '{}'
 );
 CREATE INDEX subjects_plan_idx ON quota.subjects (plan);
 

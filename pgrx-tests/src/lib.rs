@@ -41,6 +41,22 @@ impl TestDb {
         TestDb { name }
     }
 
+    /// A new database without the extension.
+    pub fn bare(test: &str) -> TestDb {
+        let name = format!(
+            "t_{}_{}_{}",
+            test,
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        );
+        let mut admin = connect_to("postgres");
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+            .unwrap();
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+        TestDb { name }
+    }
+
     pub fn connect(&self) -> Client {
         connect_to(&self.name)
     }

@@ -1,0 +1,165 @@
+//! The released 0.1.0 (sql/frozen/quota_ext--0.1.0.sql), filled with data, then
+//! `ALTER EXTENSION quota_ext UPDATE`: nothing is lost, everything still works, and the result
+//! equals a fresh install of the current version.
+//!
+//! pg_dump --schema-only prints only `CREATE EXTENSION` for an extension's objects, so the
+//! schemas are compared through a fingerprint of the catalogs instead: every relation, column
+//! (with its position, type, nullability and default), index, constraint, function definition,
+//! trigger, policy, type, privilege and extension membership.
+
+use postgres::Client;
+use quota_ext_itests::{connect_to, TestDb};
+
+const SCHEMA_FINGERPRINT: &str = "
+SELECT string_agg(line, E'\\n' ORDER BY line) FROM (
+  SELECT format('rel %s %s rls=%s acl=%s', c.relname, c.relkind, c.relrowsecurity, c.relacl) AS line
+    FROM pg_class c WHERE c.relnamespace = 'quota'::regnamespace
+  UNION ALL
+  SELECT format('col %s.%s #%s %s notnull=%s default=%s', c.relname, a.attname, a.attnum,
+                format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_get_expr(d.adbin, d.adrelid))
+    FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+    LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+   WHERE c.relnamespace = 'quota'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped
+  UNION ALL
+  SELECT format('idx %s', pg_get_indexdef(i.indexrelid))
+    FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid WHERE c.relnamespace = 'quota'::regnamespace
+  UNION ALL
+  SELECT format('con %s %s', conname, pg_get_constraintdef(oid)) FROM pg_constraint
+   WHERE connamespace = 'quota'::regnamespace
+  UNION ALL
+  SELECT format('fn %s acl=%s %s', p.oid::regprocedure, p.proacl, pg_get_functiondef(p.oid))
+    FROM pg_proc p WHERE p.pronamespace = 'quota'::regnamespace
+  UNION ALL
+  SELECT format('trg %s', pg_get_triggerdef(t.oid))
+    FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+   WHERE c.relnamespace = 'quota'::regnamespace AND NOT t.tgisinternal
+  UNION ALL
+  SELECT format('pol %s.%s %s %s', c.relname, p.polname, p.polcmd, pg_get_expr(p.polqual, p.polrelid))
+    FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid WHERE c.relnamespace = 'quota'::regnamespace
+  UNION ALL
+  SELECT format('type %s %s', t.typname, t.typtype) FROM pg_type t WHERE t.typnamespace = 'quota'::regnamespace
+  UNION ALL
+  SELECT format('member %s', pg_describe_object(classid, objid, objsubid)) FROM pg_depend
+   WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
+     AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'quota_ext')
+) lines";
+
+/// Every row of every 0.1.0 table, with 0.1.0's columns.
+const DATA_FINGERPRINT: &str = "
+SELECT concat_ws(E'\\n',
+  (SELECT string_agg(t::text, ',' ORDER BY t::text) FROM quota.plans t),
+  (SELECT string_agg(t::text, ',' ORDER BY t::text) FROM quota.limits t),
+  (SELECT string_agg(row(subject, plan, time_zone, created_at)::text, ',' ORDER BY subject) FROM quota.subjects),
+  (SELECT string_agg(t::text, ',' ORDER BY t::text) FROM quota.overrides t),
+  (SELECT string_agg(t::text, ',' ORDER BY t::text) FROM quota.usage t),
+  (SELECT string_agg(t::text, ',' ORDER BY t::text) FROM quota.idempotency_keys t),
+  (SELECT string_agg(t::text, ',' ORDER BY t.id) FROM quota.audit_log t),
+  (SELECT string_agg(t::text, ',' ORDER BY t::text) FROM quota.batches t),
+  (SELECT string_agg(t::text, ',' ORDER BY t::text) FROM quota.rate_policies t))";
+
+fn text(c: &mut Client, sql: &str) -> String {
+    c.query_one(sql, &[])
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
+#[test]
+fn upgrade_from_0_1_0_keeps_everything_and_equals_a_fresh_install() {
+    // A database with the released 0.1.0, filled the way an application fills it.
+    let old = TestDb::bare("upgrade_old");
+    let mut c = old.connect();
+    c.batch_execute("CREATE EXTENSION quota_ext VERSION '0.1.0'")
+        .unwrap();
+    assert_eq!(
+        text(
+            &mut c,
+            "SELECT extversion FROM pg_extension WHERE extname = 'quota_ext'"
+        ),
+        "0.1.0"
+    );
+    c.batch_execute(
+        "SELECT quota.set_limit('free', 'api', 'day', 10);
+         SELECT quota.set_limit('free', 'api', 'month', 100);
+         SELECT quota.set_limit('pro', 'api', 'day', 1000);
+         SELECT quota.set_plan('tokyo', 'pro', 'Asia/Tokyo');
+         SELECT quota.set_override('vip', 'api', 'day', 50);
+         SELECT quota.consume('ann', 'api', 3, 'order-1');
+         SELECT quota.consume('ann', 'api', 20);
+         SELECT quota.refund('ann', 'api');
+         SELECT quota.consume('tokyo', 'api', 5);
+         SELECT quota.consume('vip', 'api', 7);
+         SELECT quota.create_batch('shop', 'milk', 10, now() + interval '3 days');
+         INSERT INTO quota.rate_policies VALUES ('exports', 'free', 5, '1 hour', NULL, false);",
+    )
+    .unwrap();
+    let batch = text(&mut c, "SELECT id::text FROM quota.batches");
+    c.batch_execute(&format!("SELECT quota.consume_batch_quantity('{batch}', 4)"))
+        .unwrap();
+    let before = text(&mut c, DATA_FINGERPRINT);
+
+    c.batch_execute("ALTER EXTENSION quota_ext UPDATE").unwrap();
+    assert_eq!(
+        text(
+            &mut c,
+            "SELECT extversion FROM pg_extension WHERE extname = 'quota_ext'"
+        ),
+        "0.2.0"
+    );
+    assert_eq!(text(&mut c, DATA_FINGERPRINT), before, "the upgrade changed data");
+
+    // Everything goes on from where it was.
+    let replay: (bool, i64) = {
+        let r = c
+            .query_one(
+                "SELECT replayed, used FROM quota.consume('ann', 'api', 3, 'order-1')",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(replay, (true, 3), "an idempotency key from 0.1.0 still replays");
+    let used: i64 = c
+        .query_one("SELECT used FROM quota.consume('ann', 'api')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(used, 3, "usage continues: 3 - 1 refunded + 1");
+    let limits: String = text(&mut c, "SELECT string_agg(format('%s:%s', subject, quota_limit), ',' ORDER BY subject)
+                                         FROM (SELECT (quota.status(s)).* FROM unnest(ARRAY['tokyo', 'vip']) s) d
+                                        WHERE period = 'day'");
+    assert_eq!(limits, "tokyo:1000,vip:50", "plans and overrides survive");
+    let version: i64 = c
+        .query_one(
+            &format!("SELECT version FROM quota.consume_batch_quantity('{batch}', 1)"),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(version, 3);
+    let audit_rows: i64 = c
+        .query_one("SELECT count(*) FROM quota.audit_page(NULL, NULL, 1000)", &[])
+        .unwrap()
+        .get(0);
+    assert!(audit_rows >= 12, "{audit_rows}");
+    c.batch_execute("UPDATE quota.subjects SET metadata = '{\"stripe\": \"cus_1\"}' WHERE subject = 'tokyo'")
+        .unwrap();
+
+    // The upgraded schema is the schema a fresh install of the current version creates.
+    let fresh = TestDb::new("upgrade_fresh");
+    let mut f = fresh.connect();
+    assert_eq!(
+        text(
+            &mut f,
+            "SELECT extversion FROM pg_extension WHERE extname = 'quota_ext'"
+        ),
+        "0.2.0"
+    );
+    let (upgraded, installed) = (text(&mut c, SCHEMA_FINGERPRINT), text(&mut f, SCHEMA_FINGERPRINT));
+    if upgraded != installed {
+        let a: Vec<&str> = upgraded.lines().collect();
+        let b: Vec<&str> = installed.lines().collect();
+        let only_upgraded: Vec<&&str> = a.iter().filter(|l| !b.contains(l)).collect();
+        let only_fresh: Vec<&&str> = b.iter().filter(|l| !a.contains(l)).collect();
+        panic!("schemas differ\nonly after the upgrade: {only_upgraded:#?}\nonly in a fresh install: {only_fresh:#?}");
+    }
+    drop(connect_to("postgres"));
+}
