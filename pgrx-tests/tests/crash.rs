@@ -56,12 +56,21 @@ fn sigkill_of_a_backend_loses_no_acknowledged_consume() {
                 let stmt = c
                     .prepare(&format!("SELECT allowed FROM quota.consume('s{i}', 'api')"))
                     .unwrap();
+                // Rate checks run beside the consumes, on the shared-memory table the crash resets.
+                let rate = c
+                    .prepare(&format!(
+                        "SELECT allowed FROM quota.rate_check('crash:s{i}', 1000000, '1 second')"
+                    ))
+                    .unwrap();
                 let mut acknowledged = 0i64;
                 while !stop.load(Ordering::Relaxed) {
                     match c.query_one(&stmt, &[]) {
                         Ok(r) if r.get::<_, bool>(0) => acknowledged += 1,
                         Ok(_) => panic!("denied under a limit of a billion"),
                         Err(_) => break, // the crash ended this session
+                    }
+                    if c.query_one(&rate, &[]).is_err() {
+                        break;
                     }
                 }
                 acknowledged
