@@ -25,7 +25,7 @@ install_extension
 "${SUDO[@]}" install -m 644 "$REPO"/sql/frozen/quota_ext--*.sql "$("$PG_CONFIG" --sharedir)/extension/"
 log "starting a test server on 127.0.0.1:$TEST_PORT ($TEST_DATA)"
 start_server "$TEST_DATA" "$TEST_PORT"
-trap 'stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"; stop_server "$TINY_DATA"' EXIT
+trap 'stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"; stop_server "$TINY_DATA"; stop_server "$STANDBY_DATA"' EXIT
 # The roles a Supabase project has, so CREATE EXTENSION grants to them as it would there. The
 # server without the preload has none: there nothing is granted.
 pg_psql "$TEST_PORT" -d postgres <<'SQL'
@@ -35,6 +35,19 @@ CREATE ROLE service_role NOLOGIN BYPASSRLS;
 CREATE ROLE authenticator LOGIN NOINHERIT;
 GRANT anon, authenticated, service_role TO authenticator;
 SQL
+# A hot standby of the test server, for the rate path on a replica.
+STANDBY_DATA=/tmp/quota_ext-itest-standby
+STANDBY_PORT=${QUOTA_EXT_STANDBY_PORT:-54322}
+log "starting a hot standby of the test server on 127.0.0.1:$STANDBY_PORT"
+pg_psql "$TEST_PORT" -d postgres -c "CREATE DATABASE standby_check"
+pg_psql "$TEST_PORT" -d standby_check -c "CREATE EXTENSION quota_ext" -c "SELECT quota.set_limit('free', 'api', 'day', 5)" >/dev/null
+stop_server "$STANDBY_DATA" 2>/dev/null || true
+"${SUDO[@]}" rm -rf "$STANDBY_DATA"
+as_pg "$PG_BIN/pg_basebackup" -h 127.0.0.1 -p "$TEST_PORT" -U postgres -D "$STANDBY_DATA" -R -X stream
+printf "port = %s\nunix_socket_directories = '%s'\n" "$STANDBY_PORT" "$STANDBY_DATA" | as_pg tee -a "$STANDBY_DATA/postgresql.conf" >/dev/null
+as_pg "$PG_BIN/pg_ctl" -D "$STANDBY_DATA" -l "$STANDBY_DATA/standby.log" -w start >/dev/null \
+    || { tail -20 "$STANDBY_DATA/standby.log" >&2; die "the standby did not start"; }
+
 TINY_DATA=/tmp/quota_ext-itest-tiny
 TINY_PORT=${QUOTA_EXT_TINY_PORT:-54321}
 log "starting a server with a tiny bucket table on 127.0.0.1:$TINY_PORT"
@@ -72,18 +85,18 @@ stop_pgbouncer() {
 }
 log "starting pgbouncer (transaction mode) on 127.0.0.1:$BOUNCER_PORT"
 start_pgbouncer
-trap 'stop_pgbouncer; stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"; stop_server "$TINY_DATA"' EXIT
+trap 'stop_pgbouncer; stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"; stop_server "$TINY_DATA"; stop_server "$STANDBY_DATA"' EXIT
 
 log "pgrx-tests: external suites"
 (cd "$REPO/pgrx-tests" && QUOTA_EXT_TEST_PORT=$TEST_PORT QUOTA_EXT_NOPRELOAD_PORT=$NOPRELOAD_PORT \
-    QUOTA_EXT_PGBOUNCER_PORT=$BOUNCER_PORT QUOTA_EXT_TINY_PORT=$TINY_PORT \
+    QUOTA_EXT_PGBOUNCER_PORT=$BOUNCER_PORT QUOTA_EXT_TINY_PORT=$TINY_PORT QUOTA_EXT_STANDBY_PORT=$STANDBY_PORT \
     cargo test -- --test-threads=2)   # the crash test is #[ignore]d here and run below
 
 log "crash test on a server of its own (SIGKILL of a backend)"
 CRASH_DATA=/tmp/quota_ext-itest-crash
 CRASH_PORT=${QUOTA_EXT_CRASH_PORT:-54320}
 start_server "$CRASH_DATA" "$CRASH_PORT"
-trap 'stop_pgbouncer; stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"; stop_server "$TINY_DATA"; stop_server "$CRASH_DATA"' EXIT
+trap 'stop_pgbouncer; stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"; stop_server "$TINY_DATA"; stop_server "$STANDBY_DATA"; stop_server "$CRASH_DATA"' EXIT
 (cd "$REPO/pgrx-tests" && QUOTA_EXT_CRASH_PORT=$CRASH_PORT cargo test --test crash -- --ignored)
 grep -q "terminated by signal 9" "$CRASH_DATA/server.log" || die "the crash test did not crash a backend"
 

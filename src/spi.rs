@@ -37,6 +37,11 @@ fn prepared(client: &SpiClient<'_>, stmt: &'static Stmt) -> Rc<OwnedPreparedStat
 
 /// Execute a kept statement. The Rc is cloned out of the cache first, so a statement that
 /// re-enters quota_ext (a user trigger, say) finds the cache free.
+///
+/// Executed through `select`, not `update`: pgrx's `update` marks the transaction as mutable by
+/// assigning it a transaction ID, which every read would then burn, and which fails on a hot
+/// standby. The plans are prepared read-write, so each execution still takes a fresh snapshot,
+/// and PostgreSQL assigns an ID by itself when a statement does write.
 pub fn run<'conn>(
     client: &mut SpiClient<'conn>,
     stmt: &'static Stmt,
@@ -44,7 +49,7 @@ pub fn run<'conn>(
 ) -> SpiTupleTable<'conn> {
     let plan = prepared(client, stmt);
     client
-        .update(&*plan, None, args)
+        .select(&*plan, None, args)
         .unwrap_or_else(|e| panic!("quota_ext: statement failed: {e}"))
 }
 

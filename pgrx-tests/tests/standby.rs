@@ -1,0 +1,61 @@
+//! The rate path on a hot standby: it writes no table (rate_check runs no SQL, rate_limit only
+//! reads policies), so it works on a read-only replica with buckets of the replica's own, while
+//! the quota path, which writes, is refused as any write is there.
+
+use postgres::{Client, NoTls};
+
+#[test]
+fn rate_limits_work_on_a_hot_standby() {
+    let port: u16 = std::env::var("QUOTA_EXT_STANDBY_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .expect("QUOTA_EXT_STANDBY_PORT is not set: run these tests through scripts/test.sh");
+    let mut c = Client::connect(
+        &format!("host=127.0.0.1 port={port} user=postgres dbname=standby_check"),
+        NoTls,
+    )
+    .unwrap();
+    let in_recovery: bool = c.query_one("SELECT pg_is_in_recovery()", &[]).unwrap().get(0);
+    assert!(in_recovery, "this must be a standby");
+
+    let allowed = |c: &mut Client| -> bool {
+        c.query_one(
+            "SELECT allowed FROM quota.rate_check('standby:k', 2, '1 hour')",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    assert!(allowed(&mut c));
+    assert!(allowed(&mut c));
+    assert!(!allowed(&mut c), "the burst of 2 is spent");
+    let (key, limit): (String, i64) = {
+        let r = c
+            .query_one(
+                "SELECT key, rate_limit FROM quota.rate_limit('default', 'standby-user')",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(
+        (key.as_str(), limit),
+        ("standby-user", 20),
+        "policies are read on the replica"
+    );
+    let checks: i64 = c
+        .query_one(
+            "SELECT value FROM quota.metrics() WHERE name = 'rate_checks'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(checks >= 4);
+
+    let err = c.batch_execute("SELECT quota.consume('ann', 'api')").unwrap_err();
+    assert_eq!(
+        err.code().map(|s| s.code()),
+        Some("25006"),
+        "quotas write, and a standby is read-only: {err}"
+    );
+}
