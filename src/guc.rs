@@ -49,10 +49,15 @@ pub fn init() {
 }
 
 pub fn default_plan() -> String {
-    DEFAULT_PLAN
-        .get()
-        .and_then(|c| c.into_string().ok())
-        .unwrap_or_else(|| "free".to_string())
+    // SAFETY: the setting's C string, copied at once; NULL only if reset to no value.
+    unsafe {
+        let p = *DEFAULT_PLAN.as_ptr();
+        if p.is_null() {
+            "free".to_string()
+        } else {
+            std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    }
 }
 
 pub fn audit_wanted(success: bool) -> bool {

@@ -196,11 +196,26 @@ thread_local! {
         const { std::cell::RefCell::new((String::new(), None)) };
 }
 
+/// A setting's current text, borrowed (valid until the setting changes; used at once).
+fn config_bytes(name: &CStr) -> &'static [u8] {
+    // SAFETY: GetConfigOption returns NULL or a NUL-terminated string owned by the GUC machinery;
+    // it is read before anything can change the setting.
+    unsafe {
+        let p = pg_sys::GetConfigOption(name.as_ptr(), true, false);
+        if p.is_null() {
+            &[]
+        } else {
+            CStr::from_ptr(p).to_bytes()
+        }
+    }
+}
+
 pub fn request_info() -> Result<RequestInfo> {
-    let claims = config(c"request.jwt.claims").unwrap_or_default();
+    let raw_claims = config_bytes(c"request.jwt.claims");
     let (sub, plan) = LAST_CLAIMS.with(|c| -> Result<(Option<String>, Option<String>)> {
         let mut c = c.borrow_mut();
-        if c.0 != claims || claims.is_empty() {
+        if c.0.as_bytes() != raw_claims {
+            let claims = String::from_utf8_lossy(raw_claims).into_owned();
             let (sub, plan) = if claims.trim().is_empty() {
                 (None, None)
             } else {
@@ -219,15 +234,22 @@ pub fn request_info() -> Result<RequestInfo> {
                     .map(str::to_string);
                 (sub, plan)
             };
-            *c = (claims.clone(), sub, plan);
+            *c = (claims, sub, plan);
         }
         Ok((c.1.clone(), c.2.clone()))
     })?;
-    let sub = sub.or_else(|| config(c"request.jwt.claim.sub").filter(|s| !s.is_empty()));
-    let headers = config(c"request.headers").unwrap_or_default();
+    let sub = match sub {
+        Some(s) => Some(s),
+        None => {
+            let legacy = config_bytes(c"request.jwt.claim.sub");
+            (!legacy.is_empty()).then(|| String::from_utf8_lossy(legacy).into_owned())
+        }
+    };
+    let raw_headers = config_bytes(c"request.headers");
     let client_ip = LAST_HEADERS.with(|h| {
         let mut h = h.borrow_mut();
-        if h.0 != headers {
+        if h.0.as_bytes() != raw_headers {
+            let headers = String::from_utf8_lossy(raw_headers).into_owned();
             let ip = serde_json::from_str::<serde_json::Value>(&headers)
                 .ok()
                 .and_then(|v| {
@@ -237,7 +259,7 @@ pub fn request_info() -> Result<RequestInfo> {
                         .map(|x| x.trim().to_string())
                         .filter(|x| !x.is_empty())
                 });
-            *h = (headers.clone(), ip);
+            *h = (headers, ip);
         }
         h.1.clone()
     });
