@@ -25,20 +25,9 @@ pub struct TestDb {
 
 impl TestDb {
     pub fn new(test: &str) -> TestDb {
-        let name = format!(
-            "t_{}_{}_{}",
-            test,
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::SeqCst)
-        );
-        let mut admin = connect_to("postgres");
-        admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
-            .unwrap();
-        admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
-        let mut c = connect_to(&name);
-        c.batch_execute("CREATE EXTENSION quota_ext").unwrap();
-        TestDb { name }
+        let db = TestDb::bare(test);
+        db.connect().batch_execute("CREATE EXTENSION quota_ext").unwrap();
+        db
     }
 
     /// A new database without the extension.
@@ -77,6 +66,13 @@ pub fn one_i64(c: &mut Client, sql: &str) -> i64 {
     c.query_one(sql, &[])
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
         .get(0)
+}
+
+/// SQLSTATE of an error (or its text when it is not a server error).
+pub fn code(e: &postgres::Error) -> String {
+    e.code()
+        .map(|c| c.code().to_string())
+        .unwrap_or_else(|| e.to_string())
 }
 
 /// SQLSTATE of a failed statement, or None when it succeeded.

@@ -1,18 +1,12 @@
 //! Inventory batches under real concurrency: exact totals, one winner per expected version, and
 //! no deadlock between callers whose batch sets overlap.
 
-use quota_ext_itests::{one_i64, TestDb};
+use quota_ext_itests::{code, one_i64, TestDb};
 use rand::Rng;
 use std::sync::{Arc, Barrier};
 use std::thread;
 
 const SESSIONS: usize = 8;
-
-fn code(e: &postgres::Error) -> String {
-    e.code()
-        .map(|c| c.code().to_string())
-        .unwrap_or_else(|| e.to_string())
-}
 
 #[test]
 fn eight_sessions_drain_a_batch_exactly() {

@@ -1,13 +1,7 @@
 //! rate_limit() by policy and plan, and pre_request() driven the way PostgREST drives it.
 
 use postgres::Client;
-use quota_ext_itests::{one_i64, TestDb};
-
-fn code(e: &postgres::Error) -> String {
-    e.code()
-        .map(|c| c.code().to_string())
-        .unwrap_or_else(|| e.to_string())
-}
+use quota_ext_itests::{code, one_i64, TestDb};
 
 /// One PostgREST request: its transaction, role and request.* settings, then `sql`.
 fn request(

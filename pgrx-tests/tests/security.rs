@@ -3,15 +3,9 @@
 //! PostgREST shapes them, and a transaction-mode pooler.
 
 use postgres::{Client, NoTls};
-use quota_ext_itests::{one_i64, table_counts, TestDb};
+use quota_ext_itests::{code, one_i64, table_counts, TestDb};
 use std::sync::{Arc, Barrier};
 use std::thread;
-
-fn code(e: &postgres::Error) -> String {
-    e.code()
-        .map(|c| c.code().to_string())
-        .unwrap_or_else(|| e.to_string())
-}
 
 fn err(c: &mut Client, sql: &str) -> Option<String> {
     c.batch_execute(sql).err().map(|e| code(&e))
