@@ -85,19 +85,21 @@ fn create_batch(
             .expect("INSERT RETURNING gives one row");
             let batch =
                 spi::get::<pgrx::composite_type!('static, "quota.batches")>(&row, 1).expect("the row");
-            audit::record(
-                client,
-                audit::Entry {
-                    subject: Some(&owner),
-                    action: "create_batch",
-                    metric: Some(&item),
-                    amount: Some(q),
-                    success: true,
-                    reason: "admin",
-                    details: json!({"quantity": q}),
-                    idempotency_key: None,
-                },
-            );
+            if guc::audit_wanted(true) {
+                audit::record(
+                    client,
+                    audit::Entry {
+                        subject: Some(&owner),
+                        action: "create_batch",
+                        metric: Some(&item),
+                        amount: Some(q),
+                        success: true,
+                        reason: "admin",
+                        details: json!({"quantity": q}),
+                        idempotency_key: None,
+                    },
+                );
+            }
             batch
         }))
     })()

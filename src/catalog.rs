@@ -47,3 +47,28 @@ pub fn quota_type(name: &CStr) -> pg_sys::Oid {
     }
     oid
 }
+
+/// The result row type of the function being called, resolved and blessed on the first call
+/// at this call site and kept in `fn_extra` (the hot path then looks nothing up).
+///
+/// # Safety
+/// `fcinfo` must be the call's own, for a function returning a composite type.
+pub unsafe fn result_tupdesc(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::TupleDesc {
+    unsafe {
+        let flinfo = (*fcinfo).flinfo;
+        if !(*flinfo).fn_extra.is_null() {
+            return (*flinfo).fn_extra.cast();
+        }
+        let mut td: pg_sys::TupleDesc = std::ptr::null_mut();
+        let kind = pg_sys::get_call_result_type(fcinfo, std::ptr::null_mut(), &mut td);
+        if kind != pg_sys::TypeFuncClass::TYPEFUNC_COMPOSITE || td.is_null() {
+            pgrx::error!("quota_ext: this function must return a composite type");
+        }
+        let previous = pg_sys::CurrentMemoryContext;
+        pg_sys::CurrentMemoryContext = (*flinfo).fn_mcxt;
+        let kept = pg_sys::BlessTupleDesc(pg_sys::CreateTupleDescCopy(td));
+        pg_sys::CurrentMemoryContext = previous;
+        (*flinfo).fn_extra = kept.cast();
+        kept
+    }
+}

@@ -13,6 +13,7 @@ use crate::guc;
 use crate::identity::{self, AsOwner};
 use crate::metrics::{self, Counter};
 use crate::spi::{self, Stmt};
+use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::PgBuiltInOids as T;
@@ -575,10 +576,11 @@ fn consume(
     metric: default!(Option<&str>, "NULL"),
     amount: default!(Option<i64>, 1),
     idempotency_key: default!(Option<&str>, "NULL"),
+    fcinfo: pg_sys::FunctionCallInfo,
 ) -> pgrx::composite_type!('static, "quota.decision") {
     run_request(Action::Consume, subject, metric, amount, idempotency_key)
         .or_raise()
-        .into_row()
+        .into_row(Some(fcinfo))
 }
 
 /// Give usage back in the current windows (never below zero).
@@ -589,10 +591,11 @@ fn refund(
     metric: default!(Option<&str>, "NULL"),
     amount: default!(Option<i64>, 1),
     idempotency_key: default!(Option<&str>, "NULL"),
+    fcinfo: pg_sys::FunctionCallInfo,
 ) -> pgrx::composite_type!('static, "quota.decision") {
     run_request(Action::Refund, subject, metric, amount, idempotency_key)
         .or_raise()
-        .into_row()
+        .into_row(Some(fcinfo))
 }
 
 static STATUS: Stmt = Stmt {
@@ -648,7 +651,9 @@ fn status(
     drop(_owner);
     let decisions: Vec<DecisionRow> = rows
         .into_iter()
-        .map(|(metric, w)| Decision::from_window(&subject, &metric, &w, w.remaining() > 0, false).into_row())
+        .map(|(metric, w)| {
+            Decision::from_window(&subject, &metric, &w, w.remaining() > 0, false).into_row(None)
+        })
         .collect();
     SetOfIterator::new(decisions)
 }

@@ -443,31 +443,6 @@ pub fn interval_ns(i: &Interval) -> i128 {
     (i.months() as i128 * 30 + i.days() as i128) * 86_400_000_000_000 + i.micros() as i128 * 1000
 }
 
-/// The result row type of the function being called, resolved and blessed on the first call
-/// at this call site and kept in `fn_extra` (the hot path then looks nothing up).
-///
-/// # Safety
-/// `fcinfo` must be the call's own, for a function returning a composite type.
-pub unsafe fn result_tupdesc(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::TupleDesc {
-    unsafe {
-        let flinfo = (*fcinfo).flinfo;
-        if !(*flinfo).fn_extra.is_null() {
-            return (*flinfo).fn_extra.cast();
-        }
-        let mut td: pg_sys::TupleDesc = std::ptr::null_mut();
-        let kind = pg_sys::get_call_result_type(fcinfo, std::ptr::null_mut(), &mut td);
-        if kind != pg_sys::TypeFuncClass::TYPEFUNC_COMPOSITE || td.is_null() {
-            pgrx::error!("quota_ext: this function must return a composite type");
-        }
-        let previous = pg_sys::CurrentMemoryContext;
-        pg_sys::CurrentMemoryContext = (*flinfo).fn_mcxt;
-        let kept = pg_sys::BlessTupleDesc(pg_sys::CreateTupleDescCopy(td));
-        pg_sys::CurrentMemoryContext = previous;
-        (*flinfo).fn_extra = kept.cast();
-        kept
-    }
-}
-
 pub fn decision_row(
     fcinfo: pg_sys::FunctionCallInfo,
     key: &str,
@@ -487,7 +462,7 @@ pub fn decision_row(
     // site, so it is wrapped without reference counting; the datums are in
     // quota.rate_decision's column order and of its column types.
     unsafe {
-        let tupdesc = PgTupleDesc::from_pg_unchecked(result_tupdesc(fcinfo));
+        let tupdesc = PgTupleDesc::from_pg_unchecked(crate::catalog::result_tupdesc(fcinfo));
         PgHeapTuple::from_datums(tupdesc, datums)
     }
     .unwrap_or_else(|e| pgrx::error!("cannot form quota.rate_decision: {e}"))
