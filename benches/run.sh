@@ -60,8 +60,9 @@ for s in consume_random naive_random consume_hot naive_hot upsert_audit_random b
 done
 
 CASES=(select1 consume_random naive_random upsert_audit_random consume_random:quota_ext.audit=off consume_hot naive_hot
-       batch_random plain_update_random batch_hot plain_update_hot
-       select1b rate_random rate_hot rate_limit_random plpgsql_bucket_random plpgsql_bucket_hot redis_lua)
+       batch_random plain_update_random batch_floor_random batch_hot plain_update_hot plain_update_pkonly_random
+       select1b rate_random rate_hot rate_limit_random rate_random_param plpgsql_bucket_random plpgsql_bucket_hot
+       redis_lua)
 declare -A RUNS TPS
 for round in $(seq "$ROUNDS"); do
     for s in "${CASES[@]}"; do
@@ -107,16 +108,19 @@ ratio_of() { # ratio_of CASE BASELINE -> median over rounds of CASE/BASELINE
     echo "| case | tps | vs plain UPDATE (same rows) |"
     echo "|---|---:|---:|"
     echo "| quota.consume_batch_quantity, 1 000 batches | ${TPS[batch_random]} | **$(ratio_of batch_random plain_update_random)** |"
-    echo '| plain `UPDATE ... SET quantity = quantity - $1 WHERE id = $2 AND quantity >= $1`, 1 000 batches | '"${TPS[plain_update_random]}"' | 1.00 |'
+    echo '| plain `UPDATE quota.batches SET quantity = quantity - $1 WHERE id = $2 AND quantity >= $1`, 1 000 batches | '"${TPS[plain_update_random]}"' | 1.00 |'
     echo "| quota.consume_batch_quantity, one hot batch | ${TPS[batch_hot]} | **$(ratio_of batch_hot plain_update_hot)** |"
     echo "| plain UPDATE, one hot batch | ${TPS[plain_update_hot]} | 1.00 |"
+    echo "| (for comparison) hand-written SQL doing what consume_batch_quantity writes (UPDATE + audit row, one statement), 1 000 batches | ${TPS[batch_floor_random]} | $(ratio_of batch_floor_random plain_update_random) |"
+    echo "| (for comparison) the plain UPDATE on a copy of the rows in a table with only a primary key (HOT updates), 1 000 batches | ${TPS[plain_update_pkonly_random]} | $(ratio_of plain_update_pkonly_random plain_update_random) |"
     echo
     echo 'Rate limits (shared memory, no table writes; `SELECT 1` measured again in the same round):'
     echo
     echo "| case | tps | vs SELECT 1 |"
     echo "|---|---:|---:|"
     echo '| `SELECT 1` | '"${TPS[select1b]}"' | 1.00 |'
-    echo "| quota.rate_check, 10 000 random keys | ${TPS[rate_random]} | **$(ratio_of rate_random select1b)** |"
+    echo "| quota.rate_check, 10 000 random keys (drawn by the server: no parameter, like SELECT 1) | ${TPS[rate_random]} | **$(ratio_of rate_random select1b)** |"
+    echo "| quota.rate_check, 10 000 random keys sent by the client as a bind parameter | ${TPS[rate_random_param]} | $(ratio_of rate_random_param select1b) |"
     echo "| quota.rate_check, one hot key | ${TPS[rate_hot]} | **$(ratio_of rate_hot select1b)** |"
     echo "| quota.rate_limit (policy path: policy and plan resolved from the backend cache), 10 000 random keys | ${TPS[rate_limit_random]} | **$(ratio_of rate_limit_random select1b)** |"
     echo "| plpgsql GCRA bucket on an UNLOGGED table, 10 000 random keys | ${TPS[plpgsql_bucket_random]} | $(ratio_of plpgsql_bucket_random select1b) |"

@@ -51,7 +51,9 @@ as_pg "$PG_BIN/pg_ctl" -D "$STANDBY_DATA" -l "$STANDBY_DATA/standby.log" -w star
 TINY_DATA=/tmp/quota_ext-itest-tiny
 TINY_PORT=${QUOTA_EXT_TINY_PORT:-54321}
 log "starting a server with a tiny bucket table on 127.0.0.1:$TINY_PORT"
-start_server "$TINY_DATA" "$TINY_PORT" "quota_ext.rate_max_keys = 64"
+# ... and a tiny audit queue that no writer can drain (no background worker may start).
+start_server "$TINY_DATA" "$TINY_PORT" "quota_ext.rate_max_keys = 64" "quota_ext.audit_queue_size = 16" \
+    "max_worker_processes = 0"
 log "starting a server without the preload on 127.0.0.1:$NOPRELOAD_PORT"
 start_server "$NOPRELOAD_DATA" "$NOPRELOAD_PORT" "shared_preload_libraries = ''"
 

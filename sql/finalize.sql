@@ -12,7 +12,8 @@ AS $$
 DECLARE
     d quota.decision;
 BEGIN
-    d := quota.consume(subject, metric, amount, idempotency_key);
+    -- consume, but a denial's audit row is queued: the raise below rolls this transaction back.
+    d := quota.require_decision(subject, metric, amount, idempotency_key);
     IF NOT d.allowed THEN
         RAISE EXCEPTION USING
             ERRCODE = 'PT429',
@@ -117,6 +118,7 @@ BEGIN
         GRANT EXECUTE ON FUNCTION
             quota.consume(text, text, bigint, text),
             quota.require(text, text, bigint, text),
+            quota.require_decision(text, text, bigint, text),
             quota.refund(text, text, bigint, text),
             quota.status(text),
             quota.audit_page(text, bigint, integer),

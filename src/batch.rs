@@ -3,6 +3,7 @@
 //! owner's batches, earliest expiry first.
 
 use crate::audit;
+use crate::audit_queue;
 use crate::error::{OrRaise, QuotaError, Result};
 use crate::guc;
 use crate::identity::{self, AsOwner};
@@ -138,7 +139,7 @@ SELECT quantity, version FROM b",
 /// Why a consumption was refused: read after the fact, which is sound because a batch's quantity
 /// only falls, its version only rises and its owner never changes.
 static DIAGNOSE: Stmt = Stmt {
-    sql: "SELECT owner, quantity, version FROM quota.batches WHERE id = $1",
+    sql: "SELECT owner, quantity, version, item FROM quota.batches WHERE id = $1",
     args: &[T::UUIDOID],
 };
 
@@ -230,7 +231,24 @@ fn consume_batch_quantity(
                     spi::get::<i64>(&r, 2).expect("version"),
                 ));
             }
+            let refusal = |subject: Option<&str>, item: Option<&str>, reason: &str, details| {
+                audit_queue::refusal(audit_queue::Refusal {
+                    subject,
+                    action: "consume_batch",
+                    metric: item,
+                    amount: Some(q),
+                    reason,
+                    details,
+                    idempotency_key: None,
+                })
+            };
             let Some(r) = spi::run(client, &DIAGNOSE, &[id.into()]).next() else {
+                refusal(
+                    me.as_deref(),
+                    None,
+                    "unknown_batch",
+                    json!({"batch_id": id.to_string(), "requested": q}),
+                );
                 return Err(QuotaError::UnknownBatch(id.to_string()));
             };
             let owner = spi::get::<String>(&r, 1).expect("owner");
@@ -238,16 +256,38 @@ fn consume_batch_quantity(
                 spi::get::<i64>(&r, 2).expect("quantity"),
                 spi::get::<i64>(&r, 3).expect("version"),
             );
-            if me.as_ref().is_some_and(|me| *me != owner) {
+            let item = spi::get::<String>(&r, 4).expect("item");
+            if let Some(me) = me.as_ref().filter(|me| **me != owner) {
+                // Recorded under the caller, without the batch's owner or contents.
+                refusal(
+                    Some(me),
+                    None,
+                    "not_owner",
+                    json!({"batch_id": id.to_string(), "requested": q}),
+                );
                 return Err(QuotaError::OtherSubject { requested: owner });
             }
             if let Some(expected) = p_expected_version.filter(|e| *e != version) {
+                refusal(
+                    Some(&owner),
+                    Some(&item),
+                    "version_conflict",
+                    json!({"batch_id": id.to_string(), "requested": q, "available": quantity,
+                           "expected_version": expected, "version": version}),
+                );
                 return Err(refuse(QuotaError::VersionConflict {
                     id: id.to_string(),
                     expected,
                     actual: version,
                 }));
             }
+            refusal(
+                Some(&owner),
+                Some(&item),
+                "insufficient_quantity",
+                json!({"batch_id": id.to_string(), "requested": q, "available": quantity,
+                       "expected_version": p_expected_version, "version": version}),
+            );
             Err(refuse(QuotaError::Insufficient {
                 what: format!("batch {id}"),
                 requested: q,
@@ -336,6 +376,20 @@ fn consume_item(
             }
             let available: i64 = locked.iter().map(|b| b.1).fold(0i64, |a, b| a.saturating_add(b));
             if available < q {
+                audit_queue::refusal(audit_queue::Refusal {
+                    subject: Some(&owner),
+                    action: "consume_item",
+                    metric: Some(&item),
+                    amount: Some(q),
+                    reason: "insufficient_quantity",
+                    details: json!({
+                        "strategy": if fifo { "fifo" } else { "fefo" },
+                        "requested": q,
+                        "available": available,
+                        "batches": locked.len(),
+                    }),
+                    idempotency_key: None,
+                });
                 return Err(refuse(QuotaError::Insufficient {
                     what: format!("item \"{item}\" of owner \"{owner}\""),
                     requested: q,

@@ -6,6 +6,7 @@ use pgrx::prelude::*;
 ::pgrx::pg_module_magic!(name, version);
 
 mod audit;
+mod audit_queue;
 mod batch;
 mod cache;
 mod catalog;
@@ -27,6 +28,7 @@ pub extern "C-unwind" fn _PG_init() {
     cache::init();
     metrics::init();
     rate::init();
+    audit_queue::init();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -26,9 +26,12 @@ pub enum Counter {
     ShadowDenials,
     Evictions,
     FullTableEvents,
+    AuditQueued,
+    AuditWritten,
+    AuditDropped,
 }
 
-const COUNTERS: [(&str, &str); 12] = [
+const COUNTERS: [(&str, &str); 15] = [
     ("consumes", "quota.consume/require calls that granted"),
     ("denials", "quota.consume/require calls that denied"),
     ("refunds", "quota.refund calls"),
@@ -58,6 +61,15 @@ const COUNTERS: [(&str, &str); 12] = [
     (
         "full_table_events",
         "new keys that found the bucket table full with nothing to evict",
+    ),
+    (
+        "audit_queued",
+        "audit rows of refusals that raise, queued for the audit writer",
+    ),
+    ("audit_written", "queued audit rows the audit writer wrote"),
+    (
+        "audit_dropped",
+        "queued audit rows lost: queue full, row too large, or database gone",
     ),
 ];
 
@@ -115,6 +127,12 @@ pub fn preloaded() -> bool {
 pub fn count(c: Counter) {
     if preloaded() {
         SHARED.get().0[my_shard()].0[c as usize].fetch_add(1, Relaxed);
+    }
+}
+
+pub fn count_n(c: Counter, n: u64) {
+    if preloaded() && n > 0 {
+        SHARED.get().0[my_shard()].0[c as usize].fetch_add(n, Relaxed);
     }
 }
 

@@ -6,6 +6,7 @@
 //! version, so the sum granted never passes the limit.
 
 use crate::audit;
+use crate::audit_queue;
 use crate::cache;
 use crate::decision::{latest_reset, least_remaining, Decision, DecisionRow, Window};
 use crate::error::{OrRaise, QuotaError, Result};
@@ -306,6 +307,9 @@ struct Request<'a> {
     metric: &'a str,
     amount: i64,
     key: Option<&'a str>,
+    /// A denial is about to be raised (require): its audit row goes to the audit writer, as the
+    /// raise will roll back the caller's transaction.
+    queue_denial: bool,
 }
 
 impl Request<'_> {
@@ -513,19 +517,31 @@ fn decide(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
             .find(|w| Some(&w.period) == decision.period.as_ref())
             .unwrap_or(&ws[0]);
         let details = details_json(&plan, binding, &ws);
-        audit::record(
-            client,
-            audit::Entry {
+        if req.queue_denial && !decision.allowed {
+            audit_queue::refusal(audit_queue::Refusal {
                 subject: Some(subject),
                 action: req.action.name(),
                 metric: Some(metric),
                 amount: Some(amount),
-                success: decision.allowed,
                 reason,
                 details,
                 idempotency_key: req.key,
-            },
-        );
+            });
+        } else {
+            audit::record(
+                client,
+                audit::Entry {
+                    subject: Some(subject),
+                    action: req.action.name(),
+                    metric: Some(metric),
+                    amount: Some(amount),
+                    success: decision.allowed,
+                    reason,
+                    details,
+                    idempotency_key: req.key,
+                },
+            );
+        }
     }
     store_key(client, req, &decision);
     Ok(decision)
@@ -548,6 +564,7 @@ fn run_request(
     metric: Option<&str>,
     amount: Option<i64>,
     idempotency_key: Option<&str>,
+    queue_denial: bool,
 ) -> Result<Decision> {
     let metric = check_metric(metric)?;
     let amount = check_amount(amount)?;
@@ -563,6 +580,7 @@ fn run_request(
                 metric: &metric,
                 amount,
                 key: key.as_deref(),
+                queue_denial,
             },
         )
     })
@@ -578,7 +596,25 @@ fn consume(
     idempotency_key: default!(Option<&str>, "NULL"),
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pgrx::composite_type!('static, "quota.decision") {
-    run_request(Action::Consume, subject, metric, amount, idempotency_key)
+    run_request(Action::Consume, subject, metric, amount, idempotency_key, false)
+        .or_raise()
+        .into_row(Some(fcinfo))
+}
+
+/// What quota.require decides, without raising: consume, except that a denial's audit row is
+/// queued for the audit writer instead of written in the caller's transaction, which the
+/// PT429 that require raises next rolls back. Called by require (plpgsql, since PostgreSQL
+/// raises custom SQLSTATEs from there and pgrx cannot).
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn require_decision(
+    subject: default!(Option<&str>, "NULL"),
+    metric: default!(Option<&str>, "NULL"),
+    amount: default!(Option<i64>, 1),
+    idempotency_key: default!(Option<&str>, "NULL"),
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pgrx::composite_type!('static, "quota.decision") {
+    run_request(Action::Consume, subject, metric, amount, idempotency_key, true)
         .or_raise()
         .into_row(Some(fcinfo))
 }
@@ -593,7 +629,7 @@ fn refund(
     idempotency_key: default!(Option<&str>, "NULL"),
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pgrx::composite_type!('static, "quota.decision") {
-    run_request(Action::Refund, subject, metric, amount, idempotency_key)
+    run_request(Action::Refund, subject, metric, amount, idempotency_key, false)
         .or_raise()
         .into_row(Some(fcinfo))
 }

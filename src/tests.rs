@@ -264,7 +264,8 @@ mod tests {
             Some(0)
         );
         assert_eq!(one::<i64>("SELECT remaining FROM quota.status('ivy')"), Some(10));
-        let actions = one::<String>("SELECT string_agg(action, ',' ORDER BY id) FROM quota.audit_log");
+        let actions =
+            one::<String>("SELECT string_agg(action, ',' ORDER BY id) FROM quota.audit_log WHERE success");
         assert_eq!(actions, Some("set_limit,consume,refund,refund".into()));
     }
 

@@ -1,2 +1,1 @@
-\set k random(1, 10000)
-SELECT quota.rate_limit('bench', 'user-' || :k);
+SELECT quota.rate_limit('bench', 'user-' || (random() * 9999)::int);

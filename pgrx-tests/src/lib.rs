@@ -87,7 +87,9 @@ pub fn sqlstate(c: &mut Client, sql: &str) -> Option<String> {
     }
 }
 
-/// Row counts of every quota.* table, to show that a refused call changed nothing.
+/// Row counts of every quota.* table, to show that a refused call changed nothing. Audit rows
+/// of refusals arrive later from the audit writer (tests check them with settles_at), so
+/// audit_log counts the rows of granted calls only.
 pub fn table_counts(c: &mut Client) -> Vec<(String, i64)> {
     let tables = [
         "plans",
@@ -103,7 +105,14 @@ pub fn table_counts(c: &mut Client) -> Vec<(String, i64)> {
         .map(|t| {
             (
                 t.to_string(),
-                one_i64(c, &format!("SELECT count(*) FROM quota.{t}")),
+                one_i64(
+                    c,
+                    &if *t == "audit_log" {
+                        "SELECT count(*) FROM quota.audit_log WHERE success".to_string()
+                    } else {
+                        format!("SELECT count(*) FROM quota.{t}")
+                    },
+                ),
             )
         })
         .collect()
@@ -118,4 +127,21 @@ pub fn usage_fingerprint(c: &mut Client) -> String {
     )
     .unwrap()
     .get(0)
+}
+
+/// Audit rows of refusals that raise are written by the audit writer, not by the caller's
+/// transaction: poll `sql` (one bigint) until it gives `expected` (at most 30 s), then check
+/// it stays there a moment, so rows written twice or late would show. Returns the last value.
+pub fn settles_at(c: &mut Client, sql: &str, expected: i64) -> i64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut got = one_i64(c, sql);
+    while got != expected && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        got = one_i64(c, sql);
+    }
+    if got == expected {
+        std::thread::sleep(std::time::Duration::from_millis(1200));
+        got = one_i64(c, sql);
+    }
+    got
 }

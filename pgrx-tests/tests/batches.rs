@@ -1,7 +1,8 @@
 //! Inventory batches under real concurrency: exact totals, one winner per expected version, and
 //! no deadlock between callers whose batch sets overlap.
 
-use quota_ext_itests::{code, one_i64, TestDb};
+use postgres::{Client, NoTls};
+use quota_ext_itests::{code, one_i64, settles_at, TestDb};
 use rand::Rng;
 use std::sync::{Arc, Barrier};
 use std::thread;
@@ -68,6 +69,18 @@ fn eight_sessions_drain_a_batch_exactly() {
         ),
         1000
     );
+    // Each session stopped at its first refusal: eight refusals, eight audit rows, written by
+    // the audit writer although each refusal rolled its caller's transaction back.
+    assert_eq!(
+        settles_at(
+            &mut c,
+            "SELECT count(*) FROM quota.audit_log
+              WHERE action = 'consume_batch' AND NOT success AND reason = 'insufficient_quantity'
+                AND details->>'available' = '0' AND amount = 1",
+            SESSIONS as i64
+        ),
+        SESSIONS as i64
+    );
 }
 
 #[test]
@@ -106,6 +119,17 @@ fn one_expected_version_has_one_winner() {
         "{results:?}"
     );
     assert_eq!(one_i64(&mut c, "SELECT quantity FROM quota.batches"), 99);
+    // One audit row per refused session, with the versions it expected and found.
+    assert_eq!(
+        settles_at(
+            &mut c,
+            "SELECT count(*) FROM quota.audit_log
+              WHERE NOT success AND reason = 'version_conflict'
+                AND details->>'expected_version' = '1' AND details->>'version' = '2'",
+            SESSIONS as i64 - 1
+        ),
+        SESSIONS as i64 - 1
+    );
 }
 
 /// Sessions with opposite orders (fefo and fifo over batches whose expiry order is the reverse
@@ -151,7 +175,7 @@ fn overlapping_consume_item_callers_never_deadlock_and_stay_exact() {
             let mut c = db.connect();
             let barrier = barrier.clone();
             thread::spawn(move || {
-                let (mut flour, mut milk, mut other) = (0i64, 0i64, Vec::new());
+                let (mut flour, mut milk, mut refused, mut other) = (0i64, 0i64, 0i64, Vec::new());
                 let strategy = if i % 2 == 0 { "fefo" } else { "fifo" };
                 barrier.wait();
                 for _ in 0..40 {
@@ -161,7 +185,7 @@ fn overlapping_consume_item_callers_never_deadlock_and_stay_exact() {
                         &[&n, &strategy],
                     ) {
                         Ok(r) => flour += r.get::<_, i64>(0),
-                        Err(e) if code(&e) == "23514" => {}
+                        Err(e) if code(&e) == "23514" => refused += 1,
                         Err(e) => other.push(code(&e)),
                     }
                     match c.query_one(
@@ -169,17 +193,18 @@ fn overlapping_consume_item_callers_never_deadlock_and_stay_exact() {
                         &[&n],
                     ) {
                         Ok(r) => milk += r.get::<_, i64>(0),
-                        Err(e) if code(&e) == "23514" => {}
+                        Err(e) if code(&e) == "23514" => refused += 1,
                         Err(e) => other.push(code(&e)),
                     }
                 }
-                (flour, milk, other)
+                (flour, milk, refused, other)
             })
         })
         .collect();
-    let (mut flour, mut milk) = (0, 0);
+    let (mut flour, mut milk, mut refusals) = (0, 0, 0);
     for h in handles {
-        let (f, m, other) = h.join().unwrap();
+        let (f, m, r, other) = h.join().unwrap();
+        refusals += r;
         assert!(
             other.is_empty(),
             "errors other than insufficient quantity (40P01 = deadlock): {other:?}"
@@ -223,14 +248,24 @@ fn overlapping_consume_item_callers_never_deadlock_and_stay_exact() {
     // One audit row per successful call.
     let calls = one_i64(
         &mut c,
-        "SELECT count(*) FROM quota.audit_log WHERE action = 'consume_item'",
+        "SELECT count(*) FROM quota.audit_log WHERE action = 'consume_item' AND success",
     );
     let summed = one_i64(
         &mut c,
-        "SELECT coalesce(sum(amount), 0)::bigint FROM quota.audit_log WHERE action = 'consume_item'",
+        "SELECT coalesce(sum(amount), 0)::bigint FROM quota.audit_log WHERE action = 'consume_item' AND success",
     );
     assert!(calls > 0);
     assert_eq!(summed, flour + milk);
+    // And one per refusal, written by the audit writer.
+    assert!(refusals > 0, "the test drains both items");
+    assert_eq!(
+        settles_at(
+            &mut c,
+            "SELECT count(*) FROM quota.audit_log WHERE action = 'consume_item' AND NOT success",
+            refusals
+        ),
+        refusals
+    );
 }
 
 #[test]
@@ -355,8 +390,9 @@ fn batch_refusals_have_their_own_sqlstate_and_change_nothing() {
             "22023",
         ),
     ];
+    // Refusals' audit rows arrive on their own (below); nothing else may change.
     let fingerprint = |c: &mut postgres::Client| -> String {
-        c.query_one("SELECT string_agg(format('%s/%s', quantity, version), ',') || (SELECT count(*) FROM quota.audit_log)::text FROM quota.batches", &[])
+        c.query_one("SELECT string_agg(format('%s/%s', quantity, version), ',') || (SELECT count(*) FROM quota.audit_log WHERE success)::text FROM quota.batches", &[])
             .unwrap()
             .get(0)
     };
@@ -366,4 +402,90 @@ fn batch_refusals_have_their_own_sqlstate_and_change_nothing() {
         assert_eq!(got.as_deref(), Some(expected), "{sql}");
         assert_eq!(fingerprint(&mut c), before, "{sql} changed something");
     }
+    // Every refusal has its audit row; bad arguments are not decisions and have none.
+    assert_eq!(
+        settles_at(
+            &mut c,
+            "SELECT count(*) FROM quota.audit_log WHERE NOT success",
+            4
+        ),
+        4
+    );
+    let reasons: String = c
+        .query_one(
+            "SELECT string_agg(format('%s:%s:%s:%s', action, coalesce(subject, '-'), coalesce(metric, '-'), reason), ' ' ORDER BY created_at, id)
+               FROM quota.audit_log WHERE NOT success",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        reasons,
+        "consume_batch:-:-:unknown_batch consume_batch:shop:milk:insufficient_quantity \
+         consume_batch:shop:milk:version_conflict consume_item:shop:milk:insufficient_quantity"
+    );
+    // quota_ext.audit = off: no refusal rows either.
+    c.batch_execute("SET quota_ext.audit = off").unwrap();
+    assert_eq!(
+        sqlstate_of(&mut c, &format!("SELECT quota.consume_batch_quantity('{id}', 6)")),
+        "23514"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(
+        one_i64(&mut c, "SELECT count(*) FROM quota.audit_log WHERE NOT success"),
+        4
+    );
+}
+
+fn sqlstate_of(c: &mut Client, sql: &str) -> String {
+    c.batch_execute(sql).err().map(|e| code(&e)).unwrap_or_default()
+}
+
+/// When no audit writer can start (max_worker_processes = 0 on the tiny server) refusal rows
+/// wait in the queue until it is full (quota_ext.audit_queue_size = 16 there); the rest are
+/// counted as dropped, and the callers still get their errors.
+#[test]
+fn a_full_audit_queue_counts_what_it_drops() {
+    let port: u16 = std::env::var("QUOTA_EXT_TINY_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .expect("QUOTA_EXT_TINY_PORT is not set: run these tests through scripts/test.sh");
+    let url = |db: &str| format!("host=127.0.0.1 port={port} user=postgres dbname={db}");
+    let mut admin = Client::connect(&url("postgres"), NoTls).unwrap();
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS audit_full WITH (FORCE)")
+        .unwrap();
+    admin.batch_execute("CREATE DATABASE audit_full").unwrap();
+    let mut c = Client::connect(&url("audit_full"), NoTls).unwrap();
+    c.batch_execute("CREATE EXTENSION quota_ext; SELECT quota.reset_metrics()")
+        .unwrap();
+    let id: String = c
+        .query_one("SELECT id::text FROM quota.create_batch('shop', 'milk', 5)", &[])
+        .unwrap()
+        .get(0);
+    for _ in 0..40 {
+        assert_eq!(
+            sqlstate_of(&mut c, &format!("SELECT quota.consume_batch_quantity('{id}', 6)")),
+            "23514"
+        );
+    }
+    let metric = |c: &mut Client, name: &str| {
+        one_i64(
+            c,
+            &format!("SELECT value FROM quota.metrics() WHERE name = '{name}'"),
+        )
+    };
+    assert_eq!(metric(&mut c, "insufficient_quantity"), 40);
+    assert_eq!(metric(&mut c, "audit_queued"), 16);
+    assert_eq!(metric(&mut c, "audit_dropped"), 24);
+    assert_eq!(metric(&mut c, "audit_written"), 0);
+    assert_eq!(
+        one_i64(&mut c, "SELECT count(*) FROM quota.audit_log WHERE NOT success"),
+        0
+    );
+    assert_eq!(one_i64(&mut c, "SELECT quantity FROM quota.batches"), 5);
+    drop(c);
+    admin
+        .batch_execute("DROP DATABASE audit_full WITH (FORCE)")
+        .unwrap();
 }

@@ -158,4 +158,21 @@ fn sigkill_of_a_backend_loses_no_acknowledged_consume() {
         .unwrap()
         .get(0);
     assert_eq!(after, consumes + 1);
+    // The audit queue and its writer slots were re-created too: a refusal is audited again.
+    let batch: String = c
+        .query_one("SELECT id::text FROM quota.create_batch('after', 'milk', 1)", &[])
+        .unwrap()
+        .get(0);
+    let refused = c
+        .batch_execute(&format!("SELECT quota.consume_batch_quantity('{batch}', 2)"))
+        .unwrap_err();
+    assert_eq!(refused.code().map(|c| c.code()), Some("23514"));
+    assert_eq!(
+        quota_ext_itests::settles_at(
+            &mut c,
+            "SELECT count(*) FROM quota.audit_log WHERE subject = 'after' AND NOT success",
+            1
+        ),
+        1
+    );
 }

@@ -1,6 +1,6 @@
 //! SQLSTATEs, transactions and identity, seen from a client as PostgREST or an app sees them.
 
-use quota_ext_itests::{one_i64, sqlstate, table_counts, usage_fingerprint, TestDb};
+use quota_ext_itests::{one_i64, settles_at, sqlstate, table_counts, usage_fingerprint, TestDb};
 
 #[test]
 fn rolled_back_consume_leaves_nothing() {
@@ -46,8 +46,37 @@ fn require_raises_pt429_with_the_decision() {
         "{detail}"
     );
     assert!(detail.contains("\"retry_after_seconds\":"), "{detail}");
-    // The denial aborted the caller's transaction and wrote nothing.
+    // The denial aborted the caller's transaction and changed no usage; its audit row, which
+    // the abort would have taken with it, comes from the audit writer.
     assert_eq!(one_i64(&mut c, "SELECT used FROM quota.usage"), 1);
+    assert_eq!(
+        settles_at(
+            &mut c,
+            "SELECT count(*) FROM quota.audit_log
+              WHERE subject = 'ann' AND action = 'consume' AND NOT success AND reason = 'limit_reached'
+                AND (details->>'used')::bigint = 1",
+            1
+        ),
+        1
+    );
+    assert_eq!(
+        one_i64(&mut c, "SELECT count(*) FROM quota.audit_log WHERE success"),
+        2,
+        "set_limit and the first require"
+    );
+    // Caught by the caller (a savepoint), the row still arrives exactly once.
+    c.batch_execute(
+        "DO $$ BEGIN PERFORM quota.require('ann', 'api'); EXCEPTION WHEN SQLSTATE 'PT429' THEN NULL; END $$",
+    )
+    .unwrap();
+    assert_eq!(
+        settles_at(
+            &mut c,
+            "SELECT count(*) FROM quota.audit_log WHERE subject = 'ann' AND NOT success",
+            2
+        ),
+        2
+    );
 }
 
 #[test]

@@ -57,6 +57,7 @@ fn supabase_roles_get_what_api_md_grants() {
     let user_functions = [
         "quota.consume(text,text,bigint,text)",
         "quota.require(text,text,bigint,text)",
+        "quota.require_decision(text,text,bigint,text)",
         "quota.refund(text,text,bigint,text)",
         "quota.status(text)",
         "quota.audit_page(text,bigint,integer)",
@@ -141,6 +142,10 @@ fn every_consuming_function_acts_only_as_the_jwt_subject() {
         (
             "SELECT quota.require('user-1', 'api')",
             "SELECT quota.require('user-2', 'api')",
+        ),
+        (
+            "SELECT quota.require_decision('user-1', 'api')",
+            "SELECT quota.require_decision('user-2', 'api')",
         ),
         (
             "SELECT quota.refund('user-1', 'api')",
@@ -495,6 +500,15 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
         r#"{"metric":"api"}"#,
     );
     assert!(out.has("\"allowed\":true"), "{}", out.0);
+    let out = rpc(
+        &mut c,
+        "authenticated",
+        "user-1",
+        "require_decision",
+        &[("metric", "text")],
+        r#"{"metric":"api"}"#,
+    );
+    assert!(out.has("\"allowed\":true"), "{}", out.0);
     let out = rpc(&mut c, "authenticated", "user-1", "status", &[], "{}");
     assert!(
         out.0.starts_with("[{") && out.has("\"metric\":\"api\"") && out.has("\"quota_limit\":100"),
@@ -676,6 +690,7 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
     let called = [
         "consume",
         "require",
+        "require_decision",
         "refund",
         "status",
         "audit_page",
@@ -718,7 +733,7 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
     let volatility: Vec<(String, String)> = c
         .query(
             "SELECT p.proname::text, p.provolatile::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-              WHERE n.nspname = 'quota' AND p.proname IN ('consume', 'require', 'refund', 'consume_batch_quantity', 'consume_item', 'status', 'audit_page')
+              WHERE n.nspname = 'quota' AND p.proname IN ('consume', 'require', 'require_decision', 'refund', 'consume_batch_quantity', 'consume_item', 'status', 'audit_page')
               ORDER BY 1",
             &[],
         )

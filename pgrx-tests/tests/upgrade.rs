@@ -1,4 +1,4 @@
-//! The released 0.1.0 (sql/frozen/quota_ext--0.1.0.sql), filled with data, then
+//! Each released version (sql/frozen/quota_ext--<version>.sql), filled with data, then
 //! `ALTER EXTENSION quota_ext UPDATE`: nothing is lost, everything still works, and the result
 //! equals a fresh install of the current version.
 //!
@@ -63,19 +63,31 @@ fn text(c: &mut Client, sql: &str) -> String {
         .get(0)
 }
 
+/// The version a fresh install gets.
+const CURRENT: &str = "0.3.0";
+
 #[test]
 fn upgrade_from_0_1_0_keeps_everything_and_equals_a_fresh_install() {
-    // A database with the released 0.1.0, filled the way an application fills it.
-    let old = TestDb::bare("upgrade_old");
+    upgrade_from("0.1.0");
+}
+
+#[test]
+fn upgrade_from_0_2_0_keeps_everything_and_equals_a_fresh_install() {
+    upgrade_from("0.2.0");
+}
+
+fn upgrade_from(from: &str) {
+    // A database with a released version, filled the way an application fills it.
+    let old = TestDb::bare(&format!("upgrade_old_{}", from.replace('.', "_")));
     let mut c = old.connect();
-    c.batch_execute("CREATE EXTENSION quota_ext VERSION '0.1.0'")
+    c.batch_execute(&format!("CREATE EXTENSION quota_ext VERSION '{from}'"))
         .unwrap();
     assert_eq!(
         text(
             &mut c,
             "SELECT extversion FROM pg_extension WHERE extname = 'quota_ext'"
         ),
-        "0.1.0"
+        from
     );
     c.batch_execute(
         "SELECT quota.set_limit('free', 'api', 'day', 10);
@@ -103,7 +115,7 @@ fn upgrade_from_0_1_0_keeps_everything_and_equals_a_fresh_install() {
             &mut c,
             "SELECT extversion FROM pg_extension WHERE extname = 'quota_ext'"
         ),
-        "0.2.0"
+        CURRENT
     );
     assert_eq!(text(&mut c, DATA_FINGERPRINT), before, "the upgrade changed data");
 
@@ -144,14 +156,14 @@ fn upgrade_from_0_1_0_keeps_everything_and_equals_a_fresh_install() {
         .unwrap();
 
     // The upgraded schema is the schema a fresh install of the current version creates.
-    let fresh = TestDb::new("upgrade_fresh");
+    let fresh = TestDb::new(&format!("upgrade_fresh_{}", from.replace('.', "_")));
     let mut f = fresh.connect();
     assert_eq!(
         text(
             &mut f,
             "SELECT extversion FROM pg_extension WHERE extname = 'quota_ext'"
         ),
-        "0.2.0"
+        CURRENT
     );
     let (upgraded, installed) = (text(&mut c, SCHEMA_FINGERPRINT), text(&mut f, SCHEMA_FINGERPRINT));
     if upgraded != installed {

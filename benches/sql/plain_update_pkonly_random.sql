@@ -1,0 +1,4 @@
+\set n random(1, 1000)
+UPDATE plain_batches SET quantity = quantity - 1
+ WHERE id = (SELECT id FROM bench_batches WHERE n = :n) AND quantity >= 1
+RETURNING quantity;

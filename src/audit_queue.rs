@@ -1,0 +1,517 @@
+//! Audit rows for refusals that raise an error.
+//!
+//! A refusal that raises (an inventory batch without enough quantity, a stale version, ...)
+//! aborts the caller's transaction, and an audit row written in it would go with it. Such rows
+//! are queued in shared memory instead and written by a background worker of the caller's
+//! database, "quota_ext audit writer", in a transaction of its own, normally within a second.
+//!
+//! The queue is an array of quota_ext.audit_queue_size fixed-size entries (postmaster setting)
+//! behind one LWLock, tagged with the database they belong to. A backend that queues a row
+//! starts the database's writer when none runs (a dynamic background worker, at most
+//! MAX_WRITERS databases at a time); the writer copies its database's entries out under the
+//! lock, writes them without it, and exits once it has been idle for a while, so it never keeps
+//! a database from being dropped for long. Nothing that can raise an ERROR or allocate runs
+//! while the lock is held.
+//!
+//! Like every shared-memory structure, the queue survives neither a restart nor a crash: rows
+//! queued and not yet written are then lost. A full queue, a row too large for an entry, or a
+//! database that is gone before its writer connects lose the row too; each of these is counted
+//! in quota.metrics() (audit_dropped), beside audit_queued and audit_written.
+
+use crate::metrics::{self, Counter};
+use crate::spi::{self, Stmt};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PgBuiltInOids as T};
+use std::ffi::CStr;
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::time::Duration;
+
+const TRANCHE: &CStr = c"quota_ext_audit_queue";
+const SHMEM_NAME: &CStr = c"quota_ext_audit_queue";
+/// Bytes of one queued row (its JSON form).
+const ENTRY_DATA: usize = 1008;
+/// Databases whose writers may run at the same time.
+const MAX_WRITERS: usize = 8;
+/// A writer that was asked for but never reported in after this long is asked for again.
+const STALE_LAUNCH_MICROS: i64 = 10_000_000;
+/// A writer with nothing to do for this many consecutive waits exits.
+const IDLE_WAITS: u32 = 2;
+const WAIT: Duration = Duration::from_millis(500);
+
+pub static AUDIT_QUEUE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024);
+
+#[repr(C)]
+struct Entry {
+    /// Database of the row; 0 marks a free entry.
+    dboid: u32,
+    len: u32,
+    seq: u64,
+    data: [u8; ENTRY_DATA],
+}
+
+const FREE: u32 = 0;
+const STARTING: u32 = 1;
+const RUNNING: u32 = 2;
+
+#[repr(C)]
+struct Writer {
+    dboid: u32,
+    state: u32,
+    pid: i32,
+    asked_at: i64,
+    latch: *mut pg_sys::Latch,
+}
+
+/// Everything below is read and written only under the queue's LWLock.
+#[repr(C)]
+struct Header {
+    capacity: u64,
+    filled: u64,
+    next_seq: u64,
+    hint: u64,
+    writers: [Writer; MAX_WRITERS],
+}
+
+static HEADER: AtomicPtr<Header> = AtomicPtr::new(std::ptr::null_mut());
+static ENTRIES: AtomicPtr<Entry> = AtomicPtr::new(std::ptr::null_mut());
+static LOCK: AtomicPtr<pg_sys::LWLock> = AtomicPtr::new(std::ptr::null_mut());
+
+static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
+static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
+
+fn capacity() -> usize {
+    AUDIT_QUEUE_SIZE.get().max(16) as usize
+}
+
+fn shmem_size() -> usize {
+    std::mem::size_of::<Header>() + capacity() * std::mem::size_of::<Entry>()
+}
+
+pub fn init() {
+    // SAFETY: reads a flag that is set while shared_preload_libraries is processed.
+    if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        return;
+    }
+    GucRegistry::define_int_guc(
+        c"quota_ext.audit_queue_size",
+        c"Audit rows of refusals that can wait in shared memory for the audit writer (needs a restart).",
+        c"Each entry takes 1 KiB.",
+        &AUDIT_QUEUE_SIZE,
+        16,
+        1 << 20,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    // SAFETY: installed once, in the postmaster, chaining to the previous hooks.
+    unsafe {
+        PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
+        pg_sys::shmem_request_hook = Some(shmem_request);
+        PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(shmem_startup);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_request() {
+    // SAFETY: called by the postmaster in the shmem request phase.
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_REQUEST {
+            prev();
+        }
+        pg_sys::RequestAddinShmemSpace(shmem_size());
+        pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 1);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_startup() {
+    // SAFETY: runs in the postmaster at start-up and again after a crash re-creates shared
+    // memory; AddinShmemInitLock serializes it with other extensions' set-up.
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_STARTUP {
+            prev();
+        }
+        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let base = pg_sys::ShmemInitStruct(SHMEM_NAME.as_ptr(), shmem_size(), &mut found).cast::<u8>();
+        if !found {
+            std::ptr::write_bytes(base, 0, shmem_size());
+            (*base.cast::<Header>()).capacity = capacity() as u64;
+        }
+        HEADER.store(base.cast::<Header>(), Ordering::Release);
+        ENTRIES.store(
+            base.add(std::mem::size_of::<Header>()).cast::<Entry>(),
+            Ordering::Release,
+        );
+        LOCK.store(
+            &raw mut (*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock,
+            Ordering::Release,
+        );
+        pg_sys::LWLockRelease(init_lock);
+    }
+}
+
+/// The queue under its lock: released when dropped. Only memory reads and writes happen while
+/// it lives.
+struct Locked {
+    h: *mut Header,
+    entries: *mut Entry,
+    lock: *mut pg_sys::LWLock,
+}
+
+impl Locked {
+    fn acquire() -> Option<Locked> {
+        let h = HEADER.load(Ordering::Acquire);
+        if h.is_null() {
+            return None;
+        }
+        let lock = LOCK.load(Ordering::Acquire);
+        // SAFETY: the lock lives in shared memory for the life of the server.
+        unsafe { pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE) };
+        Some(Locked {
+            h,
+            entries: ENTRIES.load(Ordering::Acquire),
+            lock,
+        })
+    }
+    fn header(&mut self) -> &mut Header {
+        // SAFETY: exclusive lock held.
+        unsafe { &mut *self.h }
+    }
+    fn entry(&mut self, i: usize) -> &mut Entry {
+        // SAFETY: exclusive lock held; i < capacity.
+        unsafe { &mut *self.entries.add(i) }
+    }
+}
+
+impl Drop for Locked {
+    fn drop(&mut self) {
+        // SAFETY: acquired in Locked::acquire.
+        unsafe { pg_sys::LWLockRelease(self.lock) };
+    }
+}
+
+/// What a refusal writes to quota.audit_log (success is false).
+pub struct Refusal<'a> {
+    pub subject: Option<&'a str>,
+    pub action: &'a str,
+    pub metric: Option<&'a str>,
+    pub amount: Option<i64>,
+    pub reason: &'a str,
+    pub details: serde_json::Value,
+    pub idempotency_key: Option<&'a str>,
+}
+
+/// Queue the audit row of a refusal that is about to raise (subject to quota_ext.audit), and
+/// make sure the database's writer runs. Without the preload there is no queue and nothing is
+/// written.
+pub fn refusal(r: Refusal<'_>) {
+    if !crate::guc::audit_wanted(false) || HEADER.load(Ordering::Acquire).is_null() {
+        return;
+    }
+    let payload = serde_json::json!({
+        "t": crate::decision::now_micros(),
+        "subject": r.subject,
+        "action": r.action,
+        "metric": r.metric,
+        "amount": r.amount,
+        "reason": r.reason,
+        "details": r.details,
+        "key": r.idempotency_key,
+    })
+    .to_string();
+    if payload.len() > ENTRY_DATA {
+        metrics::count(Counter::AuditDropped);
+        return;
+    }
+    // SAFETY: backend globals, set at connection start.
+    let (dboid, now) = (unsafe { pg_sys::MyDatabaseId }.to_u32(), unsafe {
+        pg_sys::GetCurrentTimestamp()
+    });
+    let (queued, wake, ask) = {
+        let Some(mut q) = Locked::acquire() else { return };
+        let cap = q.header().capacity as usize;
+        let mut queued = false;
+        if (q.header().filled as usize) < cap {
+            let start = q.header().hint as usize % cap;
+            if let Some(i) = (0..cap)
+                .map(|k| (start + k) % cap)
+                .find(|&i| q.entry(i).dboid == 0)
+            {
+                let seq = q.header().next_seq;
+                let e = q.entry(i);
+                e.data[..payload.len()].copy_from_slice(payload.as_bytes());
+                e.len = payload.len() as u32;
+                e.seq = seq;
+                e.dboid = dboid;
+                let h = q.header();
+                h.next_seq += 1;
+                h.filled += 1;
+                h.hint = ((i + 1) % cap) as u64;
+                queued = true;
+            }
+        }
+        let h = q.header();
+        let mut wake = std::ptr::null_mut();
+        let mut ask = None;
+        match h.writers.iter().position(|w| w.state != FREE && w.dboid == dboid) {
+            Some(i) if h.writers[i].state == RUNNING => wake = h.writers[i].latch,
+            Some(i) if now - h.writers[i].asked_at > STALE_LAUNCH_MICROS => {
+                h.writers[i].asked_at = now;
+                ask = Some(i);
+            }
+            Some(_) => {}
+            None => {
+                if let Some(i) = h.writers.iter().position(|w| w.state == FREE) {
+                    let w = &mut h.writers[i];
+                    w.dboid = dboid;
+                    w.state = STARTING;
+                    w.pid = 0;
+                    w.asked_at = now;
+                    w.latch = std::ptr::null_mut();
+                    ask = Some(i);
+                }
+            }
+        }
+        (queued, wake, ask)
+    };
+    metrics::count(if queued {
+        Counter::AuditQueued
+    } else {
+        Counter::AuditDropped
+    });
+    if !wake.is_null() {
+        // SAFETY: a latch inside a PGPROC in shared memory; setting the latch of a process that
+        // has exited meanwhile is harmless.
+        unsafe { pg_sys::SetLatch(wake) };
+    }
+    if let Some(i) = ask {
+        start_writer(i);
+    }
+}
+
+fn start_writer(slot: usize) {
+    let started = BackgroundWorkerBuilder::new("quota_ext audit writer")
+        .set_type("quota_ext audit writer")
+        .set_library("quota_ext")
+        .set_function("quota_ext_audit_writer_main")
+        .enable_spi_access()
+        .set_restart_time(None)
+        .set_argument(Some(pg_sys::Datum::from(slot)))
+        .load_dynamic()
+        .is_ok();
+    if !started {
+        // No free background worker slot (max_worker_processes): the rows stay queued and the
+        // next refusal asks again.
+        if let Some(mut q) = Locked::acquire() {
+            let w = &mut q.header().writers[slot];
+            if w.state == STARTING && w.pid == 0 {
+                w.state = FREE;
+                w.dboid = 0;
+            }
+        }
+        pgrx::log!("quota_ext: could not start the audit writer (max_worker_processes?); refusal audit rows stay queued");
+    }
+}
+
+static CONNECTED: AtomicBool = AtomicBool::new(false);
+
+/// On exit (idle, SIGTERM, an error, or a database that could not be connected to): give the
+/// writer slot back if it is still ours, and drop the rows of a database that is gone.
+#[pg_guard]
+unsafe extern "C-unwind" fn writer_exit(_code: i32, arg: pg_sys::Datum) {
+    let slot = arg.value();
+    // SAFETY: backend global.
+    let me = unsafe { pg_sys::MyProcPid };
+    let Some(mut q) = Locked::acquire() else { return };
+    let w = &q.header().writers[slot];
+    if w.pid != me {
+        return;
+    }
+    let dboid = w.dboid;
+    let mut dropped = 0;
+    if !CONNECTED.load(Ordering::Relaxed) {
+        let cap = q.header().capacity as usize;
+        for i in 0..cap {
+            if q.entry(i).dboid == dboid {
+                q.entry(i).dboid = 0;
+                dropped += 1;
+            }
+        }
+        q.header().filled -= dropped;
+    }
+    let w = &mut q.header().writers[slot];
+    w.state = FREE;
+    w.dboid = 0;
+    w.pid = 0;
+    w.latch = std::ptr::null_mut();
+    drop(q);
+    metrics::count_n(Counter::AuditDropped, dropped);
+}
+
+static WRITE: Stmt = Stmt {
+    sql: "INSERT INTO quota.audit_log
+                 (created_at, subject, action, metric, amount, success, reason, details, idempotency_key)
+          SELECT t, s, a, m, n, false, r, d, k
+            FROM ROWS FROM (pg_catalog.unnest($1::timestamptz[]), pg_catalog.unnest($2::text[]),
+                            pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::text[]),
+                            pg_catalog.unnest($5::bigint[]), pg_catalog.unnest($6::text[]),
+                            pg_catalog.unnest($7::jsonb[]), pg_catalog.unnest($8::text[]))
+                 AS q(t, s, a, m, n, r, d, k)",
+    args: &[
+        T::TIMESTAMPTZARRAYOID,
+        T::TEXTARRAYOID,
+        T::TEXTARRAYOID,
+        T::TEXTARRAYOID,
+        T::INT8ARRAYOID,
+        T::TEXTARRAYOID,
+        T::JSONBARRAYOID,
+        T::TEXTARRAYOID,
+    ],
+};
+
+/// The background worker: one per database with queued rows.
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn quota_ext_audit_writer_main(arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let slot = arg.value();
+    if slot >= MAX_WRITERS {
+        return;
+    }
+    // SAFETY: backend globals of this worker process.
+    let (me, latch) = unsafe { (pg_sys::MyProcPid, &raw mut (*pg_sys::MyProc).procLatch) };
+    let dboid = {
+        let Some(mut q) = Locked::acquire() else { return };
+        let w = &mut q.header().writers[slot];
+        if w.state != STARTING || w.pid != 0 {
+            return; // given up on as stale and taken over meanwhile
+        }
+        w.state = RUNNING;
+        w.pid = me;
+        w.latch = latch;
+        w.dboid
+    };
+    // SAFETY: registers a callback of this process, run on its exit.
+    unsafe { pg_sys::on_shmem_exit(Some(writer_exit), pg_sys::Datum::from(slot)) };
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(dboid)), None);
+    CONNECTED.store(true, Ordering::Relaxed);
+    // The writer runs as the bootstrap superuser: resolve nothing through a schema others can
+    // create objects in.
+    // SAFETY: plain setting of this process.
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+        );
+    }
+
+    let cap = HEADER.load(Ordering::Acquire);
+    // SAFETY: capacity is set once at start-up and never changes.
+    let cap = unsafe { (*cap).capacity } as usize;
+    // Copied out under the lock into memory reserved beforehand: no allocation under it.
+    let mut bytes: Vec<u8> = Vec::with_capacity(cap * ENTRY_DATA);
+    let mut found: Vec<(u64, usize, usize)> = Vec::with_capacity(cap);
+    let mut idle = 0;
+    loop {
+        bytes.clear();
+        found.clear();
+        let exit = {
+            let Some(mut q) = Locked::acquire() else { return };
+            for i in 0..cap {
+                let e = q.entry(i);
+                if e.dboid == dboid {
+                    let len = e.len as usize;
+                    found.push((e.seq, bytes.len(), len));
+                    bytes.extend_from_slice(&e.data[..len]);
+                    e.dboid = 0;
+                }
+            }
+            q.header().filled -= found.len() as u64;
+            if found.is_empty() && idle >= IDLE_WAITS {
+                // Give the slot back under the same lock a backend queues under: a row queued
+                // after this starts a new writer.
+                let w = &mut q.header().writers[slot];
+                w.state = FREE;
+                w.dboid = 0;
+                w.pid = 0;
+                w.latch = std::ptr::null_mut();
+                true
+            } else {
+                false
+            }
+        };
+        if exit {
+            return;
+        }
+        if found.is_empty() {
+            idle += 1;
+        } else {
+            idle = 0;
+            found.sort_unstable_by_key(|f| f.0);
+            write(&bytes, &found);
+        }
+        if !BackgroundWorker::wait_latch(Some(WAIT)) {
+            return; // SIGTERM or postmaster death: rows still queued stay for the next writer
+        }
+    }
+}
+
+fn write(bytes: &[u8], found: &[(u64, usize, usize)]) {
+    let mut t = Vec::with_capacity(found.len());
+    let (mut s, mut a, mut m, mut n, mut r, mut d, mut k) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    for &(_, off, len) in found {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes[off..off + len]) else {
+            metrics::count(Counter::AuditDropped);
+            continue;
+        };
+        let text = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        t.push(
+            v.get("t")
+                .and_then(|x| x.as_i64())
+                .and_then(|x| TimestampWithTimeZone::try_from(x).ok()),
+        );
+        s.push(text("subject"));
+        a.push(text("action"));
+        m.push(text("metric"));
+        n.push(v.get("amount").and_then(|x| x.as_i64()));
+        r.push(text("reason"));
+        d.push(v.get("details").cloned().map(pgrx::JsonB));
+        k.push(text("key"));
+    }
+    let rows = t.len();
+    // An error (the extension dropped meanwhile, say) ends the writer; its rows are counted
+    // as lost first.
+    PgTryBuilder::new(move || {
+        BackgroundWorker::transaction(move || {
+            Spi::connect_mut(|client| {
+                spi::run(
+                    client,
+                    &WRITE,
+                    &[
+                        t.into(),
+                        s.into(),
+                        a.into(),
+                        m.into(),
+                        n.into(),
+                        r.into(),
+                        d.into(),
+                        k.into(),
+                    ],
+                );
+            })
+        })
+    })
+    .catch_others(|e| {
+        metrics::count_n(Counter::AuditDropped, rows as u64);
+        e.rethrow()
+    })
+    .execute();
+    metrics::count_n(Counter::AuditWritten, rows as u64);
+}
