@@ -293,6 +293,10 @@ pub fn refusal(r: Refusal<'_>) {
     }
 }
 
+thread_local! {
+    static LAST_LAUNCH_FAILURE_LOG: std::cell::Cell<i64> = const { std::cell::Cell::new(i64::MIN / 2) };
+}
+
 fn start_writer(slot: usize) {
     let started = BackgroundWorkerBuilder::new("quota_ext audit writer")
         .set_type("quota_ext audit writer")
@@ -313,7 +317,15 @@ fn start_writer(slot: usize) {
                 w.dboid = 0;
             }
         }
-        pgrx::log!("quota_ext: could not start the audit writer (max_worker_processes?); refusal audit rows stay queued");
+        // Once a minute per backend at most: every refusal would otherwise log it.
+        // SAFETY: reads the backend's clock.
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
+        if now - LAST_LAUNCH_FAILURE_LOG.get() > 60_000_000 {
+            LAST_LAUNCH_FAILURE_LOG.set(now);
+            pgrx::log!(
+                "quota_ext: could not start the audit writer (no free background worker slot, see max_worker_processes); refusal audit rows stay queued"
+            );
+        }
     }
 }
 

@@ -1,1 +1,2 @@
-SELECT quota.rate_limit('bench', 'user-' || (random() * 9999)::int);
+\set k random(1, 10000)
+SELECT quota.rate_limit('bench', 'user-' || :k);
