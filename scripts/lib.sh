@@ -66,6 +66,13 @@ ensure_cargo_pgrx() {
                 "${SUDO[@]}" chmod g+w "$d"
             fi
         done
+        # Files an earlier install left to another owner (root, say) cannot be overwritten.
+        local f
+        for f in "${dirs[0]}"/quota_ext.so "${dirs[1]}"/quota_ext.control "${dirs[1]}"/quota_ext--*.sql; do
+            if [ -e "$f" ] && [ ! -w "$f" ]; then
+                "${SUDO[@]}" chown "$(id -un)" "$f"
+            fi
+        done
     fi
 }
 

@@ -572,7 +572,7 @@ fn rate_reset(key: Option<&str>) -> bool {
     reset(key.as_bytes())
 }
 
-#[cfg(any(test, feature = "pg_test"))]
+#[cfg(test)]
 mod unit {
     use super::gcra;
     const S: i64 = 1_000_000_000;

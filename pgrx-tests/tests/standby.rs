@@ -52,6 +52,49 @@ fn rate_limits_work_on_a_hot_standby() {
         .get(0);
     assert!(checks >= 4);
 
+    // A policy changed on the primary reaches this session's policy cache when the replica
+    // replays the commit: the cache is invalidated by the invalidation messages the commit
+    // record carries, which a standby replays too (a counter in the primary's shared memory
+    // would never reach it).
+    let primary_port: u16 = std::env::var("QUOTA_EXT_TEST_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .expect("QUOTA_EXT_TEST_PORT is not set");
+    let mut primary = Client::connect(
+        &format!("host=127.0.0.1 port={primary_port} user=postgres dbname=standby_check"),
+        NoTls,
+    )
+    .unwrap();
+    primary
+        .batch_execute(
+            "UPDATE quota.rate_policies SET rate = 21 WHERE policy = 'default' AND plan = 'anonymous'",
+        )
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut limit = 0;
+    while std::time::Instant::now() < deadline {
+        limit = c
+            .query_one(
+                "SELECT rate_limit FROM quota.rate_limit('default', 'standby-user')",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if limit == 21 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(
+        limit, 21,
+        "the replica's cached policy follows the primary's change"
+    );
+    primary
+        .batch_execute(
+            "UPDATE quota.rate_policies SET rate = 20 WHERE policy = 'default' AND plan = 'anonymous'",
+        )
+        .unwrap();
+
     let err = c.batch_execute("SELECT quota.consume('ann', 'api')").unwrap_err();
     assert_eq!(
         err.code().map(|s| s.code()),
