@@ -71,7 +71,7 @@ fn rate_limits_work_on_a_hot_standby() {
         )
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let mut limit = 0;
+    let mut limit: i64 = 0;
     while std::time::Instant::now() < deadline {
         limit = c
             .query_one(
