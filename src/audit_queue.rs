@@ -127,20 +127,14 @@ unsafe extern "C-unwind" fn shmem_request() {
 
 #[pg_guard]
 unsafe extern "C-unwind" fn shmem_startup() {
-    // SAFETY: runs in the postmaster at start-up and again after a crash re-creates shared
-    // memory; AddinShmemInitLock serializes it with other extensions' set-up.
+    // SAFETY: the startup hook, with the size requested above.
     unsafe {
         if let Some(prev) = PREV_SHMEM_STARTUP {
             prev();
         }
-        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
-        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-        let mut found = false;
-        let base = pg_sys::ShmemInitStruct(SHMEM_NAME.as_ptr(), shmem_size(), &mut found).cast::<u8>();
-        if !found {
-            std::ptr::write_bytes(base, 0, shmem_size());
+        let base = crate::shmem::init_struct(SHMEM_NAME, shmem_size(), |base| {
             (*base.cast::<Header>()).capacity = capacity() as u64;
-        }
+        });
         HEADER.store(base.cast::<Header>(), Ordering::Release);
         ENTRIES.store(
             base.add(std::mem::size_of::<Header>()).cast::<Entry>(),
@@ -150,7 +144,6 @@ unsafe extern "C-unwind" fn shmem_startup() {
             &raw mut (*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock,
             Ordering::Release,
         );
-        pg_sys::LWLockRelease(init_lock);
     }
 }
 

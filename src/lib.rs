@@ -17,6 +17,7 @@ mod identity;
 mod metrics;
 mod quota;
 mod rate;
+mod shmem;
 mod spi;
 
 pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);

@@ -4,11 +4,17 @@
 use postgres::{Client, NoTls};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-pub fn port() -> u16 {
-    std::env::var("QUOTA_EXT_TEST_PORT")
+/// The port of a server scripts/test.sh started, from its environment variable.
+pub fn env_port(var: &str) -> u16 {
+    std::env::var(var)
         .ok()
         .and_then(|p| p.parse().ok())
-        .expect("QUOTA_EXT_TEST_PORT is not set: run these tests through scripts/test.sh")
+        .unwrap_or_else(|| panic!("{var} is not set: run these tests through scripts/test.sh"))
+}
+
+/// The main test server.
+pub fn port() -> u16 {
+    env_port("QUOTA_EXT_TEST_PORT")
 }
 
 pub fn connect_to(db: &str) -> Client {

@@ -446,10 +446,7 @@ fn sqlstate_of(c: &mut Client, sql: &str) -> String {
 /// counted as dropped, and the callers still get their errors.
 #[test]
 fn a_full_audit_queue_counts_what_it_drops() {
-    let port: u16 = std::env::var("QUOTA_EXT_TINY_PORT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .expect("QUOTA_EXT_TINY_PORT is not set: run these tests through scripts/test.sh");
+    let port = quota_ext_itests::env_port("QUOTA_EXT_TINY_PORT");
     let url = |db: &str| format!("host=127.0.0.1 port={port} user=postgres dbname={db}");
     let mut admin = Client::connect(&url("postgres"), NoTls).unwrap();
     admin

@@ -19,10 +19,7 @@ fn connect(port: u16, db: &str) -> Result<Client, postgres::Error> {
 #[test]
 #[ignore = "needs a server of its own: scripts/test.sh runs it with --ignored"]
 fn sigkill_of_a_backend_loses_no_acknowledged_consume() {
-    let port: u16 = std::env::var("QUOTA_EXT_CRASH_PORT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .expect("QUOTA_EXT_CRASH_PORT is not set: run these tests through scripts/test.sh");
+    let port = quota_ext_itests::env_port("QUOTA_EXT_CRASH_PORT");
     let mut admin = connect(port, "postgres").unwrap();
     admin
         .batch_execute("DROP DATABASE IF EXISTS crash WITH (FORCE)")

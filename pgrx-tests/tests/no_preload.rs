@@ -5,10 +5,7 @@ use postgres::{Client, NoTls};
 
 #[test]
 fn without_preload_shared_memory_features_refuse_and_the_rest_works() {
-    let port: u16 = std::env::var("QUOTA_EXT_NOPRELOAD_PORT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .expect("QUOTA_EXT_NOPRELOAD_PORT is not set: run these tests through scripts/test.sh");
+    let port = quota_ext_itests::env_port("QUOTA_EXT_NOPRELOAD_PORT");
     let mut c = Client::connect(
         &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
         NoTls,

@@ -40,10 +40,7 @@ fn metric(c: &mut Client, name: &str) -> i64 {
 
 #[test]
 fn a_full_table_evicts_refilled_buckets_then_obeys_rate_when_full() {
-    let port: u16 = std::env::var("QUOTA_EXT_TINY_PORT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .expect("QUOTA_EXT_TINY_PORT is not set: run these tests through scripts/test.sh");
+    let port = quota_ext_itests::env_port("QUOTA_EXT_TINY_PORT");
     let mut c = Client::connect(
         &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
         NoTls,

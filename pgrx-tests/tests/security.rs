@@ -753,15 +753,7 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
 
 #[test]
 fn exact_totals_through_pgbouncer_in_transaction_mode() {
-    let port: u16 = match std::env::var("QUOTA_EXT_PGBOUNCER_PORT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-    {
-        Some(p) => p,
-        None => {
-            panic!("QUOTA_EXT_PGBOUNCER_PORT is not set: run these tests through scripts/test.sh")
-        }
-    };
+    let port = quota_ext_itests::env_port("QUOTA_EXT_PGBOUNCER_PORT");
     let db = TestDb::new("pgbouncer");
     let mut c = db.connect();
     c.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 300)")

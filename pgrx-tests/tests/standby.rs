@@ -6,10 +6,7 @@ use postgres::{Client, NoTls};
 
 #[test]
 fn rate_limits_work_on_a_hot_standby() {
-    let port: u16 = std::env::var("QUOTA_EXT_STANDBY_PORT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .expect("QUOTA_EXT_STANDBY_PORT is not set: run these tests through scripts/test.sh");
+    let port = quota_ext_itests::env_port("QUOTA_EXT_STANDBY_PORT");
     let mut c = Client::connect(
         &format!("host=127.0.0.1 port={port} user=postgres dbname=standby_check"),
         NoTls,
@@ -56,10 +53,7 @@ fn rate_limits_work_on_a_hot_standby() {
     // replays the commit: the cache is invalidated by the invalidation messages the commit
     // record carries, which a standby replays too (a counter in the primary's shared memory
     // would never reach it).
-    let primary_port: u16 = std::env::var("QUOTA_EXT_TEST_PORT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .expect("QUOTA_EXT_TEST_PORT is not set");
+    let primary_port = quota_ext_itests::env_port("QUOTA_EXT_TEST_PORT");
     let mut primary = Client::connect(
         &format!("host=127.0.0.1 port={primary_port} user=postgres dbname=standby_check"),
         NoTls,
