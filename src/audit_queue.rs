@@ -39,6 +39,8 @@ const STALE_LAUNCH_MICROS: i64 = 10_000_000;
 /// A writer with nothing to do for this many consecutive waits exits.
 const IDLE_WAITS: u32 = 2;
 const WAIT: Duration = Duration::from_millis(500);
+/// Rows a writer copies out and writes per transaction.
+const DRAIN_BATCH: usize = 1024;
 
 pub static AUDIT_QUEUE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024);
 
@@ -419,9 +421,11 @@ pub extern "C-unwind" fn quota_ext_audit_writer_main(arg: pg_sys::Datum) {
     let cap = HEADER.load(Ordering::Acquire);
     // SAFETY: capacity is set once at start-up and never changes.
     let cap = unsafe { (*cap).capacity } as usize;
-    // Copied out under the lock into memory reserved beforehand: no allocation under it.
-    let mut bytes: Vec<u8> = Vec::with_capacity(cap * ENTRY_DATA);
-    let mut found: Vec<(u64, usize, usize)> = Vec::with_capacity(cap);
+    // Copied out under the lock, at most DRAIN_BATCH rows at a time, into memory reserved
+    // beforehand: no allocation under it.
+    let batch = cap.min(DRAIN_BATCH);
+    let mut bytes: Vec<u8> = Vec::with_capacity(batch * ENTRY_DATA);
+    let mut found: Vec<(u64, usize, usize)> = Vec::with_capacity(batch);
     let mut idle = 0;
     loop {
         bytes.clear();
@@ -429,6 +433,9 @@ pub extern "C-unwind" fn quota_ext_audit_writer_main(arg: pg_sys::Datum) {
         let exit = {
             let Some(mut q) = Locked::acquire() else { return };
             for i in 0..cap {
+                if found.len() == batch {
+                    break;
+                }
                 let e = q.entry(i);
                 if e.dboid == dboid {
                     let len = e.len as usize;
@@ -460,6 +467,12 @@ pub extern "C-unwind" fn quota_ext_audit_writer_main(arg: pg_sys::Datum) {
             idle = 0;
             found.sort_unstable_by_key(|f| f.0);
             write(&bytes, &found);
+            if found.len() == batch {
+                if BackgroundWorker::sigterm_received() {
+                    return;
+                }
+                continue; // more may be waiting
+            }
         }
         if !BackgroundWorker::wait_latch(Some(WAIT)) {
             return; // SIGTERM or postmaster death: rows still queued stay for the next writer
