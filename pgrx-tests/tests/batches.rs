@@ -486,3 +486,62 @@ fn a_full_audit_queue_counts_what_it_drops() {
         .batch_execute("DROP DATABASE audit_full WITH (FORCE)")
         .unwrap();
 }
+
+/// A burst of refusals from parallel sessions, more than the queue holds (1 024 by default):
+/// the writer drains while they arrive, and every refusal is either written or counted as
+/// dropped — none lost silently, none written twice.
+#[test]
+fn a_burst_of_refusals_is_written_or_counted() {
+    let db = TestDb::new("refusal_burst");
+    let mut c = db.connect();
+    let id: String = c
+        .query_one("SELECT id::text FROM quota.create_batch('shop', 'milk', 1)", &[])
+        .unwrap()
+        .get(0);
+    let dropped = |c: &mut Client| {
+        one_i64(
+            c,
+            "SELECT value FROM quota.metrics() WHERE name = 'audit_dropped'",
+        )
+    };
+    let dropped_before = dropped(&mut c);
+    let barrier = Arc::new(Barrier::new(SESSIONS));
+    let handles: Vec<_> = (0..SESSIONS)
+        .map(|_| {
+            let mut c = db.connect();
+            let (barrier, id) = (barrier.clone(), id.clone());
+            thread::spawn(move || {
+                let stmt = c
+                    .prepare("SELECT quota.consume_batch_quantity($1::text::uuid, 2)")
+                    .unwrap();
+                barrier.wait();
+                let mut refused = 0i64;
+                for _ in 0..300 {
+                    match c.query_one(&stmt, &[&id]) {
+                        Err(e) if code(&e) == "23514" => refused += 1,
+                        other => panic!("expected 23514, got {other:?}"),
+                    }
+                }
+                refused
+            })
+        })
+        .collect();
+    let refusals: i64 = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    assert_eq!(refusals, SESSIONS as i64 * 300);
+    // Drops are counted cluster-wide; no other test on this server fills its queue.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let (mut rows, mut lost);
+    loop {
+        rows = one_i64(&mut c, "SELECT count(*) FROM quota.audit_log WHERE NOT success");
+        lost = dropped(&mut c) - dropped_before;
+        if rows + lost >= refusals || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    rows = one_i64(&mut c, "SELECT count(*) FROM quota.audit_log WHERE NOT success");
+    lost = dropped(&mut c) - dropped_before;
+    assert_eq!(rows + lost, refusals, "{rows} written, {lost} dropped");
+    assert_eq!(one_i64(&mut c, "SELECT quantity FROM quota.batches"), 1);
+}
