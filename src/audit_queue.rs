@@ -66,6 +66,16 @@ struct Writer {
     latch: *mut pg_sys::Latch,
 }
 
+impl Writer {
+    /// Give the slot back (under the queue's lock).
+    fn free(&mut self) {
+        self.state = FREE;
+        self.dboid = 0;
+        self.pid = 0;
+        self.latch = std::ptr::null_mut();
+    }
+}
+
 /// Everything below is read and written only under the queue's LWLock.
 #[repr(C)]
 struct Header {
@@ -79,9 +89,6 @@ struct Header {
 static HEADER: AtomicPtr<Header> = AtomicPtr::new(std::ptr::null_mut());
 static ENTRIES: AtomicPtr<Entry> = AtomicPtr::new(std::ptr::null_mut());
 static LOCK: AtomicPtr<pg_sys::LWLock> = AtomicPtr::new(std::ptr::null_mut());
-
-static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
-static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
 
 fn capacity() -> usize {
     AUDIT_QUEUE_SIZE.get().max(16) as usize
@@ -106,34 +113,24 @@ pub fn init() {
         GucContext::Postmaster,
         GucFlags::default(),
     );
-    // SAFETY: installed once, in the postmaster, chaining to the previous hooks.
-    unsafe {
-        PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
-        pg_sys::shmem_request_hook = Some(shmem_request);
-        PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
-        pg_sys::shmem_startup_hook = Some(shmem_startup);
-    }
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn shmem_request() {
-    // SAFETY: called by the postmaster in the shmem request phase.
+/// The audit queue's share of shared memory (from shmem's request hook).
+pub fn shmem_request() {
+    // SAFETY: called in the postmaster's shmem request phase.
     unsafe {
-        if let Some(prev) = PREV_SHMEM_REQUEST {
-            prev();
-        }
         pg_sys::RequestAddinShmemSpace(shmem_size());
         pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 1);
     }
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn shmem_startup() {
-    // SAFETY: the startup hook, with the size requested above.
+/// Find or build the audit queue (from shmem's startup hook).
+///
+/// # Safety
+/// Only from the shmem startup hook, after shmem_request asked for the space.
+pub unsafe fn shmem_startup() {
+    // SAFETY: per this function's contract.
     unsafe {
-        if let Some(prev) = PREV_SHMEM_STARTUP {
-            prev();
-        }
         let base = crate::shmem::init_struct(SHMEM_NAME, shmem_size(), |base| {
             (*base.cast::<Header>()).capacity = capacity() as u64;
         });
@@ -308,8 +305,7 @@ fn start_writer(slot: usize) {
         if let Some(mut q) = Locked::acquire() {
             let w = &mut q.header().writers[slot];
             if w.state == STARTING && w.pid == 0 {
-                w.state = FREE;
-                w.dboid = 0;
+                w.free();
             }
         }
         // Once a minute per backend at most: every refusal would otherwise log it.
@@ -350,11 +346,7 @@ unsafe extern "C-unwind" fn writer_exit(_code: i32, arg: pg_sys::Datum) {
         }
         q.header().filled -= dropped;
     }
-    let w = &mut q.header().writers[slot];
-    w.state = FREE;
-    w.dboid = 0;
-    w.pid = 0;
-    w.latch = std::ptr::null_mut();
+    q.header().writers[slot].free();
     drop(q);
     metrics::count_n(Counter::AuditDropped, dropped);
 }
@@ -448,11 +440,7 @@ pub extern "C-unwind" fn quota_ext_audit_writer_main(arg: pg_sys::Datum) {
             if found.is_empty() && idle >= IDLE_WAITS {
                 // Give the slot back under the same lock a backend queues under: a row queued
                 // after this starts a new writer.
-                let w = &mut q.header().writers[slot];
-                w.state = FREE;
-                w.dboid = 0;
-                w.pid = 0;
-                w.latch = std::ptr::null_mut();
+                q.header().writers[slot].free();
                 true
             } else {
                 false

@@ -30,6 +30,10 @@ pub extern "C-unwind" fn _PG_init() {
     metrics::init();
     rate::init();
     audit_queue::init();
+    // SAFETY: reads a flag that is set while shared_preload_libraries is processed.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        shmem::install_hooks();
+    }
 }
 
 #[cfg(any(test, feature = "pg_test"))]

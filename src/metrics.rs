@@ -125,9 +125,7 @@ pub fn preloaded() -> bool {
 }
 
 pub fn count(c: Counter) {
-    if preloaded() {
-        SHARED.get().0[my_shard()].0[c as usize].fetch_add(1, Relaxed);
-    }
+    count_n(c, 1);
 }
 
 pub fn count_n(c: Counter, n: u64) {

@@ -58,9 +58,6 @@ static HEADER: AtomicPtr<Header> = AtomicPtr::new(std::ptr::null_mut());
 static SLOTS: AtomicPtr<Slot> = AtomicPtr::new(std::ptr::null_mut());
 static LOCKS: AtomicPtr<pg_sys::LWLockPadded> = AtomicPtr::new(std::ptr::null_mut());
 
-static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
-static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
-
 fn geometry() -> (usize, usize) {
     let keys = RATE_MAX_KEYS.get().max(PARTITIONS as i32) as usize;
     let capacity = keys.div_ceil(PARTITIONS);
@@ -98,35 +95,24 @@ pub fn init() {
         GucContext::Postmaster,
         GucFlags::default(),
     );
-    // SAFETY: installed once, in the postmaster, chaining to the previous hooks.
-    unsafe {
-        PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
-        pg_sys::shmem_request_hook = Some(shmem_request);
-        PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
-        pg_sys::shmem_startup_hook = Some(shmem_startup);
-    }
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn shmem_request() {
-    // SAFETY: called by the postmaster in the shmem request phase.
+/// The bucket table's share of shared memory (from shmem's request hook).
+pub fn shmem_request() {
+    // SAFETY: called in the postmaster's shmem request phase.
     unsafe {
-        if let Some(prev) = PREV_SHMEM_REQUEST {
-            prev();
-        }
         pg_sys::RequestAddinShmemSpace(shmem_size());
         pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), PARTITIONS as i32);
     }
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn shmem_startup() {
-    // SAFETY: the startup hook (at start-up, and again after a crash re-creates shared
-    // memory), with the size requested above.
+/// Find or build the bucket table (from shmem's startup hook).
+///
+/// # Safety
+/// Only from the shmem startup hook, after shmem_request asked for the space.
+pub unsafe fn shmem_startup() {
+    // SAFETY: per this function's contract.
     unsafe {
-        if let Some(prev) = PREV_SHMEM_STARTUP {
-            prev();
-        }
         let base = crate::shmem::init_struct(SHMEM_NAME, shmem_size(), |base| {
             let (capacity, slots) = geometry();
             let h = base.cast::<Header>();

@@ -1,6 +1,8 @@
-//! Shared-memory set-up common to the rate-limit table and the audit queue.
+//! Shared memory: one pair of hooks that asks for and builds both structures (the rate-limit
+//! table and the audit queue), and the set-up they share.
 
 use pgrx::pg_sys;
+use pgrx::prelude::*;
 use std::ffi::CStr;
 
 /// AddinShmemInitLock: MainLWLockArray[21] (PostgreSQL's lwlocknames.txt), a macro bindgen
@@ -26,5 +28,45 @@ pub unsafe fn init_struct(name: &CStr, size: usize, init: impl FnOnce(*mut u8)) 
         }
         pg_sys::LWLockRelease(lock);
         base
+    }
+}
+
+static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
+static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
+
+/// From _PG_init while the library is being preloaded, after the postmaster settings that
+/// size the structures are defined.
+pub fn install_hooks() {
+    // SAFETY: installed once, in the postmaster, chaining to the previous hooks.
+    unsafe {
+        PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
+        pg_sys::shmem_request_hook = Some(shmem_request);
+        PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(shmem_startup);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_request() {
+    // SAFETY: called by the postmaster in the shmem request phase.
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_REQUEST {
+            prev();
+        }
+    }
+    crate::rate::shmem_request();
+    crate::audit_queue::shmem_request();
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_startup() {
+    // SAFETY: the startup hook (at start-up, and again after a crash re-creates shared
+    // memory), after the request hook above asked for the space.
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_STARTUP {
+            prev();
+        }
+        crate::rate::shmem_startup();
+        crate::audit_queue::shmem_startup();
     }
 }

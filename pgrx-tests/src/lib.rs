@@ -93,7 +93,9 @@ pub fn sqlstate(c: &mut Client, sql: &str) -> Option<String> {
     }
 }
 
-/// Row counts of every quota.* table, to show that a refused call changed nothing. Audit rows
+/// Row counts of the quota tables a quota call writes, to show that a refused call changed
+/// nothing (batch tests fingerprint quota.batches themselves; rate policies are written by
+/// plain SQL only). Audit rows
 /// of refusals arrive later from the audit writer (tests check them with settles_at), so
 /// audit_log counts the rows of granted calls only.
 pub fn table_counts(c: &mut Client) -> Vec<(String, i64)> {
