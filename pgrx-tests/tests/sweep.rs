@@ -71,6 +71,7 @@ fn functions(batch: &str) -> Vec<(&'static str, Vec<(&'static str, String)>)> {
     vec![
         ("consume", vec![t("ann"), t("api"), b(1), t("k1")]),
         ("require", vec![t("ann"), t("api"), b(1), t("k2")]),
+        ("require_decision", vec![t("ann"), t("api"), b(1), t("k4")]),
         ("refund", vec![t("ann"), t("api"), b(1), t("k3")]),
         ("status", vec![t("ann")]),
         ("set_plan", vec![t("ann"), t("pro"), t("UTC")]),
