@@ -183,7 +183,6 @@ fn refuse(e: QuotaError) -> QuotaError {
 /// changed since the caller read it is refused (optimistic locking); without, the row lock
 /// alone serializes concurrent callers.
 #[pg_extern(volatile, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
 fn consume_batch_quantity(
     p_batch_id: Option<pgrx::Uuid>,
     p_quantity_to_consume: Option<i64>,
@@ -318,7 +317,6 @@ static LOCK_MANY: Stmt = Stmt {
 /// (batches without expiry last, then oldest first), or oldest first with strategy 'fifo'.
 /// All or nothing.
 #[pg_extern(volatile, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
 fn consume_item(
     owner: Option<&str>,
     item: Option<&str>,

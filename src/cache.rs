@@ -317,28 +317,26 @@ pub fn policy(name: &str) -> Rc<HashMap<String, Policy>> {
     }
     let gen = generation();
     let _owner = crate::identity::AsOwner::enter();
-    let map: HashMap<String, Policy> = crate::identity::with_pinned_search_path(|| {
-        Spi::connect_mut(|client| {
-            spi::run(client, &POLICY_LOAD, &[name.into()])
-                .map(|r| {
-                    let plan = spi::get::<String>(&r, 1).expect("plan");
-                    let (t_ns, burst) = crate::rate::rate_params(
-                        spi::get::<i64>(&r, 2),
-                        spi::get::<Interval>(&r, 3),
-                        spi::get::<i64>(&r, 4),
-                    )
-                    .unwrap_or_else(|e| pgrx::error!("quota.rate_policies ({name}, {plan}): {e}"));
-                    (
-                        plan,
-                        Policy {
-                            t_ns,
-                            burst,
-                            shadow: spi::get::<bool>(&r, 5).unwrap_or(false),
-                        },
-                    )
-                })
-                .collect()
-        })
+    let map: HashMap<String, Policy> = Spi::connect_mut(|client| {
+        spi::run(client, &POLICY_LOAD, &[name.into()])
+            .map(|r| {
+                let plan = spi::get::<String>(&r, 1).expect("plan");
+                let (t_ns, burst) = crate::rate::rate_params(
+                    spi::get::<i64>(&r, 2),
+                    spi::get::<Interval>(&r, 3),
+                    spi::get::<i64>(&r, 4),
+                )
+                .unwrap_or_else(|e| pgrx::error!("quota.rate_policies ({name}, {plan}): {e}"));
+                (
+                    plan,
+                    Policy {
+                        t_ns,
+                        burst,
+                        shadow: spi::get::<bool>(&r, 5).unwrap_or(false),
+                    },
+                )
+            })
+            .collect()
     });
     let map = Rc::new(map);
     if generation() == gen {
@@ -362,7 +360,5 @@ pub fn subject_plan(subject_name: &str) -> Option<String> {
         remember_watched_tables();
     }
     let _owner = crate::identity::AsOwner::enter();
-    crate::identity::with_pinned_search_path(|| {
-        Spi::connect_mut(|client| subject(client, subject_name).plan.clone())
-    })
+    Spi::connect_mut(|client| subject(client, subject_name).plan.clone())
 }

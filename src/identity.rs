@@ -1,8 +1,10 @@
 //! Who is calling, whom they may act for, and the switch to the extension owner for table access.
 //!
-//! Functions run as the caller (SECURITY INVOKER) with a pinned search_path, so the caller's role
-//! is known when the trust check runs. Only after the check do they switch to the extension
-//! owner, the same switch SECURITY DEFINER makes, for the statements that touch quota.* tables.
+//! Functions run as the caller (SECURITY INVOKER), so the caller's role is known when the trust
+//! check runs. Only after the check do they switch to the extension owner, the same switch
+//! SECURITY DEFINER makes, for the statements that touch quota.* tables; the switch also pins
+//! the search path of those statements to pg_catalog (a plan-cache override, not a GUC change:
+//! a function-level `SET search_path` recomputes the path on every call and every return).
 
 use crate::catalog;
 use crate::error::{QuotaError, Result};
@@ -141,11 +143,25 @@ pub fn require_trusted(function: &'static str) -> Result<()> {
 }
 
 /// While alive, the backend acts as the extension owner (as SECURITY DEFINER would), in a
-/// restricted operation. Dropping it, also during unwinding from an ERROR, switches back;
+/// restricted operation, and resolves names with pg_catalog alone. Dropping it, also during unwinding from an ERROR, switches back;
 /// transaction and subtransaction abort would restore the saved user as well.
 pub struct AsOwner {
     saved_user: pg_sys::Oid,
     saved_context: i32,
+}
+
+/// The search path every statement of the extension resolves names with: pg_catalog alone (no
+/// temporary schema, no caller's schema; quota.* objects are always written out).
+fn push_pinned_search_path() {
+    let mut path = pg_sys::OverrideSearchPath {
+        schemas: std::ptr::null_mut(),
+        addCatalog: true,
+        addTemp: false,
+        generation: 0,
+    };
+    // SAFETY: PushOverrideSearchPath copies the (empty) list into TopMemoryContext; it is
+    // popped by AsOwner's drop or, after an ERROR, by the (sub)transaction's abort.
+    unsafe { pg_sys::PushOverrideSearchPath(&mut path) };
 }
 
 impl AsOwner {
@@ -163,6 +179,7 @@ impl AsOwner {
                     | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
             );
         }
+        push_pinned_search_path();
         AsOwner {
             saved_user,
             saved_context,
@@ -172,8 +189,16 @@ impl AsOwner {
 
 impl Drop for AsOwner {
     fn drop(&mut self) {
-        // SAFETY: restores the values saved in enter().
-        unsafe { pg_sys::SetUserIdAndSecContext(self.saved_user, self.saved_context) }
+        // SAFETY: restores the values saved in enter(), and pops the search path enter()
+        // pushed. While unwinding from an ERROR the override stack may hold entries that the
+        // interrupted code never popped (the plan cache pushes one while it re-plans), so
+        // nothing is popped then: the abort of the (sub)transaction the ERROR ends pops them all.
+        unsafe {
+            if !std::thread::panicking() {
+                pg_sys::PopOverrideSearchPath();
+            }
+            pg_sys::SetUserIdAndSecContext(self.saved_user, self.saved_context)
+        }
     }
 }
 
@@ -264,30 +289,4 @@ pub fn request_info() -> Result<RequestInfo> {
         h.1.clone()
     });
     Ok(RequestInfo { sub, plan, client_ip })
-}
-
-/// Run `f` with search_path pinned to `pg_catalog, pg_temp`, as a function's
-/// `SET search_path` would, for the rare SQL of paths that otherwise run none (so they do not
-/// pay for the switch on every call). An ERROR inside is fine: the transaction's abort resets
-/// the setting.
-pub fn with_pinned_search_path<R>(f: impl FnOnce() -> R) -> R {
-    // SAFETY: the documented way to set a GUC for a nested scope and restore it.
-    let level = unsafe {
-        let level = pg_sys::NewGUCNestLevel();
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
-        level
-    };
-    let out = f();
-    // SAFETY: closes the nest level opened above.
-    unsafe { pg_sys::AtEOXact_GUC(true, level) };
-    out
 }

@@ -588,7 +588,6 @@ fn run_request(
 
 /// Check and count `amount` units of `metric` for `subject` in every period that limits it.
 #[pg_extern(volatile, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
 fn consume(
     subject: default!(Option<&str>, "NULL"),
     metric: default!(Option<&str>, "NULL"),
@@ -606,7 +605,6 @@ fn consume(
 /// PT429 that require raises next rolls back. Called by require (plpgsql, since PostgreSQL
 /// raises custom SQLSTATEs from there and pgrx cannot).
 #[pg_extern(volatile, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
 fn require_decision(
     subject: default!(Option<&str>, "NULL"),
     metric: default!(Option<&str>, "NULL"),
@@ -621,7 +619,6 @@ fn require_decision(
 
 /// Give usage back in the current windows (never below zero).
 #[pg_extern(volatile, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
 fn refund(
     subject: default!(Option<&str>, "NULL"),
     metric: default!(Option<&str>, "NULL"),
@@ -658,7 +655,6 @@ SELECT lim.metric, lim.period, lim.max_amount, w.window_start, w.reset_at, coale
 /// One row per metric and period that applies to the subject; consumes nothing. `allowed` says
 /// whether one more unit would fit in that window.
 #[pg_extern(stable, parallel_safe)]
-#[search_path(pg_catalog, pg_temp)]
 fn status(
     subject: default!(Option<&str>, "NULL"),
 ) -> SetOfIterator<'static, pgrx::composite_type!('static, "quota.decision")> {

@@ -271,10 +271,12 @@ fn functions_pin_search_path_and_the_script_replaces_nothing() {
     let mut c = db.connect();
     // Every function that reads or writes tables runs with a pinned search_path. The exceptions
     // run no SQL that could resolve a name through the caller's path: an inlinable SQL helper, a
-    // trigger that queues an invalidation, rate_check (shared memory only), and rate_limit and
-    // request_rate_decision, whose only SQL (cold-cache look-ups) runs inside a pinned scope of
-    // its own so the warm path does not pay for the switch (hostile_objects_in_public_change_nothing
-    // calls them cold). None is SECURITY DEFINER without one.
+    // trigger that queues an invalidation, rate_check (shared memory only); and the functions on
+    // the request path (consume, require_decision, refund, status, consume_batch_quantity,
+    // consume_item, rate_limit, request_rate_decision), whose every statement runs inside the
+    // switch to the extension owner, which pins the search path for exactly those statements, so
+    // a call does not pay for a function-level setting (hostile_objects_in_public_change_nothing
+    // calls each of them). None is SECURITY DEFINER without one.
     let unpinned: Vec<String> = c
         .query(
             "SELECT p.proname::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
@@ -289,13 +291,21 @@ fn functions_pin_search_path_and_the_script_replaces_nothing() {
         .collect();
     assert_eq!(
         unpinned,
-        vec![
-            "invalidate_limits_cache".to_string(),
-            "rate_check".to_string(),
-            "rate_limit".to_string(),
-            "request_rate_decision".to_string(),
-            "window_bounds".to_string()
+        [
+            "consume",
+            "consume_batch_quantity",
+            "consume_item",
+            "invalidate_limits_cache",
+            "rate_check",
+            "rate_limit",
+            "refund",
+            "request_rate_decision",
+            "require_decision",
+            "status",
+            "window_bounds"
         ]
+        .map(String::from)
+        .to_vec()
     );
     let definer_unpinned = one_i64(
         &mut c,
@@ -353,11 +363,23 @@ fn hostile_objects_in_public_change_nothing() {
     }
     c.batch_execute(
         "SELECT quota.refund('ann', 'api'); SELECT quota.status('ann'); SELECT quota.near_limit();
-         SELECT quota.rate_limit('default'); SELECT quota.request_rate_decision('GET');",
+         SELECT quota.rate_limit('default'); SELECT quota.request_rate_decision('GET');
+         SELECT quota.require('bob', 'api');
+         SELECT quota.consume_batch_quantity(
+                    (quota.create_batch('shop', 'milk', 10, pg_catalog.now() + interval '1 day')).id, 2);
+         SELECT quota.consume_item('shop', 'milk', 3);",
     )
     .unwrap();
     c.batch_execute("RESET search_path").unwrap();
     assert_eq!(granted, 2, "the limit held");
+    assert_eq!(
+        one_i64(
+            &mut c,
+            "SELECT sum(quantity)::bigint FROM quota.batches WHERE owner = 'shop'"
+        ),
+        5,
+        "the batch functions took what they were asked"
+    );
     assert_eq!(
         one_i64(&mut c, "SELECT used FROM quota.usage WHERE subject = 'ann'"),
         1
@@ -375,6 +397,81 @@ fn hostile_objects_in_public_change_nothing() {
         .unwrap()
         .get(0);
     assert!(window_ok, "the window came from pg_catalog.now()");
+}
+
+/// The request-path functions pin the search path only for their own statements: after a call,
+/// and after an ERROR raised inside one of their statements and caught by the caller, the
+/// caller's own search path is back in force (nothing leaks into the rest of the transaction).
+#[test]
+fn the_pinned_search_path_ends_with_the_call_also_after_an_error() {
+    let db = TestDb::new("path_scope");
+    let mut c = db.connect();
+    c.batch_execute(
+        "SELECT quota.set_limit('free', 'api', 'day', 10);
+         CREATE SCHEMA app;
+         CREATE TABLE app.mine (n int);
+         INSERT INTO app.mine VALUES (7);
+         -- An ERROR from inside consume's own statement (its audit row), as a failing
+         -- user trigger or a lock timeout would give.
+         CREATE FUNCTION app.boom() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.subject = 'boom' THEN RAISE EXCEPTION 'boom'; END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER boom BEFORE INSERT ON quota.audit_log
+             FOR EACH ROW EXECUTE FUNCTION app.boom();",
+    )
+    .unwrap();
+    fn schemas(c: &mut impl postgres::GenericClient, sql: &str) -> String {
+        c.query_one(sql, &[])
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+            .get(0)
+    }
+    let mut tx = c.transaction().unwrap();
+    tx.batch_execute(
+        "SET LOCAL search_path = app, public;
+         SELECT quota.consume('ann', 'api');
+         DO $$ BEGIN
+             BEGIN
+                 PERFORM quota.consume('boom', 'api');
+                 RAISE EXCEPTION 'consume did not fail';
+             EXCEPTION WHEN raise_exception THEN
+                 IF SQLERRM <> 'boom' THEN RAISE; END IF;
+             END;
+         END $$;",
+    )
+    .unwrap();
+    assert_eq!(
+        schemas(
+            &mut tx,
+            "SELECT (SELECT n FROM mine)::text || ' ' || current_schemas(false)::text"
+        ),
+        "7 {app,public}",
+        "the caller's search path is back after a call and after a caught error"
+    );
+    tx.commit().unwrap();
+    // The failed call changed nothing; the first one counted.
+    assert_eq!(
+        one_i64(&mut c, "SELECT count(*) FROM quota.usage WHERE subject = 'boom'"),
+        0
+    );
+    assert_eq!(
+        one_i64(&mut c, "SELECT used FROM quota.usage WHERE subject = 'ann'"),
+        1
+    );
+    // An uncaught one ends its transaction; the session goes on with its own path.
+    c.batch_execute("SET search_path = app").unwrap();
+    let e = c
+        .batch_execute("SELECT quota.consume('boom', 'api')")
+        .unwrap_err();
+    assert_eq!(code(&e), "P0001");
+    assert_eq!(
+        schemas(
+            &mut c,
+            "SELECT (SELECT n FROM mine)::text || ' ' || current_schemas(false)::text"
+        ),
+        "7 {app}"
+    );
 }
 
 /// What PostgREST sends for `POST /rpc/<fn>` with a JSON body, inside its transaction.

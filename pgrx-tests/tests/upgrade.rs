@@ -64,7 +64,7 @@ fn text(c: &mut Client, sql: &str) -> String {
 }
 
 /// The version a fresh install gets.
-const CURRENT: &str = "0.3.0";
+const CURRENT: &str = "0.4.0";
 
 #[test]
 fn upgrade_from_0_1_0_keeps_everything_and_equals_a_fresh_install() {
@@ -74,6 +74,11 @@ fn upgrade_from_0_1_0_keeps_everything_and_equals_a_fresh_install() {
 #[test]
 fn upgrade_from_0_2_0_keeps_everything_and_equals_a_fresh_install() {
     upgrade_from("0.2.0");
+}
+
+#[test]
+fn upgrade_from_0_3_0_keeps_everything_and_equals_a_fresh_install() {
+    upgrade_from("0.3.0");
 }
 
 fn upgrade_from(from: &str) {
