@@ -25,7 +25,7 @@ install_extension
 "${SUDO[@]}" install -m 644 "$REPO"/sql/frozen/quota_ext--*.sql "$("$PG_CONFIG" --sharedir)/extension/"
 log "starting a test server on 127.0.0.1:$TEST_PORT ($TEST_DATA)"
 start_server "$TEST_DATA" "$TEST_PORT"
-trap 'stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"; stop_server "$TINY_DATA"; stop_server "$STANDBY_DATA"' EXIT
+trap 'stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"; stop_server "$TINY_DATA"; stop_server "$SCARCE_DATA"; stop_server "$STANDBY_DATA"' EXIT
 # The roles a Supabase project has, so CREATE EXTENSION grants to them as it would there. The
 # server without the preload has none: there nothing is granted.
 pg_psql "$TEST_PORT" -d postgres <<'SQL'
@@ -54,6 +54,11 @@ log "starting a server with a tiny bucket table on 127.0.0.1:$TINY_PORT"
 # ... and a tiny audit queue that no writer can drain (no background worker may start).
 start_server "$TINY_DATA" "$TINY_PORT" "quota_ext.rate_max_keys = 64" "quota_ext.audit_queue_size = 16" \
     "max_worker_processes = 0"
+# ... and one with a single background worker slot, which a parallel query can take.
+SCARCE_DATA=/tmp/quota_ext-itest-scarce
+SCARCE_PORT=${QUOTA_EXT_SCARCE_PORT:-54323}
+log "starting a server with one background worker slot on 127.0.0.1:$SCARCE_PORT"
+start_server "$SCARCE_DATA" "$SCARCE_PORT" "max_worker_processes = 1" "max_logical_replication_workers = 0"
 log "starting a server without the preload on 127.0.0.1:$NOPRELOAD_PORT"
 start_server "$NOPRELOAD_DATA" "$NOPRELOAD_PORT" "shared_preload_libraries = ''"
 
@@ -87,18 +92,19 @@ stop_pgbouncer() {
 }
 log "starting pgbouncer (transaction mode) on 127.0.0.1:$BOUNCER_PORT"
 start_pgbouncer
-trap 'stop_pgbouncer; stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"; stop_server "$TINY_DATA"; stop_server "$STANDBY_DATA"' EXIT
+trap 'stop_pgbouncer; stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"; stop_server "$TINY_DATA"; stop_server "$SCARCE_DATA"; stop_server "$STANDBY_DATA"' EXIT
 
 log "pgrx-tests: external suites"
 (cd "$REPO/pgrx-tests" && QUOTA_EXT_TEST_PORT=$TEST_PORT QUOTA_EXT_NOPRELOAD_PORT=$NOPRELOAD_PORT \
     QUOTA_EXT_PGBOUNCER_PORT=$BOUNCER_PORT QUOTA_EXT_TINY_PORT=$TINY_PORT QUOTA_EXT_STANDBY_PORT=$STANDBY_PORT \
+    QUOTA_EXT_SCARCE_PORT=$SCARCE_PORT \
     cargo test -- --test-threads=2)   # the crash test is #[ignore]d here and run below
 
 log "crash test on a server of its own (SIGKILL of a backend)"
 CRASH_DATA=/tmp/quota_ext-itest-crash
 CRASH_PORT=${QUOTA_EXT_CRASH_PORT:-54320}
 start_server "$CRASH_DATA" "$CRASH_PORT"
-trap 'stop_pgbouncer; stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"; stop_server "$TINY_DATA"; stop_server "$STANDBY_DATA"; stop_server "$CRASH_DATA"' EXIT
+trap 'stop_pgbouncer; stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"; stop_server "$TINY_DATA"; stop_server "$SCARCE_DATA"; stop_server "$STANDBY_DATA"; stop_server "$CRASH_DATA"' EXIT
 (cd "$REPO/pgrx-tests" && QUOTA_EXT_CRASH_PORT=$CRASH_PORT cargo test --test crash -- --ignored)
 grep -q "terminated by signal 9" "$CRASH_DATA/server.log" || die "the crash test did not crash a backend"
 

@@ -8,7 +8,8 @@
 //! The queue is an array of quota_ext.audit_queue_size fixed-size entries (postmaster setting)
 //! behind one LWLock, tagged with the database they belong to. A backend that queues a row
 //! starts the database's writer when none runs (a dynamic background worker, at most
-//! MAX_WRITERS databases at a time); the writer copies its database's entries out under the
+//! MAX_WRITERS databases at a time; when no background worker slot is free, the next quota or
+//! batch call a second later asks again); the writer copies its database's entries out under the
 //! lock, writes them without it, and exits once it has been idle for a while, so it never keeps
 //! a database from being dropped for long. Nothing that can raise an ERROR or allocate runs
 //! while the lock is held.
@@ -25,7 +26,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PgBuiltInOids as T};
 use std::ffi::CStr;
-use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, Ordering};
 use std::time::Duration;
 
 const TRANCHE: &CStr = c"quota_ext_audit_queue";
@@ -41,6 +42,9 @@ const IDLE_WAITS: u32 = 2;
 const WAIT: Duration = Duration::from_millis(500);
 /// Rows a writer copies out and writes per transaction.
 const DRAIN_BATCH: usize = 1024;
+/// Rows left without a writer (no free background worker slot) are asked for again after this
+/// long, by the next call of a quota or batch function in any database.
+const RETRY_MICROS: i64 = 1_000_000;
 
 pub static AUDIT_QUEUE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024);
 
@@ -76,9 +80,12 @@ impl Writer {
     }
 }
 
-/// Everything below is read and written only under the queue's LWLock.
 #[repr(C)]
 struct Header {
+    /// When a writer could not be started for lack of a background worker slot (0: no row is
+    /// waiting for one). Atomic, read without the lock by every call that may retry.
+    stranded_at: AtomicI64,
+    // Everything below is read and written only under the queue's LWLock.
     capacity: u64,
     filled: u64,
     next_seq: u64,
@@ -204,6 +211,7 @@ pub fn refusal(r: Refusal<'_>) {
     if !crate::guc::audit_wanted(false) || HEADER.load(Ordering::Acquire).is_null() {
         return;
     }
+    relaunch_stranded();
     let payload = serde_json::json!({
         "t": crate::decision::now_micros(),
         "subject": r.subject,
@@ -300,23 +308,82 @@ fn start_writer(slot: usize) {
         .load_dynamic()
         .is_ok();
     if !started {
-        // No free background worker slot (max_worker_processes): the rows stay queued and the
-        // next refusal asks again.
+        // No free background worker slot (max_worker_processes, shared with parallel query):
+        // the rows stay queued, and relaunch_stranded() asks again a second later.
+        // SAFETY: reads the backend's clock.
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
         if let Some(mut q) = Locked::acquire() {
             let w = &mut q.header().writers[slot];
             if w.state == STARTING && w.pid == 0 {
                 w.free();
             }
+            q.header().stranded_at.store(now.max(1), Ordering::Relaxed);
         }
         // Once a minute per backend at most: every refusal would otherwise log it.
-        // SAFETY: reads the backend's clock.
-        let now = unsafe { pg_sys::GetCurrentTimestamp() };
         if now - LAST_LAUNCH_FAILURE_LOG.get() > 60_000_000 {
             LAST_LAUNCH_FAILURE_LOG.set(now);
             pgrx::log!(
-                "quota_ext: could not start the audit writer (no free background worker slot, see max_worker_processes); refusal audit rows stay queued"
+                "quota_ext: could not start the audit writer (no free background worker slot, see max_worker_processes); refusal audit rows stay queued and it is asked for again"
             );
         }
+    }
+}
+
+/// Start writers for queued rows that have none because an earlier start found no free
+/// background worker slot. Called by every quota and batch function: when nothing is stranded
+/// it is one relaxed atomic load; otherwise one call a second in the whole server looks.
+pub fn relaunch_stranded() {
+    let h = HEADER.load(Ordering::Acquire);
+    if h.is_null() {
+        return;
+    }
+    // SAFETY: the header lives as long as shared memory; the field is atomic.
+    let stranded = unsafe { &(*h).stranded_at };
+    let since = stranded.load(Ordering::Relaxed);
+    if since == 0 {
+        return;
+    }
+    // SAFETY: reads the backend's clock.
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    if now - since < RETRY_MICROS
+        || stranded
+            .compare_exchange(since, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+    {
+        return; // too soon, or another backend is looking
+    }
+    let mut ask = [0usize; MAX_WRITERS];
+    let mut n = 0;
+    let mut served = true;
+    {
+        let Some(mut q) = Locked::acquire() else { return };
+        let cap = q.header().capacity as usize;
+        for i in 0..cap {
+            let db = q.entry(i).dboid;
+            let h = q.header();
+            if db == 0 || h.writers.iter().any(|w| w.state != FREE && w.dboid == db) {
+                continue;
+            }
+            let Some(s) = h.writers.iter().position(|w| w.state == FREE) else {
+                served = false; // all writer slots busy: look again later
+                break;
+            };
+            let w = &mut h.writers[s];
+            w.dboid = db;
+            w.state = STARTING;
+            w.pid = 0;
+            w.asked_at = now;
+            w.latch = std::ptr::null_mut();
+            ask[n] = s;
+            n += 1;
+        }
+        if served {
+            // Cleared before the starts below: one that fails sets it again.
+            let _ = stranded.compare_exchange(now, 0, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+    for &s in &ask[..n] {
+        start_writer(s);
     }
 }
 

@@ -196,6 +196,7 @@ fn consume_batch_quantity(
         name!(version, i64),
     ),
 > {
+    audit_queue::relaunch_stranded();
     let row = (|| -> Result<(pgrx::Uuid, i64, i64, i64)> {
         let id = p_batch_id.ok_or(QuotaError::NullArgument {
             what: "p_batch_id",
@@ -331,6 +332,7 @@ fn consume_item(
         name!(version, i64),
     ),
 > {
+    audit_queue::relaunch_stranded();
     let rows = (|| -> Result<Vec<(pgrx::Uuid, i64, i64, i64)>> {
         let owner = identity::check_name("owner", owner, "Pass the owner whose batches to take from.")?;
         let item = identity::check_name("item", item, "Pass the item to take.")?;

@@ -566,6 +566,7 @@ fn run_request(
     idempotency_key: Option<&str>,
     queue_denial: bool,
 ) -> Result<Decision> {
+    audit_queue::relaunch_stranded();
     let metric = check_metric(metric)?;
     let amount = check_amount(amount)?;
     let key = check_key(idempotency_key)?;

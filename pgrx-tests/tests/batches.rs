@@ -487,6 +487,81 @@ fn a_full_audit_queue_counts_what_it_drops() {
         .unwrap();
 }
 
+/// A refusal whose writer cannot start because the only background worker slot is taken (here
+/// by a parallel query's worker, on the server with max_worker_processes = 1) is not left
+/// waiting for the next refusal: once the slot is free, the next call of a quota or batch
+/// function asks for the writer again, and the row is written, once.
+#[test]
+fn a_refusal_row_stranded_without_a_worker_slot_is_written_once_one_frees() {
+    let port = quota_ext_itests::env_port("QUOTA_EXT_SCARCE_PORT");
+    let url = |db: &str| format!("host=127.0.0.1 port={port} user=postgres dbname={db}");
+    let mut admin = Client::connect(&url("postgres"), NoTls).unwrap();
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS audit_scarce WITH (FORCE)")
+        .unwrap();
+    admin.batch_execute("CREATE DATABASE audit_scarce").unwrap();
+    let mut c = Client::connect(&url("audit_scarce"), NoTls).unwrap();
+    c.batch_execute("CREATE EXTENSION quota_ext; SELECT quota.set_limit('free', 'api', 'day', 1000)")
+        .unwrap();
+    let id: String = c
+        .query_one("SELECT id::text FROM quota.create_batch('shop', 'milk', 5)", &[])
+        .unwrap()
+        .get(0);
+    let refusals = "SELECT count(*) FROM quota.audit_log WHERE action = 'consume_batch' AND NOT success";
+    let workers = |admin: &mut Client, kind: &str| {
+        one_i64(
+            admin,
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE backend_type = '{kind}'"),
+        )
+    };
+
+    // A parallel query takes the one slot for a few seconds.
+    let mut busy = Client::connect(&url("audit_scarce"), NoTls).unwrap();
+    let sleeper = thread::spawn(move || {
+        busy.batch_execute("SET force_parallel_mode = on; SELECT pg_sleep(4)")
+            .unwrap();
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while workers(&mut admin, "parallel worker") == 0 {
+        assert!(std::time::Instant::now() < deadline, "no parallel worker started");
+        thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        sqlstate_of(&mut c, &format!("SELECT quota.consume_batch_quantity('{id}', 6)")),
+        "23514"
+    );
+    thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(one_i64(&mut c, refusals), 0, "no writer could have started");
+    sleeper.join().unwrap();
+    while workers(&mut admin, "parallel worker") != 0 {
+        thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    // No further refusal: ordinary calls ask for the writer again (once a second; the slot
+    // may come back to the postmaster a moment after the worker left pg_stat_activity).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while one_i64(&mut c, refusals) == 0 && std::time::Instant::now() < deadline {
+        c.batch_execute("SELECT quota.consume('ann', 'api')").unwrap();
+        thread::sleep(std::time::Duration::from_millis(300));
+    }
+    assert_eq!(
+        settles_at(&mut c, refusals, 1),
+        1,
+        "the stranded row was written once"
+    );
+    let metric = |c: &mut Client, name: &str| {
+        one_i64(
+            c,
+            &format!("SELECT value FROM quota.metrics() WHERE name = '{name}'"),
+        )
+    };
+    assert_eq!(metric(&mut c, "audit_dropped"), 0);
+    drop(c);
+    admin
+        .batch_execute("DROP DATABASE audit_scarce WITH (FORCE)")
+        .unwrap();
+}
+
 /// A burst of refusals from parallel sessions, more than the queue holds (1 024 by default):
 /// the writer drains while they arrive, and every refusal is either written or counted as
 /// dropped — none lost silently, none written twice.
