@@ -48,8 +48,17 @@ pub fn quota_type(name: &CStr) -> pg_sys::Oid {
     oid
 }
 
-/// The result row type of the function being called, resolved and blessed on the first call
-/// at this call site and kept in `fn_extra` (the hot path then looks nothing up).
+thread_local! {
+    /// Result row types by function OID, resolved once per backend (a handful of functions).
+    /// A function re-created by DROP/CREATE EXTENSION gets a new OID, so an entry never goes
+    /// stale; the descriptors live in TopMemoryContext.
+    static RESULT_TYPES: std::cell::RefCell<Vec<(pg_sys::Oid, usize)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The result row type of the function being called, resolved and blessed once per backend
+/// and kept in `fn_extra` at each call site, so the hot path looks nothing up (a statement
+/// that pgbench or PostgREST runs anew each time is a new call site).
 ///
 /// # Safety
 /// `fcinfo` must be the call's own, for a function returning a composite type.
@@ -59,15 +68,24 @@ pub unsafe fn result_tupdesc(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::TupleD
         if !(*flinfo).fn_extra.is_null() {
             return (*flinfo).fn_extra.cast();
         }
-        let mut td: pg_sys::TupleDesc = std::ptr::null_mut();
-        let kind = pg_sys::get_call_result_type(fcinfo, std::ptr::null_mut(), &mut td);
-        if kind != pg_sys::TypeFuncClass::TYPEFUNC_COMPOSITE || td.is_null() {
-            pgrx::error!("quota_ext: this function must return a composite type");
-        }
-        let previous = pg_sys::CurrentMemoryContext;
-        pg_sys::CurrentMemoryContext = (*flinfo).fn_mcxt;
-        let kept = pg_sys::BlessTupleDesc(pg_sys::CreateTupleDescCopy(td));
-        pg_sys::CurrentMemoryContext = previous;
+        let oid = (*flinfo).fn_oid;
+        let known = RESULT_TYPES.with(|t| t.borrow().iter().find(|e| e.0 == oid).map(|e| e.1));
+        let kept = match known {
+            Some(td) => td as pg_sys::TupleDesc,
+            None => {
+                let mut td: pg_sys::TupleDesc = std::ptr::null_mut();
+                let kind = pg_sys::get_call_result_type(fcinfo, std::ptr::null_mut(), &mut td);
+                if kind != pg_sys::TypeFuncClass::TYPEFUNC_COMPOSITE || td.is_null() {
+                    pgrx::error!("quota_ext: this function must return a composite type");
+                }
+                let previous = pg_sys::CurrentMemoryContext;
+                pg_sys::CurrentMemoryContext = pg_sys::TopMemoryContext;
+                let kept = pg_sys::BlessTupleDesc(pg_sys::CreateTupleDescCopy(td));
+                pg_sys::CurrentMemoryContext = previous;
+                RESULT_TYPES.with(|t| t.borrow_mut().push((oid, kept as usize)));
+                kept
+            }
+        };
         (*flinfo).fn_extra = kept.cast();
         kept
     }

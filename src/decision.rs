@@ -87,12 +87,12 @@ impl Decision {
     }
 
     /// As a `quota.decision` row. With the call's `fcinfo` (plain functions), the row type is
-    /// resolved once per call site (catalog::result_tupdesc); without it (set-returning
+    /// resolved once per backend (catalog::result_tupdesc); without it (set-returning
     /// functions, whose fn_extra belongs to the SRF machinery), it is looked up by name.
     pub fn into_row(self, fcinfo: Option<pg_sys::FunctionCallInfo>) -> DecisionRow {
         let tupdesc = match fcinfo {
             // SAFETY: the call's own fcinfo, for a function returning quota.decision; the
-            // descriptor lives in fn_mcxt, so it is wrapped without reference counting.
+            // descriptor lives in TopMemoryContext, so it is wrapped without reference counting.
             Some(fcinfo) => unsafe { PgTupleDesc::from_pg_unchecked(catalog::result_tupdesc(fcinfo)) },
             None => PgTupleDesc::for_composite_type_by_oid(catalog::quota_type(c"decision"))
                 .unwrap_or_else(|| pgrx::error!("quota.decision is not a composite type")),

@@ -176,8 +176,17 @@ impl Partition {
         // SAFETY: i < n, within this partition; callers hold the lock exclusively.
         unsafe { self.slots.add(i) }
     }
+    /// The slot a hash starts probing at: `lo` scaled to 0..n by a multiply (Lemire's
+    /// reduction), not a division.
     fn home(&self, lo: u64) -> usize {
-        (lo % self.n as u64) as usize
+        ((lo as u128 * self.n as u128) >> 64) as usize
+    }
+    fn next(&self, i: usize) -> usize {
+        if i + 1 == self.n {
+            0
+        } else {
+            i + 1
+        }
     }
     /// Position of the key's slot. Caller holds the lock (either mode).
     fn find(&self, hi: u64, lo: u64, len: u64) -> Option<usize> {
@@ -190,7 +199,7 @@ impl Partition {
             if s.hi == hi && s.lo == lo && s.len == len {
                 return Some(i);
             }
-            i = (i + 1) % self.n;
+            i = self.next(i);
         }
         None
     }
@@ -198,7 +207,7 @@ impl Partition {
     fn insert(&self, hi: u64, lo: u64, len: u64, tat: i64) {
         let mut i = self.home(lo);
         while self.slot(i).len != 0 {
-            i = (i + 1) % self.n;
+            i = self.next(i);
         }
         // SAFETY: exclusive lock held; the slot is free.
         unsafe {
@@ -218,7 +227,7 @@ impl Partition {
             (*self.slot_mut(i)).len = 0;
             let mut j = i;
             loop {
-                j = (j + 1) % self.n;
+                j = self.next(j);
                 let sj = self.slot(j);
                 if sj.len == 0 {
                     break;
@@ -268,7 +277,14 @@ pub fn gcra(tat: i64, now: i64, t: i64, burst: i64, cost: i64) -> Gcra {
     let (t128, limit) = (t as i128, t as i128 * burst as i128);
     let base = tat.max(now) as i128;
     let now128 = now as i128;
-    let remaining_at = |tat: i128| (((limit - (tat - now128)) / t128).max(0)) as i64;
+    // Whole tokens left at `tat`; the division in 64 bits when it fits (it nearly always does).
+    let remaining_at = |tat: i128| {
+        let room = limit - (tat - now128);
+        match i64::try_from(room) {
+            Ok(r) => (r / t).max(0),
+            Err(_) => (room / t128).max(0) as i64,
+        }
+    };
     if cost > burst {
         return Gcra {
             allowed: false,
@@ -438,8 +454,8 @@ pub fn decision_row(
         secs(g.reset_after_ns.max(0)).into_datum(),
         g.retry_after_ns.map(|r| secs(r.max(0))).into_datum(),
     ];
-    // SAFETY: fcinfo is this call's; the descriptor lives in fn_mcxt for as long as the call
-    // site, so it is wrapped without reference counting; the datums are in
+    // SAFETY: fcinfo is this call's; the descriptor lives in TopMemoryContext for the life of
+    // the backend, so it is wrapped without reference counting; the datums are in
     // quota.rate_decision's column order and of its column types.
     unsafe {
         let tupdesc = PgTupleDesc::from_pg_unchecked(crate::catalog::result_tupdesc(fcinfo));
@@ -482,7 +498,10 @@ pub fn rate_params(
             value: burst,
         });
     }
-    let t = per_ns / rate as i128;
+    let t = match i64::try_from(per_ns) {
+        Ok(p) => (p / rate) as i128, // the common case, without a 128-bit division
+        Err(_) => per_ns / rate as i128,
+    };
     if t == 0 || t > i64::MAX as i128 / (burst as i128).max(1) {
         return Err(QuotaError::OutOfRange {
             what: "rate per interval",
