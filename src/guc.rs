@@ -49,13 +49,19 @@ pub fn init() {
 }
 
 pub fn default_plan() -> String {
-    // SAFETY: the setting's C string, copied at once; NULL only if reset to no value.
+    default_plan_str().into_owned()
+}
+
+/// quota_ext.default_plan, borrowed from the setting (read at once, before anything can
+/// change it).
+pub fn default_plan_str() -> std::borrow::Cow<'static, str> {
+    // SAFETY: the setting's C string; NULL only if reset to no value.
     unsafe {
         let p = *DEFAULT_PLAN.as_ptr();
         if p.is_null() {
-            "free".to_string()
+            std::borrow::Cow::Borrowed("free")
         } else {
-            std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+            std::ffi::CStr::from_ptr(p).to_string_lossy()
         }
     }
 }

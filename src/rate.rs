@@ -18,6 +18,7 @@ use crate::metrics::{self, Counter};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PgTupleDesc};
+use std::borrow::Cow;
 use std::ffi::CStr;
 use std::sync::atomic::{AtomicI64, AtomicPtr, AtomicU64, Ordering};
 
@@ -597,39 +598,46 @@ mod unit {
 }
 
 /// The bucket a policy call uses and the limits that apply to it.
-struct Resolved {
-    key: String,
+struct Resolved<'a> {
+    key: Cow<'a, str>,
     policy: crate::cache::Policy,
 }
 
 /// Plan and key of the caller for `policy`: the JWT claim app_metadata.plan, else
 /// quota.subjects, else quota_ext.default_plan; callers without a JWT subject are plan
-/// `anonymous` keyed by `ip:<first x-forwarded-for address>`.
-fn resolve(policy_name: &str, key: Option<&str>, trusted: bool) -> Result<Option<Resolved>, QuotaError> {
+/// `anonymous` keyed by `ip:<first x-forwarded-for address>`. The warm path allocates only
+/// the key of a caller that does not name one.
+fn resolve<'a>(
+    policy_name: &str,
+    key: Option<&'a str>,
+    trusted: bool,
+) -> Result<Option<Resolved<'a>>, QuotaError> {
     let policies = crate::cache::policy(policy_name);
     if policies.is_empty() {
         return Ok(None);
     }
     let req = identity::request_info()?;
-    let default_plan = crate::guc::default_plan();
-    let (own_key, plan) = match &req.sub {
-        Some(sub) => {
-            let plan = req
-                .plan
-                .clone()
-                .filter(|p| policies.contains_key(p))
-                .or_else(|| crate::cache::subject_plan(sub))
-                .unwrap_or_else(|| default_plan.clone());
-            (sub.clone(), plan)
+    let default_plan = crate::guc::default_plan_str();
+    let subject_plan;
+    let plan: &str = match &req.sub {
+        Some(sub) => match req.plan.as_deref().filter(|p| policies.contains_key(*p)) {
+            Some(p) => p,
+            None => {
+                subject_plan = crate::cache::subject_plan(sub);
+                subject_plan.as_deref().unwrap_or(&default_plan)
+            }
+        },
+        None => "anonymous",
+    };
+    let own_key = || -> Cow<'a, str> {
+        match &req.sub {
+            Some(sub) => Cow::Owned(sub.to_string()),
+            None => Cow::Owned(format!("ip:{}", req.client_ip.as_deref().unwrap_or("unknown"))),
         }
-        None => (
-            format!("ip:{}", req.client_ip.as_deref().unwrap_or("unknown")),
-            "anonymous".to_string(),
-        ),
     };
     let key = match key {
-        None => own_key,
-        Some(k) if trusted || k == own_key => check_key(Some(k))?.to_string(),
+        None => own_key(),
+        Some(k) if trusted || *k == *own_key() => Cow::Borrowed(check_key(Some(k))?),
         Some(k) => {
             return Err(QuotaError::OtherSubject {
                 requested: k.to_string(),
@@ -637,28 +645,41 @@ fn resolve(policy_name: &str, key: Option<&str>, trusted: bool) -> Result<Option
         }
     };
     let policy = policies
-        .get(&plan)
-        .or_else(|| policies.get(&default_plan))
+        .get(plan)
+        .or_else(|| policies.get(&*default_plan))
         .copied()
         .ok_or_else(|| QuotaError::NoPolicy {
             policy: policy_name.to_string(),
-            plan: plan.clone(),
+            plan: plan.to_string(),
         })?;
     Ok(Some(Resolved { key, policy }))
 }
 
+/// Longest bucket name formed on the stack (policy, separator, key); longer ones (a key from a
+/// very long JWT subject) go to the heap.
+const BUCKET_ON_STACK: usize = 640;
+
 fn limit(
     fcinfo: pg_sys::FunctionCallInfo,
     policy_name: &str,
-    r: Resolved,
+    r: Resolved<'_>,
     cost: i64,
 ) -> pgrx::composite_type!('static, "quota.rate_decision") {
-    let mut bucket = String::with_capacity(policy_name.len() + 1 + r.key.len());
-    bucket.push_str(policy_name);
-    bucket.push('\u{1f}');
-    bucket.push_str(&r.key);
+    let len = policy_name.len() + 1 + r.key.len();
+    let mut stack = [0u8; BUCKET_ON_STACK];
+    let mut heap = Vec::new();
+    let bucket: &mut [u8] = if len <= BUCKET_ON_STACK {
+        &mut stack[..len]
+    } else {
+        heap.resize(len, 0);
+        &mut heap
+    };
+    bucket[..policy_name.len()].copy_from_slice(policy_name.as_bytes());
+    bucket[policy_name.len()] = 0x1f;
+    bucket[policy_name.len() + 1..].copy_from_slice(r.key.as_bytes());
+    let bucket: &[u8] = bucket;
     let p = r.policy;
-    let mut g = check(bucket.as_bytes(), p.t_ns, p.burst, cost, now_ns());
+    let mut g = check(bucket, p.t_ns, p.burst, cost, now_ns());
     metrics::count(Counter::RateChecks);
     if !g.allowed {
         if p.shadow {
@@ -688,12 +709,13 @@ fn rate_limit(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pgrx::composite_type!('static, "quota.rate_decision") {
     require_ready();
-    let policy = identity::check_name(
-        "policy",
-        policy,
-        "Pass a policy of quota.rate_policies, e.g. 'default'.",
-    )
-    .or_raise();
+    let policy = policy
+        .ok_or(QuotaError::NullArgument {
+            what: "policy",
+            hint: "Pass a policy of quota.rate_policies, e.g. 'default'.",
+        })
+        .and_then(|p| identity::check_present("policy", p).map(|()| p))
+        .or_raise();
     let cost = cost.unwrap_or(1);
     if cost < 0 {
         QuotaError::Negative {
@@ -702,15 +724,15 @@ fn rate_limit(
         }
         .raise();
     }
-    let r = resolve(&policy, key, identity::is_trusted())
+    let r = resolve(policy, key, identity::is_trusted())
         .and_then(|r| {
             r.ok_or(QuotaError::NoPolicy {
-                policy: policy.clone(),
+                policy: policy.to_string(),
                 plan: "any".into(),
             })
         })
         .or_raise();
-    limit(fcinfo, &policy, r, cost)
+    limit(fcinfo, policy, r, cost)
 }
 
 /// The decision for the current PostgREST request (used by quota.pre_request()): policy `read`
