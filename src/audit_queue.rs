@@ -71,6 +71,14 @@ struct Writer {
 }
 
 impl Writer {
+    /// Take the slot for `dboid`'s writer, about to be started (under the queue's lock).
+    fn claim(&mut self, dboid: u32, now: i64) {
+        self.dboid = dboid;
+        self.state = STARTING;
+        self.pid = 0;
+        self.asked_at = now;
+        self.latch = std::ptr::null_mut();
+    }
     /// Give the slot back (under the queue's lock).
     fn free(&mut self) {
         self.state = FREE;
@@ -266,12 +274,7 @@ pub fn refusal(r: Refusal<'_>) {
             Some(_) => {}
             None => {
                 if let Some(i) = h.writers.iter().position(|w| w.state == FREE) {
-                    let w = &mut h.writers[i];
-                    w.dboid = dboid;
-                    w.state = STARTING;
-                    w.pid = 0;
-                    w.asked_at = now;
-                    w.latch = std::ptr::null_mut();
+                    h.writers[i].claim(dboid, now);
                     ask = Some(i);
                 }
             }
@@ -368,12 +371,7 @@ pub fn relaunch_stranded() {
                 served = false; // all writer slots busy: look again later
                 break;
             };
-            let w = &mut h.writers[s];
-            w.dboid = db;
-            w.state = STARTING;
-            w.pid = 0;
-            w.asked_at = now;
-            w.latch = std::ptr::null_mut();
+            h.writers[s].claim(db, now);
             ask[n] = s;
             n += 1;
         }

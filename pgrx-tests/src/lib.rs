@@ -18,42 +18,57 @@ pub fn port() -> u16 {
 }
 
 pub fn connect_to(db: &str) -> Client {
-    let url = format!("host=127.0.0.1 port={} user=postgres dbname={db}", port());
+    connect_on(port(), db)
+}
+
+/// A connection to database `db` of the test server on `port`.
+pub fn connect_on(port: u16, db: &str) -> Client {
+    let url = format!("host=127.0.0.1 port={port} user=postgres dbname={db}");
     Client::connect(&url, NoTls).unwrap_or_else(|e| panic!("connect {url}: {e}"))
 }
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
-/// A new database with quota_ext created in it, named after the test.
+/// A new database with quota_ext created in it, named after the test, on the main test server
+/// or (TestDb::on) on another server scripts/test.sh started.
 pub struct TestDb {
     pub name: String,
+    pub port: u16,
 }
 
 impl TestDb {
     pub fn new(test: &str) -> TestDb {
-        let db = TestDb::bare(test);
+        TestDb::on(port(), test)
+    }
+
+    pub fn on(port: u16, test: &str) -> TestDb {
+        let db = TestDb::bare_on(port, test);
         db.connect().batch_execute("CREATE EXTENSION quota_ext").unwrap();
         db
     }
 
     /// A new database without the extension.
     pub fn bare(test: &str) -> TestDb {
+        TestDb::bare_on(port(), test)
+    }
+
+    fn bare_on(port: u16, test: &str) -> TestDb {
         let name = format!(
             "t_{}_{}_{}",
             test,
             std::process::id(),
             SEQ.fetch_add(1, Ordering::SeqCst)
         );
-        let mut admin = connect_to("postgres");
+        let mut admin = connect_on(port, "postgres");
         admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
             .unwrap();
         admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
-        TestDb { name }
+        TestDb { name, port }
     }
 
     pub fn connect(&self) -> Client {
-        connect_to(&self.name)
+        connect_on(self.port, &self.name)
     }
 }
 
@@ -63,7 +78,7 @@ impl Drop for TestDb {
             eprintln!("keeping database {} for inspection", self.name);
             return;
         }
-        let mut admin = connect_to("postgres");
+        let mut admin = connect_on(self.port, "postgres");
         let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
     }
 }

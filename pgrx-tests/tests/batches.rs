@@ -1,8 +1,8 @@
 //! Inventory batches under real concurrency: exact totals, one winner per expected version, and
 //! no deadlock between callers whose batch sets overlap.
 
-use postgres::{Client, NoTls};
-use quota_ext_itests::{code, one_i64, settles_at, TestDb};
+use postgres::Client;
+use quota_ext_itests::{code, connect_on, one_i64, settles_at, TestDb};
 use rand::Rng;
 use std::sync::{Arc, Barrier};
 use std::thread;
@@ -446,16 +446,9 @@ fn sqlstate_of(c: &mut Client, sql: &str) -> String {
 /// counted as dropped, and the callers still get their errors.
 #[test]
 fn a_full_audit_queue_counts_what_it_drops() {
-    let port = quota_ext_itests::env_port("QUOTA_EXT_TINY_PORT");
-    let url = |db: &str| format!("host=127.0.0.1 port={port} user=postgres dbname={db}");
-    let mut admin = Client::connect(&url("postgres"), NoTls).unwrap();
-    admin
-        .batch_execute("DROP DATABASE IF EXISTS audit_full WITH (FORCE)")
-        .unwrap();
-    admin.batch_execute("CREATE DATABASE audit_full").unwrap();
-    let mut c = Client::connect(&url("audit_full"), NoTls).unwrap();
-    c.batch_execute("CREATE EXTENSION quota_ext; SELECT quota.reset_metrics()")
-        .unwrap();
+    let db = TestDb::on(quota_ext_itests::env_port("QUOTA_EXT_TINY_PORT"), "audit_full");
+    let mut c = db.connect();
+    c.batch_execute("SELECT quota.reset_metrics()").unwrap();
     let id: String = c
         .query_one("SELECT id::text FROM quota.create_batch('shop', 'milk', 5)", &[])
         .unwrap()
@@ -481,10 +474,6 @@ fn a_full_audit_queue_counts_what_it_drops() {
         0
     );
     assert_eq!(one_i64(&mut c, "SELECT quantity FROM quota.batches"), 5);
-    drop(c);
-    admin
-        .batch_execute("DROP DATABASE audit_full WITH (FORCE)")
-        .unwrap();
 }
 
 /// A refusal whose writer cannot start because the only background worker slot is taken (here
@@ -494,14 +483,10 @@ fn a_full_audit_queue_counts_what_it_drops() {
 #[test]
 fn a_refusal_row_stranded_without_a_worker_slot_is_written_once_one_frees() {
     let port = quota_ext_itests::env_port("QUOTA_EXT_SCARCE_PORT");
-    let url = |db: &str| format!("host=127.0.0.1 port={port} user=postgres dbname={db}");
-    let mut admin = Client::connect(&url("postgres"), NoTls).unwrap();
-    admin
-        .batch_execute("DROP DATABASE IF EXISTS audit_scarce WITH (FORCE)")
-        .unwrap();
-    admin.batch_execute("CREATE DATABASE audit_scarce").unwrap();
-    let mut c = Client::connect(&url("audit_scarce"), NoTls).unwrap();
-    c.batch_execute("CREATE EXTENSION quota_ext; SELECT quota.set_limit('free', 'api', 'day', 1000)")
+    let db = TestDb::on(port, "audit_scarce");
+    let mut admin = connect_on(port, "postgres");
+    let mut c = db.connect();
+    c.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 1000)")
         .unwrap();
     let id: String = c
         .query_one("SELECT id::text FROM quota.create_batch('shop', 'milk', 5)", &[])
@@ -516,7 +501,7 @@ fn a_refusal_row_stranded_without_a_worker_slot_is_written_once_one_frees() {
     };
 
     // A parallel query takes the one slot for a few seconds.
-    let mut busy = Client::connect(&url("audit_scarce"), NoTls).unwrap();
+    let mut busy = db.connect();
     let sleeper = thread::spawn(move || {
         busy.batch_execute("SET force_parallel_mode = on; SELECT pg_sleep(4)")
             .unwrap();
@@ -556,10 +541,6 @@ fn a_refusal_row_stranded_without_a_worker_slot_is_written_once_one_frees() {
         )
     };
     assert_eq!(metric(&mut c, "audit_dropped"), 0);
-    drop(c);
-    admin
-        .batch_execute("DROP DATABASE audit_scarce WITH (FORCE)")
-        .unwrap();
 }
 
 /// A burst of refusals from parallel sessions, more than the queue holds (1 024 by default):
