@@ -89,6 +89,12 @@ pub fn one_i64(c: &mut Client, sql: &str) -> i64 {
         .get(0)
 }
 
+pub fn one_text(c: &mut impl postgres::GenericClient, sql: &str) -> String {
+    c.query_one(sql, &[])
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+        .get(0)
+}
+
 /// SQLSTATE of an error (or its text when it is not a server error).
 pub fn code(e: &postgres::Error) -> String {
     e.code()

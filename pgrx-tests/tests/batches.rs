@@ -2,7 +2,7 @@
 //! no deadlock between callers whose batch sets overlap.
 
 use postgres::Client;
-use quota_ext_itests::{code, connect_on, one_i64, settles_at, TestDb};
+use quota_ext_itests::{code, connect_on, one_i64, settles_at, sqlstate, TestDb};
 use rand::Rng;
 use std::sync::{Arc, Barrier};
 use std::thread;
@@ -427,18 +427,14 @@ fn batch_refusals_have_their_own_sqlstate_and_change_nothing() {
     // quota_ext.audit = off: no refusal rows either.
     c.batch_execute("SET quota_ext.audit = off").unwrap();
     assert_eq!(
-        sqlstate_of(&mut c, &format!("SELECT quota.consume_batch_quantity('{id}', 6)")),
-        "23514"
+        sqlstate(&mut c, &format!("SELECT quota.consume_batch_quantity('{id}', 6)")).as_deref(),
+        Some("23514")
     );
     std::thread::sleep(std::time::Duration::from_millis(1500));
     assert_eq!(
         one_i64(&mut c, "SELECT count(*) FROM quota.audit_log WHERE NOT success"),
         4
     );
-}
-
-fn sqlstate_of(c: &mut Client, sql: &str) -> String {
-    c.batch_execute(sql).err().map(|e| code(&e)).unwrap_or_default()
 }
 
 /// When no audit writer can start (max_worker_processes = 0 on the tiny server) refusal rows
@@ -455,8 +451,8 @@ fn a_full_audit_queue_counts_what_it_drops() {
         .get(0);
     for _ in 0..40 {
         assert_eq!(
-            sqlstate_of(&mut c, &format!("SELECT quota.consume_batch_quantity('{id}', 6)")),
-            "23514"
+            sqlstate(&mut c, &format!("SELECT quota.consume_batch_quantity('{id}', 6)")).as_deref(),
+            Some("23514")
         );
     }
     let metric = |c: &mut Client, name: &str| {
@@ -512,8 +508,8 @@ fn a_refusal_row_stranded_without_a_worker_slot_is_written_once_one_frees() {
         thread::sleep(std::time::Duration::from_millis(20));
     }
     assert_eq!(
-        sqlstate_of(&mut c, &format!("SELECT quota.consume_batch_quantity('{id}', 6)")),
-        "23514"
+        sqlstate(&mut c, &format!("SELECT quota.consume_batch_quantity('{id}', 6)")).as_deref(),
+        Some("23514")
     );
     thread::sleep(std::time::Duration::from_millis(500));
     assert_eq!(one_i64(&mut c, refusals), 0, "no writer could have started");

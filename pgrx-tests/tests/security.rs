@@ -3,7 +3,7 @@
 //! PostgREST shapes them, and a transaction-mode pooler.
 
 use postgres::{Client, NoTls};
-use quota_ext_itests::{code, one_i64, table_counts, TestDb};
+use quota_ext_itests::{code, one_i64, one_text, table_counts, TestDb};
 use std::sync::{Arc, Barrier};
 use std::thread;
 
@@ -422,11 +422,6 @@ fn the_pinned_search_path_ends_with_the_call_also_after_an_error() {
              FOR EACH ROW EXECUTE FUNCTION app.boom();",
     )
     .unwrap();
-    fn schemas(c: &mut impl postgres::GenericClient, sql: &str) -> String {
-        c.query_one(sql, &[])
-            .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
-            .get(0)
-    }
     let mut tx = c.transaction().unwrap();
     tx.batch_execute(
         "SET LOCAL search_path = app, public;
@@ -442,9 +437,9 @@ fn the_pinned_search_path_ends_with_the_call_also_after_an_error() {
     )
     .unwrap();
     assert_eq!(
-        schemas(
+        one_text(
             &mut tx,
-            "SELECT (SELECT n FROM mine)::text || ' ' || current_schemas(false)::text"
+            "SELECT (SELECT n FROM mine)::text || ' ' || current_one_text(false)::text"
         ),
         "7 {app,public}",
         "the caller's search path is back after a call and after a caught error"
@@ -466,9 +461,9 @@ fn the_pinned_search_path_ends_with_the_call_also_after_an_error() {
         .unwrap_err();
     assert_eq!(code(&e), "P0001");
     assert_eq!(
-        schemas(
+        one_text(
             &mut c,
-            "SELECT (SELECT n FROM mine)::text || ' ' || current_schemas(false)::text"
+            "SELECT (SELECT n FROM mine)::text || ' ' || current_one_text(false)::text"
         ),
         "7 {app}"
     );

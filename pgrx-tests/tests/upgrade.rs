@@ -7,8 +7,7 @@
 //! (with its position, type, nullability and default), index, constraint, function definition,
 //! trigger, policy, type, privilege and extension membership.
 
-use postgres::Client;
-use quota_ext_itests::{connect_to, TestDb};
+use quota_ext_itests::{connect_to, one_text, TestDb};
 
 const SCHEMA_FINGERPRINT: &str = "
 SELECT string_agg(line, E'\\n' ORDER BY line) FROM (
@@ -57,12 +56,6 @@ SELECT concat_ws(E'\\n',
   (SELECT string_agg(t::text, ',' ORDER BY t::text) FROM quota.batches t),
   (SELECT string_agg(t::text, ',' ORDER BY t::text) FROM quota.rate_policies t))";
 
-fn text(c: &mut Client, sql: &str) -> String {
-    c.query_one(sql, &[])
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .get(0)
-}
-
 /// The version a fresh install gets.
 const CURRENT: &str = "0.4.0";
 
@@ -88,7 +81,7 @@ fn upgrade_from(from: &str) {
     c.batch_execute(&format!("CREATE EXTENSION quota_ext VERSION '{from}'"))
         .unwrap();
     assert_eq!(
-        text(
+        one_text(
             &mut c,
             "SELECT extversion FROM pg_extension WHERE extname = 'quota_ext'"
         ),
@@ -109,20 +102,24 @@ fn upgrade_from(from: &str) {
          INSERT INTO quota.rate_policies VALUES ('exports', 'free', 5, '1 hour', NULL, false);",
     )
     .unwrap();
-    let batch = text(&mut c, "SELECT id::text FROM quota.batches");
+    let batch = one_text(&mut c, "SELECT id::text FROM quota.batches");
     c.batch_execute(&format!("SELECT quota.consume_batch_quantity('{batch}', 4)"))
         .unwrap();
-    let before = text(&mut c, DATA_FINGERPRINT);
+    let before = one_text(&mut c, DATA_FINGERPRINT);
 
     c.batch_execute("ALTER EXTENSION quota_ext UPDATE").unwrap();
     assert_eq!(
-        text(
+        one_text(
             &mut c,
             "SELECT extversion FROM pg_extension WHERE extname = 'quota_ext'"
         ),
         CURRENT
     );
-    assert_eq!(text(&mut c, DATA_FINGERPRINT), before, "the upgrade changed data");
+    assert_eq!(
+        one_text(&mut c, DATA_FINGERPRINT),
+        before,
+        "the upgrade changed data"
+    );
 
     // Everything goes on from where it was.
     let replay: (bool, i64) = {
@@ -140,7 +137,7 @@ fn upgrade_from(from: &str) {
         .unwrap()
         .get(0);
     assert_eq!(used, 3, "usage continues: 3 - 1 refunded + 1");
-    let limits: String = text(&mut c, "SELECT string_agg(format('%s:%s', subject, quota_limit), ',' ORDER BY subject)
+    let limits: String = one_text(&mut c, "SELECT string_agg(format('%s:%s', subject, quota_limit), ',' ORDER BY subject)
                                          FROM (SELECT (quota.status(s)).* FROM unnest(ARRAY['tokyo', 'vip']) s) d
                                         WHERE period = 'day'");
     assert_eq!(limits, "tokyo:1000,vip:50", "plans and overrides survive");
@@ -164,13 +161,16 @@ fn upgrade_from(from: &str) {
     let fresh = TestDb::new(&format!("upgrade_fresh_{}", from.replace('.', "_")));
     let mut f = fresh.connect();
     assert_eq!(
-        text(
+        one_text(
             &mut f,
             "SELECT extversion FROM pg_extension WHERE extname = 'quota_ext'"
         ),
         CURRENT
     );
-    let (upgraded, installed) = (text(&mut c, SCHEMA_FINGERPRINT), text(&mut f, SCHEMA_FINGERPRINT));
+    let (upgraded, installed) = (
+        one_text(&mut c, SCHEMA_FINGERPRINT),
+        one_text(&mut f, SCHEMA_FINGERPRINT),
+    );
     if upgraded != installed {
         let a: Vec<&str> = upgraded.lines().collect();
         let b: Vec<&str> = installed.lines().collect();
