@@ -439,7 +439,7 @@ fn the_pinned_search_path_ends_with_the_call_also_after_an_error() {
     assert_eq!(
         one_text(
             &mut tx,
-            "SELECT (SELECT n FROM mine)::text || ' ' || current_one_text(false)::text"
+            "SELECT (SELECT n FROM mine)::text || ' ' || current_schemas(false)::text"
         ),
         "7 {app,public}",
         "the caller's search path is back after a call and after a caught error"
@@ -463,7 +463,7 @@ fn the_pinned_search_path_ends_with_the_call_also_after_an_error() {
     assert_eq!(
         one_text(
             &mut c,
-            "SELECT (SELECT n FROM mine)::text || ' ' || current_one_text(false)::text"
+            "SELECT (SELECT n FROM mine)::text || ' ' || current_schemas(false)::text"
         ),
         "7 {app}"
     );
