@@ -1,6 +1,6 @@
 \echo Use "CREATE EXTENSION quota_ext" to load this file. \quit
 
--- quota_ext schema, version 0.2.0. Tables, indexes and helpers; functions with logic are in Rust.
+-- quota_ext schema: tables, indexes and helpers; functions with logic are in Rust.
 -- Released versions are frozen in sql/frozen/; each later change ships as
 -- sql/quota_ext--<old>--<new>.sql and is added here too, so a fresh install equals an upgrade.
 

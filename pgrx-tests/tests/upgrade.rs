@@ -5,7 +5,7 @@
 //! pg_dump --schema-only prints only `CREATE EXTENSION` for an extension's objects, so the
 //! schemas are compared through a fingerprint of the catalogs instead: every relation, column
 //! (with its position, type, nullability and default), index, constraint, function definition,
-//! trigger, policy, type, privilege and extension membership.
+//! trigger, policy, type, privilege, extension membership and what pg_dump dumps of the data.
 
 use quota_ext_itests::{connect_to, one_text, TestDb};
 
@@ -38,6 +38,9 @@ SELECT string_agg(line, E'\\n' ORDER BY line) FROM (
   UNION ALL
   SELECT format('type %s %s', t.typname, t.typtype) FROM pg_type t WHERE t.typnamespace = 'quota'::regnamespace
   UNION ALL
+  SELECT format('dumped %s %L', u.rel::regclass, u.filter)
+    FROM pg_extension e, unnest(e.extconfig, e.extcondition) AS u(rel, filter) WHERE e.extname = 'quota_ext'
+  UNION ALL
   SELECT format('member %s', pg_describe_object(classid, objid, objsubid)) FROM pg_depend
    WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
      AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'quota_ext')
@@ -57,7 +60,7 @@ SELECT concat_ws(E'\\n',
   (SELECT string_agg(t::text, ',' ORDER BY t::text) FROM quota.rate_policies t))";
 
 /// The version a fresh install gets.
-const CURRENT: &str = "0.4.0";
+const CURRENT: &str = "0.5.0";
 
 #[test]
 fn upgrade_from_0_1_0_keeps_everything_and_equals_a_fresh_install() {
@@ -72,6 +75,11 @@ fn upgrade_from_0_2_0_keeps_everything_and_equals_a_fresh_install() {
 #[test]
 fn upgrade_from_0_3_0_keeps_everything_and_equals_a_fresh_install() {
     upgrade_from("0.3.0");
+}
+
+#[test]
+fn upgrade_from_0_4_0_keeps_everything_and_equals_a_fresh_install() {
+    upgrade_from("0.4.0");
 }
 
 fn upgrade_from(from: &str) {
