@@ -4,10 +4,13 @@
 # Installs whatever it needs first. Works as root and as an ordinary user.
 . "$(dirname "$0")/lib.sh"
 
+# Servers listen on ports below the kernel's ephemeral range (32768-60999 by default): a port
+# in it can be held by the client end of one of the suites' many connections when a server
+# starts (seen once: the crash server could not bind).
 TEST_DATA=/tmp/quota_ext-itest
-TEST_PORT=${QUOTA_EXT_TEST_PORT:-54316}
+TEST_PORT=${QUOTA_EXT_TEST_PORT:-25316}
 NOPRELOAD_DATA=/tmp/quota_ext-itest-nopreload
-NOPRELOAD_PORT=${QUOTA_EXT_NOPRELOAD_PORT:-54318}
+NOPRELOAD_PORT=${QUOTA_EXT_NOPRELOAD_PORT:-25318}
 
 ensure_all
 
@@ -37,7 +40,7 @@ GRANT anon, authenticated, service_role TO authenticator;
 SQL
 # A hot standby of the test server, for the rate path on a replica.
 STANDBY_DATA=/tmp/quota_ext-itest-standby
-STANDBY_PORT=${QUOTA_EXT_STANDBY_PORT:-54322}
+STANDBY_PORT=${QUOTA_EXT_STANDBY_PORT:-25322}
 log "starting a hot standby of the test server on 127.0.0.1:$STANDBY_PORT"
 pg_psql "$TEST_PORT" -d postgres -c "CREATE DATABASE standby_check"
 pg_psql "$TEST_PORT" -d standby_check -c "CREATE EXTENSION quota_ext" -c "SELECT quota.set_limit('free', 'api', 'day', 5)" >/dev/null
@@ -49,14 +52,14 @@ as_pg "$PG_BIN/pg_ctl" -D "$STANDBY_DATA" -l "$STANDBY_DATA/standby.log" -w star
     || { tail -20 "$STANDBY_DATA/standby.log" >&2; die "the standby did not start"; }
 
 TINY_DATA=/tmp/quota_ext-itest-tiny
-TINY_PORT=${QUOTA_EXT_TINY_PORT:-54321}
+TINY_PORT=${QUOTA_EXT_TINY_PORT:-25321}
 log "starting a server with a tiny bucket table on 127.0.0.1:$TINY_PORT"
 # ... and a tiny audit queue that no writer can drain (no background worker may start).
 start_server "$TINY_DATA" "$TINY_PORT" "quota_ext.rate_max_keys = 64" "quota_ext.audit_queue_size = 16" \
     "max_worker_processes = 0"
 # ... and one with a single background worker slot, which a parallel query can take.
 SCARCE_DATA=/tmp/quota_ext-itest-scarce
-SCARCE_PORT=${QUOTA_EXT_SCARCE_PORT:-54323}
+SCARCE_PORT=${QUOTA_EXT_SCARCE_PORT:-25323}
 log "starting a server with one background worker slot on 127.0.0.1:$SCARCE_PORT"
 start_server "$SCARCE_DATA" "$SCARCE_PORT" "max_worker_processes = 1" "max_logical_replication_workers = 0"
 log "starting a server without the preload on 127.0.0.1:$NOPRELOAD_PORT"
@@ -64,7 +67,7 @@ start_server "$NOPRELOAD_DATA" "$NOPRELOAD_PORT" "shared_preload_libraries = ''"
 
 # pgbouncer in transaction mode in front of the test server, with a configuration of our own.
 BOUNCER_DIR=/tmp/quota_ext-pgbouncer
-BOUNCER_PORT=${QUOTA_EXT_PGBOUNCER_PORT:-54319}
+BOUNCER_PORT=${QUOTA_EXT_PGBOUNCER_PORT:-25319}
 start_pgbouncer() {
     "${SUDO[@]}" rm -rf "$BOUNCER_DIR"
     mkdir -p "$BOUNCER_DIR"
@@ -97,12 +100,12 @@ trap 'stop_pgbouncer; stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"; s
 log "pgrx-tests: external suites"
 (cd "$REPO/pgrx-tests" && QUOTA_EXT_TEST_PORT=$TEST_PORT QUOTA_EXT_NOPRELOAD_PORT=$NOPRELOAD_PORT \
     QUOTA_EXT_PGBOUNCER_PORT=$BOUNCER_PORT QUOTA_EXT_TINY_PORT=$TINY_PORT QUOTA_EXT_STANDBY_PORT=$STANDBY_PORT \
-    QUOTA_EXT_SCARCE_PORT=$SCARCE_PORT \
+    QUOTA_EXT_SCARCE_PORT=$SCARCE_PORT QUOTA_EXT_PG_BIN=$PG_BIN \
     cargo test -- --test-threads=2)   # the crash test is #[ignore]d here and run below
 
 log "crash test on a server of its own (SIGKILL of a backend)"
 CRASH_DATA=/tmp/quota_ext-itest-crash
-CRASH_PORT=${QUOTA_EXT_CRASH_PORT:-54320}
+CRASH_PORT=${QUOTA_EXT_CRASH_PORT:-25320}
 start_server "$CRASH_DATA" "$CRASH_PORT"
 trap 'stop_pgbouncer; stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"; stop_server "$TINY_DATA"; stop_server "$SCARCE_DATA"; stop_server "$STANDBY_DATA"; stop_server "$CRASH_DATA"' EXIT
 (cd "$REPO/pgrx-tests" && QUOTA_EXT_CRASH_PORT=$CRASH_PORT cargo test --test crash -- --ignored)
