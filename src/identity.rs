@@ -202,16 +202,14 @@ impl Drop for AsOwner {
     }
 }
 
-/// The parts of the request the rate limiter needs, parsed once per distinct text of
-/// request.jwt.claims and request.headers (PostgREST sets them per request; a pooled backend
-/// sees the same text many times in a row).
+/// The parts of the JWT the rate limiter needs, parsed once per distinct text of
+/// request.jwt.claims (PostgREST sets it per request; a pooled backend sees the same text many
+/// times in a row).
 #[derive(Clone, Debug, Default)]
 pub struct RequestInfo {
     pub sub: Option<String>,
     /// JWT claim app_metadata.plan.
     pub plan: Option<String>,
-    /// First address of x-forwarded-for.
-    pub client_ip: Option<String>,
 }
 
 thread_local! {
@@ -270,8 +268,14 @@ pub fn request_info() -> Result<RequestInfo> {
             (!legacy.is_empty()).then(|| String::from_utf8_lossy(legacy).into_owned())
         }
     };
+    Ok(RequestInfo { sub, plan })
+}
+
+/// The first address of x-forwarded-for in request.headers (parsed once per distinct text),
+/// which keys anonymous callers. Read only when a call needs the caller's own key.
+pub fn client_ip() -> Option<String> {
     let raw_headers = config_bytes(c"request.headers");
-    let client_ip = LAST_HEADERS.with(|h| {
+    LAST_HEADERS.with(|h| {
         let mut h = h.borrow_mut();
         if h.0.as_bytes() != raw_headers {
             let headers = String::from_utf8_lossy(raw_headers).into_owned();
@@ -287,6 +291,5 @@ pub fn request_info() -> Result<RequestInfo> {
             *h = (headers, ip);
         }
         h.1.clone()
-    });
-    Ok(RequestInfo { sub, plan, client_ip })
+    })
 }

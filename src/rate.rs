@@ -632,7 +632,10 @@ fn resolve<'a>(
     let own_key = || -> Cow<'a, str> {
         match &req.sub {
             Some(sub) => Cow::Owned(sub.to_string()),
-            None => Cow::Owned(format!("ip:{}", req.client_ip.as_deref().unwrap_or("unknown"))),
+            None => Cow::Owned(format!(
+                "ip:{}",
+                identity::client_ip().as_deref().unwrap_or("unknown")
+            )),
         }
     };
     let key = match key {
