@@ -10,7 +10,7 @@ SECONDS_PER_CASE=${1:-6}
 ROUNDS=${2:-3}
 CLIENTS=8
 BENCH_DATA=/tmp/quota_ext-bench
-BENCH_PORT=${QUOTA_EXT_BENCH_PORT:-54317}
+BENCH_PORT=${QUOTA_EXT_BENCH_PORT:-25317}
 SQL="$REPO/benches/sql"
 OUT="$REPO/benches/results/latest.md"
 
@@ -62,7 +62,10 @@ done
 CASES=(select1 consume_random naive_random upsert_audit_random consume_random:quota_ext.audit=off consume_hot naive_hot
        batch_random plain_update_random batch_floor_random batch_hot plain_update_hot plain_update_pkonly_random
        select1b rate_random rate_hot rate_limit_random plpgsql_bucket_random plpgsql_bucket_hot
-       redis_lua)
+       redis_lua
+       naive_random:synchronous_commit=off consume_random:synchronous_commit=off
+       upsert_audit_random:synchronous_commit=off plain_update_random:synchronous_commit=off
+       batch_random:synchronous_commit=off batch_floor_random:synchronous_commit=off)
 declare -A RUNS TPS
 for round in $(seq "$ROUNDS"); do
     for s in "${CASES[@]}"; do
@@ -81,50 +84,72 @@ ratio_of() { # ratio_of CASE BASELINE -> median over rounds of CASE/BASELINE
     paste <(echo "${RUNS[$1]}" | tr ' ' '\n' | grep .) <(echo "${RUNS[$2]}" | tr ' ' '\n' | grep .) \
         | awk '$2 > 0 { printf "%s ", $1 / $2 }' | median | awk '{ printf "%.2f", $1 }'
 }
+range_of() { # range_of CASE BASELINE -> lowest-highest ratio within a round
+    paste <(echo "${RUNS[$1]}" | tr ' ' '\n' | grep .) <(echo "${RUNS[$2]}" | tr ' ' '\n' | grep .) \
+        | awk '$2 > 0 { r = $1 / $2; if (n++ == 0 || r < lo) lo = r; if (n == 1 || r > hi) hi = r }
+               END { printf "%.2f-%.2f", lo, hi }'
+}
+off=":synchronous_commit=off"
 
 {
     echo "Measured $(date -u +%Y-%m-%d) on $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)," \
          "PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}'), pgbench $CLIENTS clients, -M prepared," \
-         "$ROUNDS interleaved rounds of ${SECONDS_PER_CASE}s, CHECKPOINT before each, synchronous_commit = on, quota_ext.audit = all. tps: median over rounds; ratios: median over rounds of the ratio within the round."
+         "$ROUNDS interleaved rounds of ${SECONDS_PER_CASE}s, CHECKPOINT before each, synchronous_commit = on (unless a table says otherwise), quota_ext.audit = all. tps: median over rounds; ratios: median over rounds of the ratio within the round."
     echo
-    echo "| case | tps | vs SELECT 1 | vs naive upsert (same keys) |"
-    echo "|---|---:|---:|---:|"
-    echo "| \`SELECT 1\` | ${TPS[select1]} | 1.00 | |"
-    echo "| quota.consume, 10 000 random subjects | ${TPS[consume_random]} | $(ratio_of consume_random select1) | **$(ratio_of consume_random naive_random)** |"
-    echo "| naive upsert, 10 000 random subjects | ${TPS[naive_random]} | $(ratio_of naive_random select1) | 1.00 |"
-    echo "| quota.consume, one hot subject | ${TPS[consume_hot]} | $(ratio_of consume_hot select1) | **$(ratio_of consume_hot naive_hot)** |"
-    echo "| naive upsert, one hot subject | ${TPS[naive_hot]} | $(ratio_of naive_hot select1) | 1.00 |"
+    echo "| case | tps | vs SELECT 1 | vs naive upsert (same keys) | lowest-highest round |"
+    echo "|---|---:|---:|---:|---:|"
+    echo "| \`SELECT 1\` | ${TPS[select1]} | 1.00 | | |"
+    echo "| quota.consume, 10 000 random subjects | ${TPS[consume_random]} | $(ratio_of consume_random select1) | **$(ratio_of consume_random naive_random)** | $(range_of consume_random naive_random) |"
+    echo "| naive upsert, 10 000 random subjects | ${TPS[naive_random]} | $(ratio_of naive_random select1) | 1.00 | |"
+    echo "| quota.consume, one hot subject | ${TPS[consume_hot]} | $(ratio_of consume_hot select1) | **$(ratio_of consume_hot naive_hot)** | $(range_of consume_hot naive_hot) |"
+    echo "| naive upsert, one hot subject | ${TPS[naive_hot]} | $(ratio_of naive_hot select1) | 1.00 | |"
     echo
     echo "Where the gap comes from (random subjects):"
     echo
-    echo "| case | tps | vs naive upsert |"
-    echo "|---|---:|---:|"
+    echo "| case | tps | vs naive upsert | lowest-highest round |"
+    echo "|---|---:|---:|---:|"
     a=consume_random:quota_ext.audit=off
-    echo "| quota.consume with quota_ext.audit = off | ${TPS[$a]} | $(ratio_of "$a" naive_random) |"
-    echo "| hand-written SQL doing what consume writes (upsert + audit row, one statement) | ${TPS[upsert_audit_random]} | $(ratio_of upsert_audit_random naive_random) |"
+    echo "| quota.consume with quota_ext.audit = off | ${TPS[$a]} | $(ratio_of "$a" naive_random) | $(range_of "$a" naive_random) |"
+    echo "| hand-written SQL doing what consume writes (upsert + audit row, one statement) | ${TPS[upsert_audit_random]} | $(ratio_of upsert_audit_random naive_random) | $(range_of upsert_audit_random naive_random) |"
+    echo
+    echo "The same with \`synchronous_commit = off\` (commits not waited for: what each case costs in CPU, without the storage's flush times, which swing from second to second on a shared machine):"
+    echo
+    echo "| case | tps | vs naive upsert | lowest-highest round |"
+    echo "|---|---:|---:|---:|"
+    echo "| naive upsert | ${TPS[naive_random$off]} | 1.00 | |"
+    echo "| quota.consume | ${TPS[consume_random$off]} | **$(ratio_of consume_random$off naive_random$off)** | $(range_of consume_random$off naive_random$off) |"
+    echo "| hand-written upsert + audit row | ${TPS[upsert_audit_random$off]} | $(ratio_of upsert_audit_random$off naive_random$off) | $(range_of upsert_audit_random$off naive_random$off) |"
     echo
     echo "Inventory batches (consume_batch_quantity writes an audit row too; the plain UPDATE does not):"
     echo
-    echo "| case | tps | vs plain UPDATE (same rows) |"
-    echo "|---|---:|---:|"
-    echo "| quota.consume_batch_quantity, 1 000 batches | ${TPS[batch_random]} | **$(ratio_of batch_random plain_update_random)** |"
-    echo '| plain `UPDATE quota.batches SET quantity = quantity - $1 WHERE id = $2 AND quantity >= $1`, 1 000 batches | '"${TPS[plain_update_random]}"' | 1.00 |'
-    echo "| quota.consume_batch_quantity, one hot batch | ${TPS[batch_hot]} | **$(ratio_of batch_hot plain_update_hot)** |"
-    echo "| plain UPDATE, one hot batch | ${TPS[plain_update_hot]} | 1.00 |"
-    echo "| (for comparison) hand-written SQL doing what consume_batch_quantity writes (UPDATE + audit row, one statement), 1 000 batches | ${TPS[batch_floor_random]} | $(ratio_of batch_floor_random plain_update_random) |"
-    echo "| (for comparison) the plain UPDATE on a copy of the rows in a table with only a primary key (HOT updates), 1 000 batches | ${TPS[plain_update_pkonly_random]} | $(ratio_of plain_update_pkonly_random plain_update_random) |"
+    echo "| case | tps | vs plain UPDATE (same rows) | lowest-highest round |"
+    echo "|---|---:|---:|---:|"
+    echo "| quota.consume_batch_quantity, 1 000 batches | ${TPS[batch_random]} | **$(ratio_of batch_random plain_update_random)** | $(range_of batch_random plain_update_random) |"
+    echo '| plain `UPDATE quota.batches SET quantity = quantity - $1 WHERE id = $2 AND quantity >= $1`, 1 000 batches | '"${TPS[plain_update_random]}"' | 1.00 | |'
+    echo "| quota.consume_batch_quantity, one hot batch | ${TPS[batch_hot]} | **$(ratio_of batch_hot plain_update_hot)** | $(range_of batch_hot plain_update_hot) |"
+    echo "| plain UPDATE, one hot batch | ${TPS[plain_update_hot]} | 1.00 | |"
+    echo "| (for comparison) hand-written SQL doing what consume_batch_quantity writes (UPDATE + audit row, one statement), 1 000 batches | ${TPS[batch_floor_random]} | $(ratio_of batch_floor_random plain_update_random) | $(range_of batch_floor_random plain_update_random) |"
+    echo "| (for comparison) the plain UPDATE on a copy of the rows in a table with only a primary key (HOT updates), 1 000 batches | ${TPS[plain_update_pkonly_random]} | $(ratio_of plain_update_pkonly_random plain_update_random) | |"
+    echo
+    echo "The same with \`synchronous_commit = off\`:"
+    echo
+    echo "| case | tps | vs plain UPDATE | lowest-highest round |"
+    echo "|---|---:|---:|---:|"
+    echo "| plain UPDATE, 1 000 batches | ${TPS[plain_update_random$off]} | 1.00 | |"
+    echo "| quota.consume_batch_quantity | ${TPS[batch_random$off]} | **$(ratio_of batch_random$off plain_update_random$off)** | $(range_of batch_random$off plain_update_random$off) |"
+    echo "| hand-written UPDATE + audit row | ${TPS[batch_floor_random$off]} | $(ratio_of batch_floor_random$off plain_update_random$off) | $(range_of batch_floor_random$off plain_update_random$off) |"
     echo
     echo 'Rate limits (shared memory, no table writes; `SELECT 1` measured again in the same round):'
     echo
-    echo "| case | tps | vs SELECT 1 |"
-    echo "|---|---:|---:|"
-    echo '| `SELECT 1` | '"${TPS[select1b]}"' | 1.00 |'
-    echo "| quota.rate_check, 10 000 random keys | ${TPS[rate_random]} | **$(ratio_of rate_random select1b)** |"
-    echo "| quota.rate_check, one hot key | ${TPS[rate_hot]} | **$(ratio_of rate_hot select1b)** |"
-    echo "| quota.rate_limit (policy path: policy and plan resolved from the backend cache), 10 000 random keys | ${TPS[rate_limit_random]} | **$(ratio_of rate_limit_random select1b)** |"
-    echo "| plpgsql GCRA bucket on an UNLOGGED table, 10 000 random keys | ${TPS[plpgsql_bucket_random]} | $(ratio_of plpgsql_bucket_random select1b) |"
-    echo "| plpgsql GCRA bucket on an UNLOGGED table, one hot key | ${TPS[plpgsql_bucket_hot]} | $(ratio_of plpgsql_bucket_hot select1b) |"
-    echo "| Redis Lua GCRA bucket, EVALSHA from redis-benchmark, 10 000 random keys | ${TPS[redis_lua]} | $(ratio_of redis_lua select1b) |"
+    echo "| case | tps | vs SELECT 1 | lowest-highest round |"
+    echo "|---|---:|---:|---:|"
+    echo '| `SELECT 1` | '"${TPS[select1b]}"' | 1.00 | |'
+    echo "| quota.rate_check, 10 000 random keys | ${TPS[rate_random]} | **$(ratio_of rate_random select1b)** | $(range_of rate_random select1b) |"
+    echo "| quota.rate_check, one hot key | ${TPS[rate_hot]} | **$(ratio_of rate_hot select1b)** | $(range_of rate_hot select1b) |"
+    echo "| quota.rate_limit (policy path: policy and plan resolved from the backend cache), 10 000 random keys | ${TPS[rate_limit_random]} | **$(ratio_of rate_limit_random select1b)** | $(range_of rate_limit_random select1b) |"
+    echo "| plpgsql GCRA bucket on an UNLOGGED table, 10 000 random keys | ${TPS[plpgsql_bucket_random]} | $(ratio_of plpgsql_bucket_random select1b) | $(range_of plpgsql_bucket_random select1b) |"
+    echo "| plpgsql GCRA bucket on an UNLOGGED table, one hot key | ${TPS[plpgsql_bucket_hot]} | $(ratio_of plpgsql_bucket_hot select1b) | $(range_of plpgsql_bucket_hot select1b) |"
+    echo "| Redis Lua GCRA bucket, EVALSHA from redis-benchmark, 10 000 random keys | ${TPS[redis_lua]} | $(ratio_of redis_lua select1b) | $(range_of redis_lua select1b) |"
     echo
     echo "rate_check vs the plpgsql bucket: **$(ratio_of rate_random plpgsql_bucket_random)x** (random keys);" \
          "hot key vs random keys: **$(ratio_of rate_hot rate_random)**;" \
