@@ -5,7 +5,7 @@
 . "$(dirname "$0")/lib.sh"
 
 DEMO_DATA=${QUOTA_EXT_DEMO_DATA:-/tmp/quota_ext-demo}
-DEMO_PORT=${QUOTA_EXT_DEMO_PORT:-54315}
+DEMO_PORT=${QUOTA_EXT_DEMO_PORT:-25315}
 
 ensure_all
 install_extension --release
