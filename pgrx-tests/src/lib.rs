@@ -174,3 +174,60 @@ pub fn settles_at(c: &mut Client, sql: &str, expected: i64) -> i64 {
     }
     got
 }
+
+/// What an application puts in a database, through calls every version since 0.1.0 has: limits
+/// on two plans and two periods, a subject on `plan` in its own time zone, an override, usage
+/// with an idempotency key and a refund, a batch consumed once, a rate policy on `plan`.
+/// Returns the batch's id. The upgrade and backup tests fill their databases with it and check
+/// with `goes_on` that everything continues afterwards.
+pub fn fill(c: &mut Client, plan: &str) -> String {
+    c.batch_execute(&format!(
+        "SELECT quota.set_limit('free', 'api', 'day', 10);
+         SELECT quota.set_limit('free', 'api', 'month', 100);
+         SELECT quota.set_limit('{plan}', 'api', 'day', 1000);
+         SELECT quota.set_plan('tokyo', '{plan}', 'Asia/Tokyo');
+         SELECT quota.set_override('vip', 'api', 'day', 50);
+         SELECT quota.consume('ann', 'api', 3, 'order-1');
+         SELECT quota.consume('ann', 'api', 20);
+         SELECT quota.refund('ann', 'api');
+         SELECT quota.consume('tokyo', 'api', 5);
+         SELECT quota.consume('vip', 'api', 7);
+         SELECT quota.create_batch('shop', 'milk', 10, now() + interval '3 days');
+         INSERT INTO quota.rate_policies VALUES ('exports', '{plan}', 5, '1 hour', NULL, false);"
+    ))
+    .unwrap();
+    let batch = one_text(c, "SELECT id::text FROM quota.batches");
+    c.batch_execute(&format!("SELECT quota.consume_batch_quantity('{batch}', 4)"))
+        .unwrap();
+    batch
+}
+
+/// A database filled by `fill` goes on from where it was: the idempotency key replays, usage
+/// continues, the subject's plan and the override apply, the batch's version continues.
+pub fn goes_on(c: &mut Client, batch: &str) {
+    let r = c
+        .query_one(
+            "SELECT replayed, used FROM quota.consume('ann', 'api', 3, 'order-1')",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(
+        (r.get::<_, bool>(0), r.get::<_, i64>(1)),
+        (true, 3),
+        "the idempotency key replays"
+    );
+    let used = one_i64(c, "SELECT used FROM quota.consume('ann', 'api')");
+    assert_eq!(used, 3, "usage continues: 3 - 1 refunded + 1");
+    let limits = one_text(
+        c,
+        "SELECT string_agg(format('%s:%s', subject, quota_limit), ',' ORDER BY subject)
+           FROM (SELECT (quota.status(s)).* FROM unnest(ARRAY['tokyo', 'vip']) s) d
+          WHERE period = 'day'",
+    );
+    assert_eq!(limits, "tokyo:1000,vip:50", "plans and overrides apply");
+    let version = one_i64(
+        c,
+        &format!("SELECT version FROM quota.consume_batch_quantity('{batch}', 1)"),
+    );
+    assert_eq!(version, 3, "the batch's version continues");
+}

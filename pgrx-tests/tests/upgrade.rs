@@ -7,7 +7,7 @@
 //! (with its position, type, nullability and default), index, constraint, function definition,
 //! trigger, policy, type, privilege, extension membership and what pg_dump dumps of the data.
 
-use quota_ext_itests::{connect_to, one_text, TestDb};
+use quota_ext_itests::{connect_to, fill, goes_on, one_text, TestDb};
 
 const SCHEMA_FINGERPRINT: &str = "
 SELECT string_agg(line, E'\\n' ORDER BY line) FROM (
@@ -95,24 +95,7 @@ fn upgrade_from(from: &str) {
         ),
         from
     );
-    c.batch_execute(
-        "SELECT quota.set_limit('free', 'api', 'day', 10);
-         SELECT quota.set_limit('free', 'api', 'month', 100);
-         SELECT quota.set_limit('pro', 'api', 'day', 1000);
-         SELECT quota.set_plan('tokyo', 'pro', 'Asia/Tokyo');
-         SELECT quota.set_override('vip', 'api', 'day', 50);
-         SELECT quota.consume('ann', 'api', 3, 'order-1');
-         SELECT quota.consume('ann', 'api', 20);
-         SELECT quota.refund('ann', 'api');
-         SELECT quota.consume('tokyo', 'api', 5);
-         SELECT quota.consume('vip', 'api', 7);
-         SELECT quota.create_batch('shop', 'milk', 10, now() + interval '3 days');
-         INSERT INTO quota.rate_policies VALUES ('exports', 'free', 5, '1 hour', NULL, false);",
-    )
-    .unwrap();
-    let batch = one_text(&mut c, "SELECT id::text FROM quota.batches");
-    c.batch_execute(&format!("SELECT quota.consume_batch_quantity('{batch}', 4)"))
-        .unwrap();
+    let batch = fill(&mut c, "pro");
     let before = one_text(&mut c, DATA_FINGERPRINT);
 
     c.batch_execute("ALTER EXTENSION quota_ext UPDATE").unwrap();
@@ -130,33 +113,7 @@ fn upgrade_from(from: &str) {
     );
 
     // Everything goes on from where it was.
-    let replay: (bool, i64) = {
-        let r = c
-            .query_one(
-                "SELECT replayed, used FROM quota.consume('ann', 'api', 3, 'order-1')",
-                &[],
-            )
-            .unwrap();
-        (r.get(0), r.get(1))
-    };
-    assert_eq!(replay, (true, 3), "an idempotency key from 0.1.0 still replays");
-    let used: i64 = c
-        .query_one("SELECT used FROM quota.consume('ann', 'api')", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(used, 3, "usage continues: 3 - 1 refunded + 1");
-    let limits: String = one_text(&mut c, "SELECT string_agg(format('%s:%s', subject, quota_limit), ',' ORDER BY subject)
-                                         FROM (SELECT (quota.status(s)).* FROM unnest(ARRAY['tokyo', 'vip']) s) d
-                                        WHERE period = 'day'");
-    assert_eq!(limits, "tokyo:1000,vip:50", "plans and overrides survive");
-    let version: i64 = c
-        .query_one(
-            &format!("SELECT version FROM quota.consume_batch_quantity('{batch}', 1)"),
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(version, 3);
+    goes_on(&mut c, &batch);
     let audit_rows: i64 = c
         .query_one("SELECT count(*) FROM quota.audit_page(NULL, NULL, 1000)", &[])
         .unwrap()
