@@ -2,12 +2,19 @@
 //! time zone and overrides, and calendar windows per time zone and period. With warm caches the
 //! consume path runs no look-up query at all.
 //!
-//! Invalidation uses PostgreSQL's own mechanism, so it needs no shared memory: a statement
-//! trigger on quota.limits, quota.overrides, quota.subjects and quota.plans queues a relcache
-//! invalidation of that table, which PostgreSQL delivers to every backend when the writing
-//! transaction commits (and applies at once inside the writing transaction, and undoes if it
-//! aborts). Each backend drops these caches when such a message names one of those tables, or
-//! when it lost track of messages (relid = InvalidOid).
+//! Invalidation: a statement trigger on quota.limits, quota.overrides, quota.subjects,
+//! quota.plans and quota.rate_policies does two things.
+//! - It queues a relcache invalidation of its table, which PostgreSQL delivers to every backend
+//!   when the writing transaction commits (and applies at once inside the writing transaction,
+//!   and undoes if it aborts); it is also replayed on hot standbys. Each backend drops these
+//!   caches when such a message names one of those tables, or when it lost track of messages
+//!   (relid = InvalidOid). A backend reads these messages only at its next transaction start or
+//!   lock acquisition, though, and a warm call takes no lock.
+//! - With the preload, it marks the transaction, and after the commit (once it is visible) the
+//!   backend bumps a generation counter in shared memory. Every call that uses the caches first
+//!   compares that counter with the value its backend last saw (one atomic load) and drops the
+//!   caches when it moved: a change applies to the next call of every backend of the server,
+//!   also inside a transaction that was already open.
 
 use crate::catalog;
 use crate::decision::now_micros;
@@ -17,9 +24,11 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::PgBuiltInOids as T;
+use pgrx::{pg_shmem_init, PgAtomic};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Bound on cached subjects per backend; the cache starts over when it is reached.
 const MAX_SUBJECTS: usize = 50_000;
@@ -59,6 +68,48 @@ thread_local! {
     static GENERATION: Cell<u64> = const { Cell::new(0) };
 }
 
+// SAFETY: the name is unique to this extension.
+static CONFIG_GENERATION: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"quota_ext_config_generation") };
+
+thread_local! {
+    /// CONFIG_GENERATION as this backend last saw it.
+    static SEEN_CONFIG: Cell<u64> = const { Cell::new(0) };
+    /// This transaction changed a table the caches are built from.
+    static CHANGED_IN_XACT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Drop the caches if any backend committed a change to their tables since this backend last
+/// looked. One atomic load; nothing without the preload (relcache invalidation still applies).
+fn follow_committed_changes() {
+    if !crate::metrics::preloaded() {
+        return;
+    }
+    let now = CONFIG_GENERATION.get().load(Ordering::Acquire);
+    if SEEN_CONFIG.with(|s| s.replace(now)) != now {
+        forget_limits();
+    }
+}
+
+/// After a commit that changed the tables (and is visible to new snapshots by then), move the
+/// shared generation on. Only atomics and flags here: nothing may fail after a commit. A
+/// prepared transaction's change is left to relcache invalidation, delivered by COMMIT
+/// PREPARED.
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+            if CHANGED_IN_XACT.with(|c| c.replace(false)) && crate::metrics::preloaded() {
+                CONFIG_GENERATION.get().fetch_add(1, Ordering::Release);
+            }
+        }
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
+            CHANGED_IN_XACT.with(|c| c.set(false));
+        }
+        _ => {}
+    }
+}
+
 fn forget_limits() {
     PLAN_LIMITS.with(|l| l.borrow_mut().clear());
     SUBJECTS.with(|l| l.borrow_mut().clear());
@@ -84,9 +135,14 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid:
 }
 
 pub fn init() {
-    // SAFETY: registers a callback for this process; called once from _PG_init.
+    // SAFETY: registers callbacks for this process (inherited by backends when preloaded);
+    // called once from _PG_init.
     unsafe {
         pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache_invalidation), pg_sys::Datum::from(0));
+        pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
+        if pg_sys::process_shared_preload_libraries_in_progress {
+            pg_shmem_init!(CONFIG_GENERATION);
+        }
     }
 }
 
@@ -215,6 +271,7 @@ pub fn limits(
     metric: &str,
     default_plan: &str,
 ) -> Result<Limits> {
+    follow_committed_changes();
     if WATCHED.with(|w| w.get()[0]) == 0 {
         remember_watched_tables();
     }
@@ -278,9 +335,10 @@ pub fn window(client: &mut SpiClient<'_>, period: &str, time_zone: &str) -> (i64
     (start, reset)
 }
 
-/// Trigger on the tables the limits cache is built from: queue a relcache invalidation of the
-/// table, delivered to every backend at commit. (A module of its own: #[pg_trigger] expands to
-/// code that names `Result`, which must be the standard one.)
+/// Trigger on the tables the caches are built from: queue a relcache invalidation of the
+/// table, delivered to every backend at commit, and mark the transaction so that its commit
+/// moves the shared generation on (see the module comment). (A module of its own:
+/// #[pg_trigger] expands to code that names `Result`, which must be the standard one.)
 mod trigger {
     use pgrx::prelude::*;
     use pgrx::{pg_sys, PgTrigger, PgTriggerError};
@@ -291,6 +349,7 @@ mod trigger {
     ) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, PgTriggerError> {
         // SAFETY: queues an invalidation message for the OID of the trigger's own table.
         unsafe { pg_sys::CacheInvalidateRelcacheByRelid(trigger.relation()?.oid()) };
+        super::CHANGED_IN_XACT.with(|c| c.set(true));
         Ok(None)
     }
 }
@@ -309,6 +368,7 @@ static POLICY_LOAD: Stmt = Stmt {
 
 /// A policy's limits per plan, from the backend cache (no SQL when warm).
 pub fn policy(name: &str) -> Rc<HashMap<String, Policy>> {
+    follow_committed_changes();
     if let Some(hit) = POLICIES.with(|p| p.borrow().get(name).cloned()) {
         return hit;
     }
@@ -353,6 +413,7 @@ pub fn policy(name: &str) -> Rc<HashMap<String, Policy>> {
 
 /// A subject's plan (None: no row in quota.subjects), from the backend cache.
 pub fn subject_plan(subject_name: &str) -> Option<String> {
+    follow_committed_changes();
     if let Some(hit) = SUBJECTS.with(|l| l.borrow().get(subject_name).cloned()) {
         return hit.plan.clone();
     }

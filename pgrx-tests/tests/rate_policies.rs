@@ -197,3 +197,48 @@ fn pre_request_sets_headers_and_answers_429() {
     .unwrap();
     assert_eq!(rows[0].get::<_, Option<String>>(1).unwrap_or_default(), "");
 }
+
+/// A committed change reaches other backends' caches at their next call, also inside a
+/// transaction they already have open (where no invalidation message is read: a warm call takes
+/// no lock), through the generation counter in shared memory.
+#[test]
+fn a_committed_change_applies_to_the_next_call_inside_an_open_transaction() {
+    let db = TestDb::new("config_generation");
+    let (mut a, mut b) = (db.connect(), db.connect());
+    b.batch_execute(
+        "INSERT INTO quota.rate_policies VALUES ('gen', 'anonymous', 10, '1 minute', NULL, false);
+         SELECT quota.set_limit('free', 'api', 'day', 10);",
+    )
+    .unwrap();
+    let mut t = a.transaction().unwrap();
+    let rate = |t: &mut postgres::Transaction<'_>, key: &str| -> i64 {
+        t.query_one("SELECT rate_limit FROM quota.rate_limit('gen', $1)", &[&key])
+            .unwrap()
+            .get(0)
+    };
+    let limit = |t: &mut postgres::Transaction<'_>| -> i64 {
+        t.query_one("SELECT quota_limit FROM quota.consume('ann', 'api')", &[])
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(rate(&mut t, "k1"), 10);
+    assert_eq!(limit(&mut t), 10);
+    b.batch_execute(
+        "UPDATE quota.rate_policies SET rate = 20 WHERE policy = 'gen';
+         SELECT quota.set_limit('free', 'api', 'day', 20);",
+    )
+    .unwrap();
+    assert_eq!(
+        rate(&mut t, "k2"),
+        20,
+        "the policy change applies at the next call"
+    );
+    assert_eq!(limit(&mut t), 20, "the limit change applies at the next call");
+    // A change that rolls back moves nothing.
+    let mut u = b.transaction().unwrap();
+    u.batch_execute("UPDATE quota.rate_policies SET rate = 30 WHERE policy = 'gen'")
+        .unwrap();
+    u.rollback().unwrap();
+    assert_eq!(rate(&mut t, "k3"), 20);
+    t.commit().unwrap();
+}
