@@ -46,7 +46,7 @@ pg_psql "$TEST_PORT" -d postgres -c "CREATE DATABASE standby_check"
 pg_psql "$TEST_PORT" -d standby_check -c "CREATE EXTENSION quota_ext" -c "SELECT quota.set_limit('free', 'api', 'day', 5)" >/dev/null
 stop_server "$STANDBY_DATA" 2>/dev/null || true
 "${SUDO[@]}" rm -rf "$STANDBY_DATA"
-as_pg "$PG_BIN/pg_basebackup" -h 127.0.0.1 -p "$TEST_PORT" -U postgres -D "$STANDBY_DATA" -R -X stream
+as_pg "$PG_BIN/pg_basebackup" -h 127.0.0.1 -p "$TEST_PORT" -U postgres -D "$STANDBY_DATA" -R -X stream --checkpoint=fast
 printf "port = %s\nunix_socket_directories = '%s'\n" "$STANDBY_PORT" "$STANDBY_DATA" | as_pg tee -a "$STANDBY_DATA/postgresql.conf" >/dev/null
 as_pg "$PG_BIN/pg_ctl" -D "$STANDBY_DATA" -l "$STANDBY_DATA/standby.log" -w start >/dev/null \
     || { tail -20 "$STANDBY_DATA/standby.log" >&2; die "the standby did not start"; }
