@@ -1,7 +1,7 @@
 //! Rate limits: GCRA token buckets in shared memory.
 //!
-//! A bucket is one word of state, its theoretical arrival time (TAT, nanoseconds): the moment
-//! it would be full again. The table is an open-addressing hash table split into PARTITIONS
+//! A bucket is one word of state, its theoretical arrival time (TAT, nanoseconds on the
+//! monotonic clock): the moment it would be full again. The table is an open-addressing hash table split into PARTITIONS
 //! partitions, each with its own LWLock. A check takes its partition's lock in shared mode and
 //! updates the TAT with a compare-and-swap, so checks on different keys never wait for each
 //! other and checks on one key never take an exclusive lock; only inserting, evicting and
@@ -428,10 +428,21 @@ pub fn require_ready() {
     }
 }
 
+/// Nanoseconds on the system's monotonic clock, the one clock every backend shares that
+/// nobody steps: a wall clock set back (NTP, an administrator, a VM resumed) would hold every
+/// touched bucket empty until it caught up, and one set forward would refill them all. Only
+/// differences of it leave quota_ext (the answers carry seconds from now), and the buckets
+/// start empty after a restart anyway, so its origin (the boot) does not matter.
 pub fn now_ns() -> i64 {
-    // SAFETY: reads the clock.
-    let us = unsafe { pg_sys::GetCurrentTimestamp() };
-    us.saturating_mul(1000)
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the timespec; CLOCK_MONOTONIC exists on every Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as i64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as i64)
 }
 
 /// Nanoseconds in an interval, months counted as 30 days (as PostgreSQL's interval arithmetic
