@@ -80,14 +80,15 @@ median() { tr ' ' '\n' | grep . | sort -g | awk '{ a[NR] = $1 } END { print (NR 
 for s in "${CASES[@]}"; do TPS[$s]=$(echo "${RUNS[$s]}" | median | awk '{ printf "%.0f", $1 }'); done
 # Ratios are taken within each round (a case and its baseline ran seconds apart), then the
 # median over rounds: robust to the slow drifts of a shared machine.
-ratio_of() { # ratio_of CASE BASELINE -> median over rounds of CASE/BASELINE
+ratios() { # ratios CASE BASELINE -> CASE/BASELINE of each round, one per line
     paste <(echo "${RUNS[$1]}" | tr ' ' '\n' | grep .) <(echo "${RUNS[$2]}" | tr ' ' '\n' | grep .) \
-        | awk '$2 > 0 { printf "%s ", $1 / $2 }' | median | awk '{ printf "%.2f", $1 }'
+        | awk '$2 > 0 { print $1 / $2 }'
+}
+ratio_of() { # ratio_of CASE BASELINE -> median over rounds of CASE/BASELINE
+    ratios "$1" "$2" | median | awk '{ printf "%.2f", $1 }'
 }
 range_of() { # range_of CASE BASELINE -> lowest-highest ratio within a round
-    paste <(echo "${RUNS[$1]}" | tr ' ' '\n' | grep .) <(echo "${RUNS[$2]}" | tr ' ' '\n' | grep .) \
-        | awk '$2 > 0 { r = $1 / $2; if (n++ == 0 || r < lo) lo = r; if (n == 1 || r > hi) hi = r }
-               END { printf "%.2f-%.2f", lo, hi }'
+    ratios "$1" "$2" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.2f-%.2f", lo, hi }'
 }
 off=":synchronous_commit=off"
 

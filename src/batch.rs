@@ -75,8 +75,8 @@ fn create_batch(
                 client,
                 &CREATE,
                 &[
-                    owner.as_str().into(),
-                    item.as_str().into(),
+                    owner.into(),
+                    item.into(),
                     q.into(),
                     expires_at.into(),
                     metadata.into(),
@@ -345,13 +345,9 @@ fn consume_item(
         check_owner(&owner)?;
         let _owner = AsOwner::enter();
         Spi::connect_mut(|client| {
-            let ids: Vec<pgrx::Uuid> = spi::run(
-                client,
-                &CANDIDATES,
-                &[owner.as_str().into(), item.as_str().into()],
-            )
-            .map(|r| spi::get::<pgrx::Uuid>(&r, 1).expect("id"))
-            .collect();
+            let ids: Vec<pgrx::Uuid> = spi::run(client, &CANDIDATES, &[owner.into(), item.into()])
+                .map(|r| spi::get::<pgrx::Uuid>(&r, 1).expect("id"))
+                .collect();
             let now = crate::decision::now_micros();
             // (id, quantity, expires_at, created_at) after locking; expired or emptied
             // meanwhile: skipped.

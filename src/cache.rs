@@ -411,9 +411,9 @@ pub fn policy(name: &str) -> Rc<HashMap<String, Policy>> {
     map
 }
 
-/// A subject's plan (None: no row in quota.subjects), from the backend cache.
+/// A subject's plan (None: no row in quota.subjects), from the backend cache. Only the rate
+/// path asks, right after policy(), which has already followed committed changes.
 pub fn subject_plan(subject_name: &str) -> Option<String> {
-    follow_committed_changes();
     if let Some(hit) = SUBJECTS.with(|l| l.borrow().get(subject_name).cloned()) {
         return hit.plan.clone();
     }

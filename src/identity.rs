@@ -89,10 +89,10 @@ pub fn jwt_claim(name: &str) -> Option<serde_json::Value> {
 }
 
 /// Check a name-like argument (subject, metric, key): not NULL, not blank, at most 256 bytes.
-pub fn check_name(what: &'static str, value: Option<&str>, hint: &'static str) -> Result<String> {
+pub fn check_name<'a>(what: &'static str, value: Option<&'a str>, hint: &'static str) -> Result<&'a str> {
     let v = value.ok_or(QuotaError::NullArgument { what, hint })?;
     check_present(what, v)?;
-    Ok(v.to_string())
+    Ok(v)
 }
 
 pub fn check_present(what: &'static str, v: &str) -> Result<()> {

@@ -34,7 +34,7 @@ pub fn check_period(p: Option<&str>) -> Result<String> {
     }
 }
 
-fn check_metric(metric: Option<&str>) -> Result<String> {
+fn check_metric(metric: Option<&str>) -> Result<&str> {
     identity::check_name(
         "metric",
         metric,
@@ -739,7 +739,7 @@ fn set_plan(subject: Option<&str>, plan: Option<&str>, time_zone: default!(Optio
             spi::run(
                 client,
                 &SET_PLAN,
-                &[subject.as_str().into(), plan.as_str().into(), time_zone.into()],
+                &[subject.into(), plan.into(), time_zone.into()],
             );
             audit::admin(
                 client,
@@ -782,7 +782,7 @@ fn set_limit(plan: Option<&str>, metric: Option<&str>, period: Option<&str>, max
         let _owner = AsOwner::enter();
         Spi::connect_mut(|client| {
             ensure_plan(client, &plan)?;
-            let (p, m, pe) = (plan.as_str(), metric.as_str(), period.as_str());
+            let (p, m, pe) = (plan, metric, period.as_str());
             match max_amount {
                 Some(max) => spi::run(client, &SET_LIMIT, &[p.into(), m.into(), pe.into(), max.into()]),
                 None => spi::run(client, &DEL_LIMIT, &[p.into(), m.into(), pe.into()]),
@@ -827,7 +827,7 @@ fn set_override(subject: Option<&str>, metric: Option<&str>, period: Option<&str
         }
         let _owner = AsOwner::enter();
         Spi::connect_mut(|client| {
-            let (s, m, pe) = (subject.as_str(), metric.as_str(), period.as_str());
+            let (s, m, pe) = (subject, metric, period.as_str());
             match max_amount {
                 Some(max) => spi::run(
                     client,
@@ -866,7 +866,7 @@ fn reset_usage(subject: Option<&str>, metric: default!(Option<&str>, "NULL")) ->
         }
         let _owner = AsOwner::enter();
         Ok(Spi::connect_mut(|client| {
-            let n = spi::run(client, &RESET, &[subject.as_str().into(), metric.into()]).len() as i64;
+            let n = spi::run(client, &RESET, &[subject.into(), metric.into()]).len() as i64;
             audit::admin(
                 client,
                 &subject,

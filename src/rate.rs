@@ -723,13 +723,12 @@ fn rate_limit(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pgrx::composite_type!('static, "quota.rate_decision") {
     require_ready();
-    let policy = policy
-        .ok_or(QuotaError::NullArgument {
-            what: "policy",
-            hint: "Pass a policy of quota.rate_policies, e.g. 'default'.",
-        })
-        .and_then(|p| identity::check_present("policy", p).map(|()| p))
-        .or_raise();
+    let policy = identity::check_name(
+        "policy",
+        policy,
+        "Pass a policy of quota.rate_policies, e.g. 'default'.",
+    )
+    .or_raise();
     let cost = cost.unwrap_or(1);
     if cost < 0 {
         QuotaError::Negative {
