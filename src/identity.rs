@@ -10,7 +10,10 @@ use crate::catalog;
 use crate::error::{QuotaError, Result};
 use crate::guc;
 use pgrx::pg_sys;
+use std::cell::Cell;
+use std::cmp::Ordering;
 use std::ffi::{CStr, CString};
+use std::thread::LocalKey;
 
 pub const MAX_NAME_BYTES: usize = 256;
 
@@ -52,40 +55,9 @@ pub fn is_trusted() -> bool {
     }
 }
 
-fn config(name: &CStr) -> Option<String> {
-    // SAFETY: GetConfigOption with missing_ok = true returns NULL for unknown settings; the
-    // string it returns is copied at once.
-    unsafe {
-        let p = pg_sys::GetConfigOption(name.as_ptr(), true, false);
-        if p.is_null() {
-            None
-        } else {
-            Some(CStr::from_ptr(p).to_string_lossy().into_owned())
-        }
-    }
-}
-
 /// The caller's JWT subject: request.jwt.claims ->> 'sub', else request.jwt.claim.sub.
 pub fn jwt_subject() -> Result<Option<String>> {
-    if let Some(raw) = config(c"request.jwt.claims").filter(|s| !s.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(&raw).map_err(|e| QuotaError::MalformedClaims {
-            detail: e.to_string(),
-        })?;
-        match v.get("sub") {
-            Some(serde_json::Value::String(s)) if !s.is_empty() => return Ok(Some(s.clone())),
-            Some(serde_json::Value::Number(n)) => return Ok(Some(n.to_string())),
-            _ => {}
-        }
-    }
-    Ok(config(c"request.jwt.claim.sub").filter(|s| !s.is_empty()))
-}
-
-/// A JWT claim as JSON, e.g. `app_metadata`.
-#[allow(dead_code)]
-pub fn jwt_claim(name: &str) -> Option<serde_json::Value> {
-    let raw = config(c"request.jwt.claims")?;
-    let v: serde_json::Value = serde_json::from_str(&raw).ok()?;
-    v.get(name).cloned()
+    Ok(request_info()?.sub)
 }
 
 /// Check a name-like argument (subject, metric, key): not NULL, not blank, at most 256 bytes.
@@ -219,25 +191,122 @@ thread_local! {
         const { std::cell::RefCell::new((String::new(), None)) };
 }
 
+/// Where a setting read on every call was last found in PostgreSQL's array of settings (kept
+/// sorted by name), or between which two records it would sort when absent.
+#[derive(Clone, Copy)]
+enum Spot {
+    Unknown,
+    At(usize, *mut pg_sys::config_generic),
+    Absent(usize, *mut pg_sys::config_generic, *mut pg_sys::config_generic),
+}
+
+thread_local! {
+    static CLAIMS_SPOT: Cell<Spot> = const { Cell::new(Spot::Unknown) };
+    static LEGACY_SUB_SPOT: Cell<Spot> = const { Cell::new(Spot::Unknown) };
+    static HEADERS_SPOT: Cell<Spot> = const { Cell::new(Spot::Unknown) };
+}
+
+/// Setting names compare as guc.c's guc_name_compare does: bytes, ASCII letters downcased.
+fn guc_name_order(a: &[u8], b: &[u8]) -> Ordering {
+    a.iter()
+        .map(u8::to_ascii_lowercase)
+        .cmp(b.iter().map(u8::to_ascii_lowercase))
+}
+
+/// # Safety
+/// `record` is a live record of the settings array.
+unsafe fn record_order(record: *mut pg_sys::config_generic, name: &[u8]) -> Ordering {
+    // SAFETY: per the caller, a live record, whose name is a NUL-terminated string.
+    unsafe { guc_name_order(CStr::from_ptr((*record).name).to_bytes(), name) }
+}
+
 /// A setting's current text, borrowed (valid until the setting changes; used at once).
-fn config_bytes(name: &CStr) -> &'static [u8] {
-    // SAFETY: GetConfigOption returns NULL or a NUL-terminated string owned by the GUC machinery;
-    // it is read before anything can change the setting.
+///
+/// GetConfigOption finds a setting by a binary search over its name, comparing names letter
+/// by letter, and the request settings are read on every rate and quota call. So each backend
+/// remembers where the setting was (record and index), or, when absent, which two records
+/// would surround it, and checks that memory against the array before trusting it: the same
+/// record still at that index with that name, or the two neighbours still adjacent and still
+/// sorting around the name (so nothing, the setting included, was added between them). Any
+/// change of the array (a new placeholder, one removed by MarkGUCPrefixReserved, a reordering)
+/// fails the check and the setting is looked up again.
+fn config_bytes(name: &CStr, spot: &'static LocalKey<Cell<Spot>>) -> &'static [u8] {
+    let wanted = name.to_bytes();
+    // SAFETY: the settings array and its length are read together, with nothing in between that
+    // could change them; indexes are checked against the length before use, and a record is only
+    // dereferenced after it was found in the array at that index (so it is live). A string
+    // setting's variable points at its current value, NULL or a NUL-terminated string owned by
+    // the GUC machinery, which is read before anything can change the setting.
     unsafe {
-        let p = pg_sys::GetConfigOption(name.as_ptr(), true, false);
-        if p.is_null() {
+        let vars = pg_sys::get_guc_variables();
+        let n = pg_sys::GetNumConfigOptions().max(0) as usize;
+        let at = |i: usize| *vars.add(i);
+        let known = match spot.get() {
+            Spot::At(i, rec) => {
+                (i < n && at(i) == rec && record_order(rec, wanted).is_eq()).then_some(Some(rec))
+            }
+            Spot::Absent(i, lo, hi) => {
+                let lo_ok = if i == 0 {
+                    lo.is_null()
+                } else {
+                    i <= n && at(i - 1) == lo && record_order(lo, wanted).is_lt()
+                };
+                let hi_ok = if i == n {
+                    hi.is_null()
+                } else {
+                    i < n && at(i) == hi && record_order(hi, wanted).is_gt()
+                };
+                (lo_ok && hi_ok).then_some(None)
+            }
+            Spot::Unknown => None,
+        };
+        let record = match known {
+            Some(r) => r,
+            None => {
+                let all = std::slice::from_raw_parts(vars, n);
+                match all.binary_search_by(|&r| record_order(r, wanted)) {
+                    Ok(i) => {
+                        spot.set(Spot::At(i, all[i]));
+                        Some(all[i])
+                    }
+                    Err(i) => {
+                        let lo = if i == 0 { std::ptr::null_mut() } else { all[i - 1] };
+                        let hi = if i == n { std::ptr::null_mut() } else { all[i] };
+                        spot.set(Spot::Absent(i, lo, hi));
+                        None
+                    }
+                }
+            }
+        };
+        let value = match record {
+            None => std::ptr::null(),
+            Some(r) if (*r).vartype == pg_sys::config_type::PGC_STRING => {
+                *(*r.cast::<pg_sys::config_string>()).variable as *const std::ffi::c_char
+            }
+            // Not a string setting (no request setting is one): as GetConfigOption shows it.
+            Some(_) => pg_sys::GetConfigOption(name.as_ptr(), true, false),
+        };
+        if value.is_null() {
             &[]
         } else {
-            CStr::from_ptr(p).to_bytes()
+            CStr::from_ptr(value).to_bytes()
         }
     }
 }
 
+/// Equal texts. Two empty ones (the usual case outside PostgREST) compare without calling
+/// memcmp: both are then dangling pointers, and glibc's AVX-512 memcmp reads through them with
+/// an empty mask, which the CPU fault-suppresses in microcode at a cost of hundreds of cycles
+/// (perf put a tenth of rate_limit's time on that call).
+fn same_text(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && (a.is_empty() || a == b)
+}
+
 pub fn request_info() -> Result<RequestInfo> {
-    let raw_claims = config_bytes(c"request.jwt.claims");
+    let raw_claims = config_bytes(c"request.jwt.claims", &CLAIMS_SPOT);
     let (sub, plan) = LAST_CLAIMS.with(|c| -> Result<(Option<String>, Option<String>)> {
         let mut c = c.borrow_mut();
-        if c.0.as_bytes() != raw_claims {
+        if !same_text(c.0.as_bytes(), raw_claims) {
             let claims = String::from_utf8_lossy(raw_claims).into_owned();
             let (sub, plan) = if claims.trim().is_empty() {
                 (None, None)
@@ -264,7 +333,7 @@ pub fn request_info() -> Result<RequestInfo> {
     let sub = match sub {
         Some(s) => Some(s),
         None => {
-            let legacy = config_bytes(c"request.jwt.claim.sub");
+            let legacy = config_bytes(c"request.jwt.claim.sub", &LEGACY_SUB_SPOT);
             (!legacy.is_empty()).then(|| String::from_utf8_lossy(legacy).into_owned())
         }
     };
@@ -274,10 +343,10 @@ pub fn request_info() -> Result<RequestInfo> {
 /// The first address of x-forwarded-for in request.headers (parsed once per distinct text),
 /// which keys anonymous callers. Read only when a call needs the caller's own key.
 pub fn client_ip() -> Option<String> {
-    let raw_headers = config_bytes(c"request.headers");
+    let raw_headers = config_bytes(c"request.headers", &HEADERS_SPOT);
     LAST_HEADERS.with(|h| {
         let mut h = h.borrow_mut();
-        if h.0.as_bytes() != raw_headers {
+        if !same_text(h.0.as_bytes(), raw_headers) {
             let headers = String::from_utf8_lossy(raw_headers).into_owned();
             let ip = serde_json::from_str::<serde_json::Value>(&headers)
                 .ok()

@@ -242,3 +242,78 @@ fn a_committed_change_applies_to_the_next_call_inside_an_open_transaction() {
     assert_eq!(rate(&mut t, "k3"), 20);
     t.commit().unwrap();
 }
+
+/// The request settings are read through a per-backend memory of where they sit in
+/// PostgreSQL's (sorted) array of settings. A fresh session first reads them absent; the
+/// memory must then notice each one appearing, and settings added before and after them (which
+/// shift them in the array) must not make it read a wrong or stale value.
+#[test]
+fn request_settings_are_read_right_as_settings_come_and_go() {
+    let db = TestDb::new("rate_settings");
+    let mut c = db.connect();
+    let key = |c: &mut Client, sql: &str| -> String {
+        c.batch_execute(sql).unwrap();
+        let row = c
+            .query_one("SELECT key FROM quota.rate_limit('default')", &[])
+            .unwrap();
+        row.get(0)
+    };
+    c.batch_execute("SET ROLE anon").unwrap();
+    assert_eq!(
+        key(&mut c, "SELECT 1"),
+        "ip:unknown",
+        "no request settings at all"
+    );
+    assert_eq!(
+        key(
+            &mut c,
+            r#"SET request.headers = '{"x-forwarded-for": "198.51.100.1"}'"#
+        ),
+        "ip:198.51.100.1"
+    );
+    for (i, name) in [
+        "aaa_qe.first",
+        "request.a",
+        "request.headers_b",
+        "request.jwt.claim.a",
+        "request.jwt.claimz",
+        "\"Request.JWT.B\"",
+        "zzz_qe.last",
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert_eq!(
+            key(&mut c, &format!("SET {name} = 'x{i}'")),
+            "ip:198.51.100.1",
+            "after {name} appeared"
+        );
+    }
+    assert_eq!(
+        key(
+            &mut c,
+            r#"SET request.headers = '{"x-forwarded-for": "198.51.100.2"}'"#
+        ),
+        "ip:198.51.100.2",
+        "a new value of the same setting"
+    );
+    c.batch_execute("RESET ROLE; SET ROLE authenticated").unwrap();
+    assert_eq!(
+        key(&mut c, r#"SET request.jwt.claims = '{"sub": "u-claims"}'"#),
+        "u-claims",
+        "claims appeared"
+    );
+    assert_eq!(
+        key(
+            &mut c,
+            "SET request.jwt.claims = ''; SET request.jwt.claim.sub = 'u-legacy'"
+        ),
+        "u-legacy",
+        "the older claim.sub appeared"
+    );
+    assert_eq!(
+        key(&mut c, r#"SET "REQUEST.JWT.CLAIMS" = '{"sub": "u-upper"}'"#),
+        "u-upper",
+        "names compare without case, as PostgreSQL's"
+    );
+}
