@@ -66,6 +66,20 @@ pub fn default_plan_str() -> std::borrow::Cow<'static, str> {
     }
 }
 
+/// quota_ext.trusted_roles as it is set, borrowed (read at once, before anything can change it);
+/// empty when unset.
+pub fn trusted_roles_bytes() -> &'static [u8] {
+    // SAFETY: the setting's C string, NULL when unset, owned by the GUC machinery.
+    unsafe {
+        let p = *TRUSTED_ROLES.as_ptr();
+        if p.is_null() {
+            &[]
+        } else {
+            std::ffi::CStr::from_ptr(p).to_bytes()
+        }
+    }
+}
+
 pub fn audit_wanted(success: bool) -> bool {
     match AUDIT.get() {
         AuditMode::All => true,

@@ -26,11 +26,49 @@ fn role_oid(name: &str) -> Option<pg_sys::Oid> {
 
 /// Superuser, extension owner, member of service_role, or member of a role in
 /// quota_ext.trusted_roles.
+///
+/// Every request-path call asks, and for the roles PostgREST uses (`anon`, `authenticated`) the
+/// answer takes several catalog look-ups (the schema's owner, service_role, each listed role)
+/// and a string allocation each. So each backend remembers the last answer with what it was
+/// for: the current user and the text of quota_ext.trusted_roles. Anything else it depends on
+/// lives in pg_authid, pg_auth_members or pg_namespace, whose catalog caches tell
+/// `forget_trust` of every change (a role created, dropped, renamed or made superuser, a
+/// membership granted or revoked, the schema's owner changed), in this session at once and
+/// from others when PostgreSQL reads their invalidations, as it does for its own role caches.
 pub fn is_trusted() -> bool {
-    // SAFETY: plain reads of the current user and catalog caches.
+    // SAFETY: plain reads of the current user and of superuser_arg's own one-role cache.
+    let uid = unsafe { pg_sys::GetUserId() };
+    if unsafe { pg_sys::superuser_arg(uid) } {
+        return true;
+    }
+    let roles = guc::trusted_roles_bytes();
+    let epoch = TRUST_EPOCH.with(Cell::get);
+    let known = TRUST_MEMO.with(|m| match &*m.borrow() {
+        Some(t) if t.epoch == epoch && t.uid == uid && t.roles.as_slice() == roles => Some(t.trusted),
+        _ => None,
+    });
+    if let Some(trusted) = known {
+        return trusted;
+    }
+    let roles = roles.to_vec();
+    let trusted = trust_of(uid, &roles);
+    // Remembered under the epoch read before the look-ups: a change reported while they ran
+    // (catalog reads can take in invalidations) leaves the memory stale at once.
+    TRUST_MEMO.with(|m| {
+        *m.borrow_mut() = Some(TrustMemo {
+            epoch,
+            uid,
+            roles,
+            trusted,
+        })
+    });
+    trusted
+}
+
+fn trust_of(uid: pg_sys::Oid, trusted_roles: &[u8]) -> bool {
+    // SAFETY: plain reads of catalog caches.
     unsafe {
-        let uid = pg_sys::GetUserId();
-        if pg_sys::superuser_arg(uid) || uid == catalog::quota_schema().1 {
+        if uid == catalog::quota_schema().1 {
             return true;
         }
         if let Some(r) = role_oid("service_role") {
@@ -38,20 +76,51 @@ pub fn is_trusted() -> bool {
                 return true;
             }
         }
-        if let Some(list) = guc::TRUSTED_ROLES.get() {
-            for name in list.to_string_lossy().split(',') {
-                let name = name.trim().trim_matches('"');
-                if name.is_empty() {
-                    continue;
-                }
-                if let Some(r) = role_oid(name) {
-                    if pg_sys::has_privs_of_role(uid, r) {
-                        return true;
-                    }
+        for name in String::from_utf8_lossy(trusted_roles).split(',') {
+            let name = name.trim().trim_matches('"');
+            if name.is_empty() {
+                continue;
+            }
+            if let Some(r) = role_oid(name) {
+                if pg_sys::has_privs_of_role(uid, r) {
+                    return true;
                 }
             }
         }
         false
+    }
+}
+
+struct TrustMemo {
+    epoch: u64,
+    uid: pg_sys::Oid,
+    roles: Vec<u8>,
+    trusted: bool,
+}
+
+thread_local! {
+    static TRUST_MEMO: std::cell::RefCell<Option<TrustMemo>> = const { std::cell::RefCell::new(None) };
+    /// Bumped by every reported change of roles, memberships or schemas.
+    static TRUST_EPOCH: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Catalog cache callback. Runs inside invalidation processing: it only bumps a counter.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn forget_trust(_arg: pg_sys::Datum, _cache: std::ffi::c_int, _hash: u32) {
+    TRUST_EPOCH.with(|e| e.set(e.get().wrapping_add(1)));
+}
+
+pub fn init() {
+    // SAFETY: registers callbacks for this process (inherited by backends when preloaded);
+    // called once from _PG_init.
+    unsafe {
+        for cache in [
+            pg_sys::SysCacheIdentifier::AUTHOID,
+            pg_sys::SysCacheIdentifier::AUTHMEMROLEMEM,
+            pg_sys::SysCacheIdentifier::NAMESPACEOID,
+        ] {
+            pg_sys::CacheRegisterSyscacheCallback(cache as i32, Some(forget_trust), pg_sys::Datum::from(0));
+        }
     }
 }
 

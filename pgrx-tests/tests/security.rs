@@ -128,6 +128,79 @@ fn service_role_is_trusted() {
         .unwrap();
 }
 
+/// Each backend remembers whether its user is trusted; every change of what that depends on
+/// (superuser, service_role membership, quota_ext.trusted_roles and the roles it names, the
+/// current role) must reach the next call, also when another session makes it.
+#[test]
+fn trust_follows_role_changes_at_once() {
+    let db = TestDb::new("trust_changes");
+    let mut admin = db.connect();
+    admin
+        .batch_execute(
+            "DROP ROLE IF EXISTS qe_trust_probe; DROP ROLE IF EXISTS qe_trust_group;
+             CREATE ROLE qe_trust_probe; GRANT authenticated TO qe_trust_probe;
+             SELECT quota.set_limit('free', 'api', 'day', 1000);",
+        )
+        .unwrap();
+    let mut c = db.connect();
+    as_role(&mut c, "qe_trust_probe", Some("probe-self"));
+    // Acting for another subject needs trust: 42501 when untrusted, a decision when trusted.
+    let trusted = |c: &mut Client| -> bool {
+        match c.query_one("SELECT allowed FROM quota.consume('someone-else', 'api')", &[]) {
+            Ok(_) => true,
+            Err(e) if code(&e) == "42501" => false,
+            Err(e) => panic!("unexpected error: {e:?}"),
+        }
+    };
+    assert!(!trusted(&mut c), "a plain authenticated member is not trusted");
+    assert!(!trusted(&mut c), "and stays so when asked again");
+    admin
+        .batch_execute("GRANT service_role TO qe_trust_probe")
+        .unwrap();
+    assert!(trusted(&mut c), "service_role granted by another session");
+    admin
+        .batch_execute("REVOKE service_role FROM qe_trust_probe")
+        .unwrap();
+    assert!(!trusted(&mut c), "service_role revoked");
+    admin
+        .batch_execute("ALTER ROLE qe_trust_probe SUPERUSER")
+        .unwrap();
+    assert!(trusted(&mut c), "made superuser");
+    admin
+        .batch_execute("ALTER ROLE qe_trust_probe NOSUPERUSER")
+        .unwrap();
+    assert!(!trusted(&mut c), "superuser taken away");
+    // A listed role that does not exist yet, then is created and granted, then dropped.
+    c.batch_execute("RESET ROLE; SET quota_ext.trusted_roles = 'qe_trust_group'; SET ROLE qe_trust_probe")
+        .unwrap();
+    assert!(!trusted(&mut c), "the listed role does not exist");
+    admin
+        .batch_execute("CREATE ROLE qe_trust_group; GRANT qe_trust_group TO qe_trust_probe")
+        .unwrap();
+    assert!(trusted(&mut c), "the listed role created and granted");
+    admin.batch_execute("DROP ROLE qe_trust_group").unwrap();
+    assert!(!trusted(&mut c), "the listed role dropped");
+    // The setting's text and the current role, changed in the session itself.
+    c.batch_execute("RESET ROLE; SET quota_ext.trusted_roles = 'authenticated'; SET ROLE qe_trust_probe")
+        .unwrap();
+    assert!(trusted(&mut c), "a role it belongs to listed");
+    c.batch_execute("RESET ROLE; SET quota_ext.trusted_roles = ''; SET ROLE qe_trust_probe")
+        .unwrap();
+    assert!(!trusted(&mut c), "the list emptied");
+    c.batch_execute("RESET ROLE").unwrap();
+    assert!(trusted(&mut c), "back to the superuser");
+    // In one transaction: a membership granted in it counts at once, and is gone after ROLLBACK.
+    c.batch_execute("BEGIN; GRANT service_role TO qe_trust_probe; SET LOCAL ROLE qe_trust_probe")
+        .unwrap();
+    assert!(trusted(&mut c), "granted in this transaction");
+    c.batch_execute("ROLLBACK").unwrap();
+    c.batch_execute("SET ROLE qe_trust_probe").unwrap();
+    assert!(!trusted(&mut c), "the grant rolled back");
+    c.batch_execute("RESET ROLE").unwrap();
+    drop(c);
+    admin.batch_execute("DROP ROLE qe_trust_probe").unwrap();
+}
+
 #[test]
 fn every_consuming_function_acts_only_as_the_jwt_subject() {
     let db = TestDb::new("jwt_subject");
