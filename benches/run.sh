@@ -4,6 +4,8 @@
 # Cases are interleaved over ROUNDS rounds, each case starts right after a CHECKPOINT (so full
 # page writes weigh the same on every case), and the median tps of each case is reported.
 # Usage: benches/run.sh [seconds per case and round, default 6] [rounds, default 3]
+# QUOTA_EXT_BENCH_ONLY=rate runs the rate-limit cases alone (more rounds in the same time) and
+# writes benches/results/rate.md instead of benches/results/latest.md.
 . "$(dirname "$0")/../scripts/lib.sh"
 
 SECONDS_PER_CASE=${1:-6}
@@ -13,6 +15,12 @@ BENCH_DATA=/tmp/quota_ext-bench
 BENCH_PORT=${QUOTA_EXT_BENCH_PORT:-25317}
 SQL="$REPO/benches/sql"
 OUT="$REPO/benches/results/latest.md"
+ONLY=${QUOTA_EXT_BENCH_ONLY:-}
+case "$ONLY" in
+    "") ;;
+    rate) OUT="$REPO/benches/results/rate.md" ;;
+    *) die "QUOTA_EXT_BENCH_ONLY: unknown group '$ONLY' (known: rate)" ;;
+esac
 
 ensure_all
 install_extension --release
@@ -54,8 +62,11 @@ bench() { # bench CASE SECONDS -> tps
 
 # Warm up: create the 10 000 subjects' rows on both sides, fill caches.
 log "warming up"
-for s in consume_random naive_random consume_hot naive_hot upsert_audit_random batch_random plain_update_random \
-         rate_random plpgsql_bucket_random select1; do
+WARM=(consume_random naive_random consume_hot naive_hot upsert_audit_random batch_random plain_update_random
+      rate_random plpgsql_bucket_random select1)
+RATE_CASES=(select1b rate_random rate_hot rate_limit_random rate_shape_floor plpgsql_bucket_random plpgsql_bucket_hot redis_lua)
+[ "$ONLY" = rate ] && WARM=(rate_random plpgsql_bucket_random select1b)
+for s in "${WARM[@]}"; do
     bench "$s" 3 >/dev/null
 done
 
@@ -66,6 +77,7 @@ CASES=(select1 consume_random naive_random upsert_audit_random consume_random:qu
        naive_random:synchronous_commit=off consume_random:synchronous_commit=off
        upsert_audit_random:synchronous_commit=off plain_update_random:synchronous_commit=off
        batch_random:synchronous_commit=off batch_floor_random:synchronous_commit=off)
+[ "$ONLY" = rate ] && CASES=("${RATE_CASES[@]}")
 declare -A RUNS TPS
 for round in $(seq "$ROUNDS"); do
     for s in "${CASES[@]}"; do
@@ -97,54 +109,14 @@ range_of() { # range_of CASE BASELINE -> lowest-highest ratio within a round
 }
 off=":synchronous_commit=off"
 
-{
+header() {
     echo "Measured $(date -u +%Y-%m-%d) on $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)," \
          "PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}'), pgbench $CLIENTS clients, -M prepared," \
          "$ROUNDS interleaved rounds of ${SECONDS_PER_CASE}s, CHECKPOINT before each, synchronous_commit = on (unless a table says otherwise), quota_ext.audit = all. tps: median over rounds; ratios: median over rounds of the ratio within the round."
     echo
-    echo "| case | tps | vs SELECT 1 | vs naive upsert (same keys) | lowest-highest round |"
-    echo "|---|---:|---:|---:|---:|"
-    echo "| \`SELECT 1\` | ${TPS[select1]} | 1.00 | | |"
-    echo "| quota.consume, 10 000 random subjects | ${TPS[consume_random]} | $(ratio_of consume_random select1) | **$(ratio_of consume_random naive_random)** | $(range_of consume_random naive_random) |"
-    echo "| naive upsert, 10 000 random subjects | ${TPS[naive_random]} | $(ratio_of naive_random select1) | 1.00 | |"
-    echo "| quota.consume, one hot subject | ${TPS[consume_hot]} | $(ratio_of consume_hot select1) | **$(ratio_of consume_hot naive_hot)** | $(range_of consume_hot naive_hot) |"
-    echo "| naive upsert, one hot subject | ${TPS[naive_hot]} | $(ratio_of naive_hot select1) | 1.00 | |"
-    echo
-    echo "Where the gap comes from (random subjects):"
-    echo
-    echo "| case | tps | vs naive upsert | lowest-highest round |"
-    echo "|---|---:|---:|---:|"
-    a=consume_random:quota_ext.audit=off
-    echo "| quota.consume with quota_ext.audit = off | ${TPS[$a]} | $(ratio_of "$a" naive_random) | $(range_of "$a" naive_random) |"
-    echo "| hand-written SQL doing what consume writes (upsert + audit row, one statement) | ${TPS[upsert_audit_random]} | $(ratio_of upsert_audit_random naive_random) | $(range_of upsert_audit_random naive_random) |"
-    echo
-    echo "The same with \`synchronous_commit = off\` (commits not waited for: what each case costs in CPU, without the storage's flush times, which swing from second to second on a shared machine):"
-    echo
-    echo "| case | tps | vs naive upsert | lowest-highest round |"
-    echo "|---|---:|---:|---:|"
-    echo "| naive upsert | ${TPS[naive_random$off]} | 1.00 | |"
-    echo "| quota.consume | ${TPS[consume_random$off]} | **$(ratio_of consume_random$off naive_random$off)** | $(range_of consume_random$off naive_random$off) |"
-    echo "| hand-written upsert + audit row | ${TPS[upsert_audit_random$off]} | $(ratio_of upsert_audit_random$off naive_random$off) | $(range_of upsert_audit_random$off naive_random$off) |"
-    echo
-    echo "Inventory batches (consume_batch_quantity writes an audit row too; the plain UPDATE does not):"
-    echo
-    echo "| case | tps | vs plain UPDATE (same rows) | lowest-highest round |"
-    echo "|---|---:|---:|---:|"
-    echo "| quota.consume_batch_quantity, 1 000 batches | ${TPS[batch_random]} | **$(ratio_of batch_random plain_update_random)** | $(range_of batch_random plain_update_random) |"
-    echo '| plain `UPDATE quota.batches SET quantity = quantity - $1 WHERE id = $2 AND quantity >= $1`, 1 000 batches | '"${TPS[plain_update_random]}"' | 1.00 | |'
-    echo "| quota.consume_batch_quantity, one hot batch | ${TPS[batch_hot]} | **$(ratio_of batch_hot plain_update_hot)** | $(range_of batch_hot plain_update_hot) |"
-    echo "| plain UPDATE, one hot batch | ${TPS[plain_update_hot]} | 1.00 | |"
-    echo "| (for comparison) hand-written SQL doing what consume_batch_quantity writes (UPDATE + audit row, one statement), 1 000 batches | ${TPS[batch_floor_random]} | $(ratio_of batch_floor_random plain_update_random) | $(range_of batch_floor_random plain_update_random) |"
-    echo "| (for comparison) the plain UPDATE on a copy of the rows in a table with only a primary key (HOT updates), 1 000 batches | ${TPS[plain_update_pkonly_random]} | $(ratio_of plain_update_pkonly_random plain_update_random) | |"
-    echo
-    echo "The same with \`synchronous_commit = off\`:"
-    echo
-    echo "| case | tps | vs plain UPDATE | lowest-highest round |"
-    echo "|---|---:|---:|---:|"
-    echo "| plain UPDATE, 1 000 batches | ${TPS[plain_update_random$off]} | 1.00 | |"
-    echo "| quota.consume_batch_quantity | ${TPS[batch_random$off]} | **$(ratio_of batch_random$off plain_update_random$off)** | $(range_of batch_random$off plain_update_random$off) |"
-    echo "| hand-written UPDATE + audit row | ${TPS[batch_floor_random$off]} | $(ratio_of batch_floor_random$off plain_update_random$off) | $(range_of batch_floor_random$off plain_update_random$off) |"
-    echo
+}
+
+rate_table() {
     echo 'Rate limits (shared memory, no table writes; `SELECT 1` measured again in the same round):'
     echo
     echo "| case | tps | vs SELECT 1 | lowest-highest round |"
@@ -162,5 +134,55 @@ off=":synchronous_commit=off"
          "hot key vs random keys: **$(ratio_of rate_hot rate_random)**;" \
          "rate_check vs the answer alone: $(ratio_of rate_random rate_shape_floor), rate_limit vs the answer alone: $(ratio_of rate_limit_random rate_shape_floor);" \
          "cost inside the database: **${NS_PER_CALL} ns per call**, median of five runs ($NS_RANGE) of one statement making a million calls, minus the same statement without them."
+}
+
+{
+    header
+    if [ "$ONLY" != rate ]; then
+        echo "| case | tps | vs SELECT 1 | vs naive upsert (same keys) | lowest-highest round |"
+        echo "|---|---:|---:|---:|---:|"
+        echo "| \`SELECT 1\` | ${TPS[select1]} | 1.00 | | |"
+        echo "| quota.consume, 10 000 random subjects | ${TPS[consume_random]} | $(ratio_of consume_random select1) | **$(ratio_of consume_random naive_random)** | $(range_of consume_random naive_random) |"
+        echo "| naive upsert, 10 000 random subjects | ${TPS[naive_random]} | $(ratio_of naive_random select1) | 1.00 | |"
+        echo "| quota.consume, one hot subject | ${TPS[consume_hot]} | $(ratio_of consume_hot select1) | **$(ratio_of consume_hot naive_hot)** | $(range_of consume_hot naive_hot) |"
+        echo "| naive upsert, one hot subject | ${TPS[naive_hot]} | $(ratio_of naive_hot select1) | 1.00 | |"
+        echo
+        echo "Where the gap comes from (random subjects):"
+        echo
+        echo "| case | tps | vs naive upsert | lowest-highest round |"
+        echo "|---|---:|---:|---:|"
+        a=consume_random:quota_ext.audit=off
+        echo "| quota.consume with quota_ext.audit = off | ${TPS[$a]} | $(ratio_of "$a" naive_random) | $(range_of "$a" naive_random) |"
+        echo "| hand-written SQL doing what consume writes (upsert + audit row, one statement) | ${TPS[upsert_audit_random]} | $(ratio_of upsert_audit_random naive_random) | $(range_of upsert_audit_random naive_random) |"
+        echo
+        echo "The same with \`synchronous_commit = off\` (commits not waited for: what each case costs in CPU, without the storage's flush times, which swing from second to second on a shared machine):"
+        echo
+        echo "| case | tps | vs naive upsert | lowest-highest round |"
+        echo "|---|---:|---:|---:|"
+        echo "| naive upsert | ${TPS[naive_random$off]} | 1.00 | |"
+        echo "| quota.consume | ${TPS[consume_random$off]} | **$(ratio_of consume_random$off naive_random$off)** | $(range_of consume_random$off naive_random$off) |"
+        echo "| hand-written upsert + audit row | ${TPS[upsert_audit_random$off]} | $(ratio_of upsert_audit_random$off naive_random$off) | $(range_of upsert_audit_random$off naive_random$off) |"
+        echo
+        echo "Inventory batches (consume_batch_quantity writes an audit row too; the plain UPDATE does not):"
+        echo
+        echo "| case | tps | vs plain UPDATE (same rows) | lowest-highest round |"
+        echo "|---|---:|---:|---:|"
+        echo "| quota.consume_batch_quantity, 1 000 batches | ${TPS[batch_random]} | **$(ratio_of batch_random plain_update_random)** | $(range_of batch_random plain_update_random) |"
+        echo '| plain `UPDATE quota.batches SET quantity = quantity - $1 WHERE id = $2 AND quantity >= $1`, 1 000 batches | '"${TPS[plain_update_random]}"' | 1.00 | |'
+        echo "| quota.consume_batch_quantity, one hot batch | ${TPS[batch_hot]} | **$(ratio_of batch_hot plain_update_hot)** | $(range_of batch_hot plain_update_hot) |"
+        echo "| plain UPDATE, one hot batch | ${TPS[plain_update_hot]} | 1.00 | |"
+        echo "| (for comparison) hand-written SQL doing what consume_batch_quantity writes (UPDATE + audit row, one statement), 1 000 batches | ${TPS[batch_floor_random]} | $(ratio_of batch_floor_random plain_update_random) | $(range_of batch_floor_random plain_update_random) |"
+        echo "| (for comparison) the plain UPDATE on a copy of the rows in a table with only a primary key (HOT updates), 1 000 batches | ${TPS[plain_update_pkonly_random]} | $(ratio_of plain_update_pkonly_random plain_update_random) | |"
+        echo
+        echo "The same with \`synchronous_commit = off\`:"
+        echo
+        echo "| case | tps | vs plain UPDATE | lowest-highest round |"
+        echo "|---|---:|---:|---:|"
+        echo "| plain UPDATE, 1 000 batches | ${TPS[plain_update_random$off]} | 1.00 | |"
+        echo "| quota.consume_batch_quantity | ${TPS[batch_random$off]} | **$(ratio_of batch_random$off plain_update_random$off)** | $(range_of batch_random$off plain_update_random$off) |"
+        echo "| hand-written UPDATE + audit row | ${TPS[batch_floor_random$off]} | $(ratio_of batch_floor_random$off plain_update_random$off) | $(range_of batch_floor_random$off plain_update_random$off) |"
+        echo
+    fi
+    rate_table
 } | tee "$OUT"
 log "written to ${OUT#$REPO/}"
