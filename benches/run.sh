@@ -72,8 +72,7 @@ done
 
 CASES=(select1 consume_random naive_random upsert_audit_random consume_random:quota_ext.audit=off consume_hot naive_hot
        batch_random plain_update_random batch_floor_random batch_hot plain_update_hot plain_update_pkonly_random
-       select1b rate_random rate_hot rate_limit_random rate_shape_floor plpgsql_bucket_random plpgsql_bucket_hot
-       redis_lua
+       "${RATE_CASES[@]}"
        naive_random:synchronous_commit=off consume_random:synchronous_commit=off
        upsert_audit_random:synchronous_commit=off plain_update_random:synchronous_commit=off
        batch_random:synchronous_commit=off batch_floor_random:synchronous_commit=off)

@@ -66,18 +66,24 @@ pub fn default_plan_str() -> std::borrow::Cow<'static, str> {
     }
 }
 
-/// quota_ext.trusted_roles as it is set, borrowed (read at once, before anything can change it);
-/// empty when unset.
+/// A string setting's current value as PostgreSQL keeps it, borrowed: empty when NULL.
+///
+/// # Safety
+/// `value` is NULL or a NUL-terminated string owned by the GUC machinery, read at once, before
+/// anything can change the setting.
+pub unsafe fn setting_text(value: *const std::ffi::c_char) -> &'static [u8] {
+    if value.is_null() {
+        &[]
+    } else {
+        // SAFETY: per the caller, a live NUL-terminated string.
+        unsafe { std::ffi::CStr::from_ptr(value).to_bytes() }
+    }
+}
+
+/// quota_ext.trusted_roles as it is set, borrowed (read at once); empty when unset.
 pub fn trusted_roles_bytes() -> &'static [u8] {
     // SAFETY: the setting's C string, NULL when unset, owned by the GUC machinery.
-    unsafe {
-        let p = *TRUSTED_ROLES.as_ptr();
-        if p.is_null() {
-            &[]
-        } else {
-            std::ffi::CStr::from_ptr(p).to_bytes()
-        }
-    }
+    unsafe { setting_text(*TRUSTED_ROLES.as_ptr()) }
 }
 
 pub fn audit_wanted(success: bool) -> bool {

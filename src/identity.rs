@@ -355,11 +355,7 @@ fn config_bytes(name: &CStr, spot: &'static LocalKey<Cell<Spot>>) -> &'static [u
             // Not a string setting (no request setting is one): as GetConfigOption shows it.
             Some(_) => pg_sys::GetConfigOption(name.as_ptr(), true, false),
         };
-        if value.is_null() {
-            &[]
-        } else {
-            CStr::from_ptr(value).to_bytes()
-        }
+        guc::setting_text(value)
     }
 }
 

@@ -16,6 +16,7 @@ use crate::error::{OrRaise, QuotaError};
 use crate::identity;
 use crate::metrics::{self, Counter};
 use pgrx::pg_sys;
+use pgrx::pgrx_sql_entity_graph::metadata as sql_meta;
 use pgrx::prelude::*;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 use std::borrow::Cow;
@@ -467,19 +468,13 @@ unsafe impl pgrx::callconv::BoxRet for RateDecision {
 }
 
 // SAFETY: the SQL type named is the one every RateDecision is formed as.
-unsafe impl pgrx::pgrx_sql_entity_graph::metadata::SqlTranslatable for RateDecision {
+unsafe impl sql_meta::SqlTranslatable for RateDecision {
     const TYPE_IDENT: &'static str = pgrx::pgrx_resolved_type!(RateDecision);
-    const TYPE_ORIGIN: pgrx::pgrx_sql_entity_graph::metadata::TypeOrigin =
-        pgrx::pgrx_sql_entity_graph::metadata::TypeOrigin::External;
-    const ARGUMENT_SQL: Result<
-        pgrx::pgrx_sql_entity_graph::metadata::SqlMappingRef,
-        pgrx::pgrx_sql_entity_graph::metadata::ArgumentError,
-    > = Err(pgrx::pgrx_sql_entity_graph::metadata::ArgumentError::NotValidAsArgument("RateDecision"));
-    const RETURN_SQL: Result<
-        pgrx::pgrx_sql_entity_graph::metadata::ReturnsRef,
-        pgrx::pgrx_sql_entity_graph::metadata::ReturnsError,
-    > = Ok(pgrx::pgrx_sql_entity_graph::metadata::ReturnsRef::One(
-        pgrx::pgrx_sql_entity_graph::metadata::SqlMappingRef::literal("quota.rate_decision"),
+    const TYPE_ORIGIN: sql_meta::TypeOrigin = sql_meta::TypeOrigin::External;
+    const ARGUMENT_SQL: Result<sql_meta::SqlMappingRef, sql_meta::ArgumentError> =
+        Err(sql_meta::ArgumentError::NotValidAsArgument("RateDecision"));
+    const RETURN_SQL: Result<sql_meta::ReturnsRef, sql_meta::ReturnsError> = Ok(sql_meta::ReturnsRef::One(
+        sql_meta::SqlMappingRef::literal("quota.rate_decision"),
     ));
 }
 

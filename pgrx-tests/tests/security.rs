@@ -152,50 +152,92 @@ fn trust_follows_role_changes_at_once() {
             Err(e) => panic!("unexpected error: {e:?}"),
         }
     };
-    assert!(!trusted(&mut c), "a plain authenticated member is not trusted");
-    assert!(!trusted(&mut c), "and stays so when asked again");
-    admin
-        .batch_execute("GRANT service_role TO qe_trust_probe")
-        .unwrap();
-    assert!(trusted(&mut c), "service_role granted by another session");
-    admin
-        .batch_execute("REVOKE service_role FROM qe_trust_probe")
-        .unwrap();
-    assert!(!trusted(&mut c), "service_role revoked");
-    admin
-        .batch_execute("ALTER ROLE qe_trust_probe SUPERUSER")
-        .unwrap();
-    assert!(trusted(&mut c), "made superuser");
-    admin
-        .batch_execute("ALTER ROLE qe_trust_probe NOSUPERUSER")
-        .unwrap();
-    assert!(!trusted(&mut c), "superuser taken away");
-    // A listed role that does not exist yet, then is created and granted, then dropped.
-    c.batch_execute("RESET ROLE; SET quota_ext.trusted_roles = 'qe_trust_group'; SET ROLE qe_trust_probe")
-        .unwrap();
-    assert!(!trusted(&mut c), "the listed role does not exist");
-    admin
-        .batch_execute("CREATE ROLE qe_trust_group; GRANT qe_trust_group TO qe_trust_probe")
-        .unwrap();
-    assert!(trusted(&mut c), "the listed role created and granted");
-    admin.batch_execute("DROP ROLE qe_trust_group").unwrap();
-    assert!(!trusted(&mut c), "the listed role dropped");
-    // The setting's text and the current role, changed in the session itself.
-    c.batch_execute("RESET ROLE; SET quota_ext.trusted_roles = 'authenticated'; SET ROLE qe_trust_probe")
-        .unwrap();
-    assert!(trusted(&mut c), "a role it belongs to listed");
-    c.batch_execute("RESET ROLE; SET quota_ext.trusted_roles = ''; SET ROLE qe_trust_probe")
-        .unwrap();
-    assert!(!trusted(&mut c), "the list emptied");
-    c.batch_execute("RESET ROLE").unwrap();
-    assert!(trusted(&mut c), "back to the superuser");
-    // In one transaction: a membership granted in it counts at once, and is gone after ROLLBACK.
-    c.batch_execute("BEGIN; GRANT service_role TO qe_trust_probe; SET LOCAL ROLE qe_trust_probe")
-        .unwrap();
-    assert!(trusted(&mut c), "granted in this transaction");
-    c.batch_execute("ROLLBACK").unwrap();
-    c.batch_execute("SET ROLE qe_trust_probe").unwrap();
-    assert!(!trusted(&mut c), "the grant rolled back");
+    // Each step: who runs what (the admin's session or the probe's own), then whether the
+    // probe's next call is trusted.
+    const ADMIN: bool = true;
+    const SELF: bool = false;
+    let steps = [
+        (SELF, "", false, "a plain authenticated member is not trusted"),
+        (SELF, "", false, "and stays so when asked again"),
+        (
+            ADMIN,
+            "GRANT service_role TO qe_trust_probe",
+            true,
+            "service_role granted by another session",
+        ),
+        (
+            ADMIN,
+            "REVOKE service_role FROM qe_trust_probe",
+            false,
+            "service_role revoked",
+        ),
+        (
+            ADMIN,
+            "ALTER ROLE qe_trust_probe SUPERUSER",
+            true,
+            "made superuser",
+        ),
+        (
+            ADMIN,
+            "ALTER ROLE qe_trust_probe NOSUPERUSER",
+            false,
+            "superuser taken away",
+        ),
+        // A listed role that does not exist yet, then is created and granted, then dropped.
+        (
+            SELF,
+            "RESET ROLE; SET quota_ext.trusted_roles = 'qe_trust_group'; SET ROLE qe_trust_probe",
+            false,
+            "the listed role does not exist",
+        ),
+        (
+            ADMIN,
+            "CREATE ROLE qe_trust_group; GRANT qe_trust_group TO qe_trust_probe",
+            true,
+            "the listed role created and granted",
+        ),
+        (
+            ADMIN,
+            "DROP ROLE qe_trust_group",
+            false,
+            "the listed role dropped",
+        ),
+        // The setting's text and the current role, changed in the session itself.
+        (
+            SELF,
+            "RESET ROLE; SET quota_ext.trusted_roles = 'authenticated'; SET ROLE qe_trust_probe",
+            true,
+            "a role it belongs to listed",
+        ),
+        (
+            SELF,
+            "RESET ROLE; SET quota_ext.trusted_roles = ''; SET ROLE qe_trust_probe",
+            false,
+            "the list emptied",
+        ),
+        (SELF, "RESET ROLE", true, "back to the superuser"),
+        // In one transaction: a membership granted in it counts at once, and is gone after
+        // ROLLBACK.
+        (
+            SELF,
+            "BEGIN; GRANT service_role TO qe_trust_probe; SET LOCAL ROLE qe_trust_probe",
+            true,
+            "granted in this transaction",
+        ),
+        (
+            SELF,
+            "ROLLBACK; SET ROLE qe_trust_probe",
+            false,
+            "the grant rolled back",
+        ),
+    ];
+    for (by_admin, sql, expected, why) in steps {
+        if !sql.is_empty() {
+            let session = if by_admin { &mut admin } else { &mut c };
+            session.batch_execute(sql).unwrap();
+        }
+        assert_eq!(trusted(&mut c), expected, "{why}");
+    }
     c.batch_execute("RESET ROLE").unwrap();
     drop(c);
     admin.batch_execute("DROP ROLE qe_trust_probe").unwrap();
