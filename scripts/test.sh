@@ -55,7 +55,7 @@ TINY_DATA=/tmp/quota_ext-itest-tiny
 TINY_PORT=${QUOTA_EXT_TINY_PORT:-25321}
 log "starting a server with a tiny bucket table on 127.0.0.1:$TINY_PORT"
 # ... and a tiny audit queue that no writer can drain (no background worker may start).
-start_server "$TINY_DATA" "$TINY_PORT" "quota_ext.rate_max_keys = 64" "quota_ext.audit_queue_size = 16" \
+start_server "$TINY_DATA" "$TINY_PORT" "quota_ext.rate_max_keys = 1024" "quota_ext.audit_queue_size = 16" \
     "max_worker_processes = 0"
 # ... and one with a single background worker slot, which a parallel query can take.
 SCARCE_DATA=/tmp/quota_ext-itest-scarce

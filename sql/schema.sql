@@ -1,6 +1,30 @@
 \echo Use "CREATE EXTENSION quota_ext" to load this file. \quit
 
 -- quota_ext schema: tables, indexes and helpers; functions with logic are in Rust.
+
+-- Schema quota must belong to the role installing the extension. CREATE EXTENSION uses a
+-- schema of that name that already exists, and a role with CREATE on the database can make
+-- one first: as its owner it could then drop or replace any object the extension puts in it.
+DO $squat$
+DECLARE
+    schema_owner text;
+    ext_owner    text;
+BEGIN
+    SELECT pg_catalog.pg_get_userbyid(n.nspowner), pg_catalog.pg_get_userbyid(e.extowner)
+      INTO schema_owner, ext_owner
+      FROM pg_catalog.pg_namespace AS n, pg_catalog.pg_extension AS e
+     WHERE n.nspname = 'quota' AND e.extname = 'quota_ext';
+    IF schema_owner IS DISTINCT FROM ext_owner THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '42P06',
+            MESSAGE = pg_catalog.format('schema "quota" already exists and belongs to role %I, not to %I, who installs quota_ext',
+                                        schema_owner, ext_owner),
+            DETAIL  = 'The owner of a schema can drop and replace every object in it, so quota_ext only installs into a schema of its own owner.',
+            HINT    = pg_catalog.format('Look at what schema quota holds, then DROP SCHEMA quota (or ALTER SCHEMA quota OWNER TO %I) and run CREATE EXTENSION quota_ext again.',
+                                        ext_owner);
+    END IF;
+END
+$squat$;
 -- Released versions are frozen in sql/frozen/; each later change ships as
 -- sql/quota_ext--<old>--<new>.sql and is added here too, so a fresh install equals an upgrade.
 
@@ -77,7 +101,10 @@ CREATE TABLE quota.audit_log (
     success         boolean     NOT NULL,
     reason          text,
     details         jsonb,
-    idempotency_key text
+    idempotency_key text,
+    -- 0.6.0: the role that acted, when it was a trusted one (an administrator, or a service
+    -- acting for the subject); NULL when the subject acted as itself.
+    actor           text
 );
 -- audit_page: one subject, newest first, keyset on (created_at, id).
 CREATE INDEX audit_log_subject_created_at_idx ON quota.audit_log (subject, created_at DESC, id DESC);
@@ -125,17 +152,20 @@ CREATE TYPE quota.rate_decision AS (
 );
 
 -- Calendar window of `period` containing `at`, in `time_zone` (weeks start on Monday). `total`
--- has one window that never resets. A plain SQL function, so the planner inlines it.
+-- has one window that never resets. A window ends where the next one starts: both are the
+-- same local wall-clock time (the next period's first instant) turned into a timestamptz, so
+-- where a DST change skips midnight (America/Havana, 2024-03-10) no hour falls in two windows.
+-- A plain SQL function, so the planner inlines it.
 CREATE FUNCTION quota.window_bounds(period text, time_zone text, at_time timestamptz DEFAULT now())
 RETURNS TABLE (window_start timestamptz, reset_at timestamptz)
 LANGUAGE sql STABLE PARALLEL SAFE ROWS 1
 AS $$
-    SELECT CASE WHEN period = 'total' THEN '-infinity'::pg_catalog.timestamptz ELSE t.start END,
+    SELECT CASE WHEN period = 'total' THEN '-infinity'::pg_catalog.timestamptz
+                ELSE pg_catalog.date_trunc(period, at_time, time_zone) END,
            CASE WHEN period = 'total' THEN NULL::pg_catalog.timestamptz
-                ELSE pg_catalog.timezone(time_zone, pg_catalog.timezone(time_zone, t.start)
+                ELSE pg_catalog.timezone(time_zone,
+                         pg_catalog.date_trunc(period, pg_catalog.timezone(time_zone, at_time))
                          + CAST(pg_catalog.concat('1 ', period) AS pg_catalog.interval)) END
-      FROM (SELECT CASE WHEN period = 'total' THEN NULL::pg_catalog.timestamptz
-                        ELSE pg_catalog.date_trunc(period, at_time, time_zone) END) AS t(start)
 $$;
 
 -- Inventory batches: quantities consumed under row locks, with a version for optimistic checks.

@@ -10,8 +10,8 @@ use pgrx::PgBuiltInOids as T;
 
 static INSERT: Stmt = Stmt {
     sql: "INSERT INTO quota.audit_log
-            (subject, action, metric, amount, success, reason, details, idempotency_key)
-          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            (subject, action, metric, amount, success, reason, details, idempotency_key, actor)
+          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     args: &[
         T::TEXTOID,
         T::TEXTOID,
@@ -20,6 +20,7 @@ static INSERT: Stmt = Stmt {
         T::BOOLOID,
         T::TEXTOID,
         T::JSONBOID,
+        T::TEXTOID,
         T::TEXTOID,
     ],
 };
@@ -35,7 +36,8 @@ pub struct Entry<'a> {
     pub idempotency_key: Option<&'a str>,
 }
 
-/// Write one audit row in the caller's transaction. The caller checks quota_ext.audit.
+/// Write one audit row in the caller's transaction, with the acting role (identity::actor).
+/// The caller checks quota_ext.audit.
 pub fn record(client: &mut SpiClient<'_>, e: Entry<'_>) {
     spi::run(
         client,
@@ -49,6 +51,7 @@ pub fn record(client: &mut SpiClient<'_>, e: Entry<'_>) {
             e.reason.into(),
             pgrx::JsonB(e.details).into(),
             e.idempotency_key.into(),
+            identity::actor().into(),
         ],
     );
 }
@@ -85,7 +88,8 @@ static PAGE_SUBJECT: Stmt = Stmt {
     sql: "
 SELECT a FROM quota.audit_log AS a
  WHERE a.subject = $1
-   AND (a.created_at, a.id) < (coalesce((SELECT b.created_at FROM quota.audit_log AS b WHERE b.id = $2),
+   AND (a.created_at, a.id) < (coalesce((SELECT b.created_at FROM quota.audit_log AS b
+                                          WHERE b.id = $2 AND b.subject = $1),
                                         CASE WHEN $2 IS NULL THEN 'infinity'::timestamptz END),
                                coalesce($2, 9223372036854775807))
  ORDER BY a.created_at DESC, a.id DESC

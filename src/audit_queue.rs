@@ -31,8 +31,10 @@ use std::time::Duration;
 
 const TRANCHE: &CStr = c"quota_ext_audit_queue";
 const SHMEM_NAME: &CStr = c"quota_ext_audit_queue";
-/// Bytes of one queued row (its JSON form).
-const ENTRY_DATA: usize = 1008;
+/// Bytes of one queued row (its encoded form, see encode). Room for the longest valid call:
+/// subject, metric and idempotency key of 256 bytes each, a role name of 64, and details whose
+/// strings (a plan name of 256 bytes) may be six times as long once JSON escapes them.
+const ENTRY_DATA: usize = 3056;
 /// Databases whose writers may run at the same time.
 const MAX_WRITERS: usize = 8;
 /// A writer that was asked for but never reported in after this long is asked for again.
@@ -121,7 +123,7 @@ pub fn init() {
     GucRegistry::define_int_guc(
         c"quota_ext.audit_queue_size",
         c"Audit rows of refusals that can wait in shared memory for the audit writer (needs a restart).",
-        c"Each entry takes 1 KiB.",
+        c"Each entry takes 3 KiB.",
         &AUDIT_QUEUE_SIZE,
         16,
         1 << 20,
@@ -201,6 +203,12 @@ impl Drop for Locked {
     }
 }
 
+/// Rows waiting in the queue now (None without the preload).
+pub fn depth() -> Option<i64> {
+    let mut q = Locked::acquire()?;
+    Some(q.header().filled as i64)
+}
+
 /// What a refusal writes to quota.audit_log (success is false).
 pub struct Refusal<'a> {
     pub subject: Option<&'a str>,
@@ -220,19 +228,11 @@ pub fn refusal(r: Refusal<'_>) {
         return;
     }
     relaunch_stranded();
-    let payload = serde_json::json!({
-        "t": crate::decision::now_micros(),
-        "subject": r.subject,
-        "action": r.action,
-        "metric": r.metric,
-        "amount": r.amount,
-        "reason": r.reason,
-        "details": r.details,
-        "key": r.idempotency_key,
-    })
-    .to_string();
+    let actor = crate::identity::actor();
+    let payload = encode(&r, actor.as_deref());
     if payload.len() > ENTRY_DATA {
-        metrics::count(Counter::AuditDropped);
+        // Not reachable for the arguments the functions accept (see encode); counted if it were.
+        metrics::count(Counter::AuditRejected);
         return;
     }
     // SAFETY: backend globals, set at connection start.
@@ -251,7 +251,7 @@ pub fn refusal(r: Refusal<'_>) {
             {
                 let seq = q.header().next_seq;
                 let e = q.entry(i);
-                e.data[..payload.len()].copy_from_slice(payload.as_bytes());
+                e.data[..payload.len()].copy_from_slice(&payload);
                 e.len = payload.len() as u32;
                 e.seq = seq;
                 e.dboid = dboid;
@@ -272,19 +272,26 @@ pub fn refusal(r: Refusal<'_>) {
                 ask = Some(i);
             }
             Some(_) => {}
-            None => {
-                if let Some(i) = h.writers.iter().position(|w| w.state == FREE) {
+            None => match h.writers.iter().position(|w| w.state == FREE) {
+                Some(i) => {
                     h.writers[i].claim(dboid, now);
                     ask = Some(i);
                 }
-            }
+                // Every writer slot is busy with another database: the row waits, and the
+                // first slot to free up takes it (a writer that goes idle hands its slot on,
+                // relaunch_stranded asks again).
+                None if queued => {
+                    let _ = h.stranded_at.compare_exchange(0, now.max(1), Ordering::Relaxed, Ordering::Relaxed);
+                }
+                None => {}
+            },
         }
         (queued, wake, ask)
     };
     metrics::count(if queued {
         Counter::AuditQueued
     } else {
-        Counter::AuditDropped
+        Counter::AuditRejected
     });
     if !wake.is_null() {
         // SAFETY: a latch inside a PGPROC in shared memory; setting the latch of a process that
@@ -294,6 +301,69 @@ pub fn refusal(r: Refusal<'_>) {
     if let Some(i) = ask {
         start_writer(i);
     }
+}
+
+/// A queued row: its fields as raw bytes, each behind its length (u16; u16::MAX for NULL), so
+/// no escaping can make a valid row outgrow its entry. Details that still do not fit (they
+/// cannot for any call the functions accept) are replaced by a note saying so, never the row.
+fn encode(r: &Refusal<'_>, actor: Option<&str>) -> Vec<u8> {
+    let details = r.details.to_string();
+    let mut out = Vec::with_capacity(64 + details.len());
+    out.extend_from_slice(&crate::decision::now_micros().to_le_bytes());
+    match r.amount {
+        Some(a) => {
+            out.push(1);
+            out.extend_from_slice(&a.to_le_bytes());
+        }
+        None => out.push(0),
+    }
+    let text = |v: Option<&str>, out: &mut Vec<u8>| match v {
+        Some(t) => {
+            let t = &t.as_bytes()[..t.len().min(u16::MAX as usize - 1)];
+            out.extend_from_slice(&(t.len() as u16).to_le_bytes());
+            out.extend_from_slice(t);
+        }
+        None => out.extend_from_slice(&u16::MAX.to_le_bytes()),
+    };
+    for v in [r.subject, Some(r.action), r.metric, Some(r.reason), r.idempotency_key, actor] {
+        text(v, &mut out);
+    }
+    let room = ENTRY_DATA.saturating_sub(out.len() + 2);
+    if details.len() <= room {
+        text(Some(&details), &mut out);
+    } else {
+        let note = serde_json::json!({"details_omitted_bytes": details.len()}).to_string();
+        text(Some(&note), &mut out);
+    }
+    out
+}
+
+/// One decoded row, as the writer inserts it.
+struct Decoded {
+    t: i64,
+    amount: Option<i64>,
+    texts: [Option<String>; 7],
+}
+
+fn decode(mut b: &[u8]) -> Option<Decoded> {
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let (head, rest) = (b.get(..n)?, b.get(n..)?);
+        b = rest;
+        Some(head)
+    };
+    let t = i64::from_le_bytes(take(8)?.try_into().ok()?);
+    let amount = match take(1)?[0] {
+        1 => Some(i64::from_le_bytes(take(8)?.try_into().ok()?)),
+        _ => None,
+    };
+    let mut texts: [Option<String>; 7] = Default::default();
+    for slot in texts.iter_mut() {
+        let len = u16::from_le_bytes(take(2)?.try_into().ok()?);
+        if len != u16::MAX {
+            *slot = Some(String::from_utf8_lossy(take(len as usize)?).into_owned());
+        }
+    }
+    Some(Decoded { t, amount, texts })
 }
 
 thread_local! {
@@ -412,19 +482,26 @@ unsafe extern "C-unwind" fn writer_exit(_code: i32, arg: pg_sys::Datum) {
         q.header().filled -= dropped;
     }
     q.header().writers[slot].free();
+    // Terminated (pg_terminate_backend, DROP DATABASE ... FORCE, an error) with rows still
+    // queued, of this database or of one that waited for a slot: the next quota_ext call of any
+    // backend, or a running writer, starts writers for them at once.
+    if q.header().filled > 0 {
+        q.header().stranded_at.store(1, Ordering::Relaxed);
+    }
     drop(q);
     metrics::count_n(Counter::AuditDropped, dropped);
 }
 
 static WRITE: Stmt = Stmt {
     sql: "INSERT INTO quota.audit_log
-                 (created_at, subject, action, metric, amount, success, reason, details, idempotency_key)
-          SELECT t, s, a, m, n, false, r, d, k
+                 (created_at, subject, action, metric, amount, success, reason, details, idempotency_key, actor)
+          SELECT t, s, a, m, n, false, r, d::jsonb, k, w
             FROM ROWS FROM (pg_catalog.unnest($1::timestamptz[]), pg_catalog.unnest($2::text[]),
                             pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::text[]),
                             pg_catalog.unnest($5::bigint[]), pg_catalog.unnest($6::text[]),
-                            pg_catalog.unnest($7::jsonb[]), pg_catalog.unnest($8::text[]))
-                 AS q(t, s, a, m, n, r, d, k)",
+                            pg_catalog.unnest($7::text[]), pg_catalog.unnest($8::text[]),
+                            pg_catalog.unnest($9::text[]))
+                 AS q(t, s, a, m, n, r, d, k, w)",
     args: &[
         T::TIMESTAMPTZARRAYOID,
         T::TEXTARRAYOID,
@@ -432,7 +509,8 @@ static WRITE: Stmt = Stmt {
         T::TEXTARRAYOID,
         T::INT8ARRAYOID,
         T::TEXTARRAYOID,
-        T::JSONBARRAYOID,
+        T::TEXTARRAYOID,
+        T::TEXTARRAYOID,
         T::TEXTARRAYOID,
     ],
 };
@@ -487,7 +565,7 @@ pub extern "C-unwind" fn quota_ext_audit_writer_main(arg: pg_sys::Datum) {
     loop {
         bytes.clear();
         found.clear();
-        let exit = {
+        let exit: Option<bool> = {
             let Some(mut q) = Locked::acquire() else { return };
             for i in 0..cap {
                 if found.len() == batch {
@@ -504,16 +582,37 @@ pub extern "C-unwind" fn quota_ext_audit_writer_main(arg: pg_sys::Datum) {
             q.header().filled -= found.len() as u64;
             if found.is_empty() && idle >= IDLE_WAITS {
                 // Give the slot back under the same lock a backend queues under: a row queued
-                // after this starts a new writer.
-                q.header().writers[slot].free();
-                true
+                // after this starts a new writer. Rows of a database that found every slot busy
+                // get it instead, with a writer started for them below.
+                let mut waiting = None;
+                for i in 0..cap {
+                    let db = q.entry(i).dboid;
+                    if db != 0 && !q.header().writers.iter().any(|w| w.state != FREE && w.dboid == db) {
+                        waiting = Some(db);
+                        break;
+                    }
+                }
+                // SAFETY: reads the backend's clock.
+                let now = unsafe { pg_sys::GetCurrentTimestamp() };
+                match waiting {
+                    Some(db) => q.header().writers[slot].claim(db, now),
+                    None => q.header().writers[slot].free(),
+                }
+                Some(waiting.is_some())
             } else {
-                false
+                None
             }
         };
-        if exit {
-            return;
+        match exit {
+            Some(true) => {
+                start_writer(slot);
+                return;
+            }
+            Some(false) => return,
+            None => {}
         }
+        // A slot a terminated writer left, or rows that waited for one: started from here too.
+        relaunch_stranded();
         if found.is_empty() {
             idle += 1;
         } else {
@@ -535,32 +634,29 @@ pub extern "C-unwind" fn quota_ext_audit_writer_main(arg: pg_sys::Datum) {
 
 fn write(bytes: &[u8], found: &[(u64, usize, usize)]) {
     let mut t = Vec::with_capacity(found.len());
-    let (mut s, mut a, mut m, mut n, mut r, mut d, mut k) =
-        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut n = Vec::with_capacity(found.len());
+    let mut cols: [Vec<Option<String>>; 7] = Default::default();
     for &(_, off, len) in found {
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes[off..off + len]) else {
+        let Some(row) = decode(&bytes[off..off + len]) else {
             metrics::count(Counter::AuditDropped);
             continue;
         };
-        let text = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
-        t.push(
-            v.get("t")
-                .and_then(|x| x.as_i64())
-                .and_then(|x| TimestampWithTimeZone::try_from(x).ok()),
-        );
-        s.push(text("subject"));
-        a.push(text("action"));
-        m.push(text("metric"));
-        n.push(v.get("amount").and_then(|x| x.as_i64()));
-        r.push(text("reason"));
-        d.push(v.get("details").cloned().map(pgrx::JsonB));
-        k.push(text("key"));
+        t.push(TimestampWithTimeZone::try_from(row.t).ok());
+        n.push(row.amount);
+        for (col, v) in cols.iter_mut().zip(row.texts) {
+            col.push(v);
+        }
     }
+    // subject, action, metric, reason, key, actor, details (encode's order)
+    let [s, a, m, r, k, w, d] = cols;
     let rows = t.len();
     // An error (the extension dropped meanwhile, say) ends the writer; its rows are counted
     // as lost first.
     PgTryBuilder::new(move || {
         BackgroundWorker::transaction(move || {
+            // As the extension owner, as the functions that queued the rows would have written
+            // them (the worker itself connects as the bootstrap superuser).
+            let _owner = crate::identity::AsOwner::enter();
             Spi::connect_mut(|client| {
                 spi::run(
                     client,
@@ -574,6 +670,7 @@ fn write(bytes: &[u8], found: &[(u64, usize, usize)]) {
                         r.into(),
                         d.into(),
                         k.into(),
+                        w.into(),
                     ],
                 );
             })

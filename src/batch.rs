@@ -120,10 +120,11 @@ WITH b AS (
        AND ($4::text IS NULL OR b.owner = $4)
     RETURNING b.id, b.owner, b.item, b.quantity, b.version),
 a AS (
-    INSERT INTO quota.audit_log (subject, action, metric, amount, success, reason, details)
+    INSERT INTO quota.audit_log (subject, action, metric, amount, success, reason, details, actor)
     SELECT b.owner, 'consume_batch', b.item, $2, true, 'consumed',
            ($5 || b.quantity::text || ',\"version_before\":' || (b.version - 1)::text
-               || ',\"version_after\":' || b.version::text || '}')::jsonb
+               || ',\"version_after\":' || b.version::text || '}')::jsonb,
+           $7
       FROM b WHERE $6)
 SELECT quantity, version FROM b",
     args: &[
@@ -133,6 +134,7 @@ SELECT quantity, version FROM b",
         T::TEXTOID,
         T::TEXTOID,
         T::BOOLOID,
+        T::TEXTOID,
     ],
 };
 
@@ -221,6 +223,7 @@ fn consume_batch_quantity(
                 me.as_deref().into(),
                 prefix.as_str().into(),
                 guc::audit_wanted(true).into(),
+                identity::actor().into(),
             ];
             if let Some(r) = spi::run(client, &CONSUME_ONE, &args).next() {
                 crate::metrics::count_batch_consume();
@@ -265,7 +268,7 @@ fn consume_batch_quantity(
                     "not_owner",
                     json!({"batch_id": id.to_string(), "requested": q}),
                 );
-                return Err(QuotaError::OtherSubject { requested: owner });
+                return Err(QuotaError::NotBatchOwner { batch: id.to_string() });
             }
             if let Some(expected) = p_expected_version.filter(|e| *e != version) {
                 refusal(

@@ -57,6 +57,9 @@ thread_local! {
     /// look-up.
     static TABLES_EMPTY: Cell<Option<(bool, bool)>> = const { Cell::new(None) };
     static WINDOWS: RefCell<HashMap<(String, String), (i64, Option<i64>)>> = RefCell::new(HashMap::new());
+    /// Every plan of quota.plans (None: not loaded), for the JWT claim app_metadata.plan, which
+    /// counts only when it names one.
+    static PLANS: RefCell<Option<Rc<std::collections::HashSet<String>>>> = const { RefCell::new(None) };
     /// OIDs of the tables whose changes empty the caches above (0 = not known yet).
     static WATCHED: Cell<[u32; 5]> = const { Cell::new([0; 5]) };
     /// policy -> plan -> (emission interval ns, burst, shadow); an empty map: no such policy.
@@ -76,6 +79,21 @@ thread_local! {
     static SEEN_CONFIG: Cell<u64> = const { Cell::new(0) };
     /// This transaction changed a table the caches are built from.
     static CHANGED_IN_XACT: Cell<bool> = const { Cell::new(false) };
+    /// This transaction filled a cache from its own snapshot (REPEATABLE READ or SERIALIZABLE),
+    /// which can predate changes committed since: the caches are emptied when it ends.
+    static FILLED_FROM_OLD_SNAPSHOT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Note a cache fill. At READ COMMITTED each of the extension's statements takes a new
+/// snapshot, so what it read was the newest committed state when it ran (and a change
+/// committed since moves the generation on); at REPEATABLE READ and SERIALIZABLE it reads the
+/// transaction's snapshot, which may be older than the newest change, so the fill lives only
+/// until the transaction ends.
+fn note_fill() {
+    // SAFETY: reads a backend-local global.
+    if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+        FILLED_FROM_OLD_SNAPSHOT.with(|f| f.set(true));
+    }
 }
 
 /// Drop the caches if any backend committed a change to their tables since this backend last
@@ -97,6 +115,13 @@ fn follow_committed_changes() {
 #[pg_guard]
 unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
+    if matches!(
+        event,
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE
+    ) && FILLED_FROM_OLD_SNAPSHOT.with(|f| f.replace(false))
+    {
+        forget_limits();
+    }
     match event {
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             if CHANGED_IN_XACT.with(|c| c.replace(false)) && crate::metrics::preloaded() {
@@ -114,6 +139,7 @@ fn forget_limits() {
     PLAN_LIMITS.with(|l| l.borrow_mut().clear());
     SUBJECTS.with(|l| l.borrow_mut().clear());
     TABLES_EMPTY.with(|t| t.set(None));
+    PLANS.with(|p| *p.borrow_mut() = None);
     // Resolved again on next use: the tables may have been dropped and created anew.
     WATCHED.with(|w| w.set([0; 5]));
     POLICIES.with(|p| p.borrow_mut().clear());
@@ -204,6 +230,7 @@ fn plan_limits(client: &mut SpiClient<'_>, plan: &str, metric: &str) -> Rc<Vec<(
     if generation() != gen {
         return periods;
     }
+    note_fill();
     PLAN_LIMITS.with(|l| {
         let mut l = l.borrow_mut();
         if l.len() >= 10_000 {
@@ -226,6 +253,7 @@ fn subject(client: &mut SpiClient<'_>, subject: &str) -> Rc<Subject> {
             spi::get::<bool>(&row, 2).unwrap_or(false),
         );
         if generation() == gen {
+            note_fill();
             TABLES_EMPTY.with(|t| t.set(Some(e)));
         }
         e
@@ -254,6 +282,7 @@ fn subject(client: &mut SpiClient<'_>, subject: &str) -> Rc<Subject> {
     if generation() != gen {
         return info;
     }
+    note_fill();
     SUBJECTS.with(|l| {
         let mut l = l.borrow_mut();
         if l.len() >= MAX_SUBJECTS {
@@ -264,19 +293,59 @@ fn subject(client: &mut SpiClient<'_>, subject: &str) -> Rc<Subject> {
     info
 }
 
+static PLANS_LOAD: Stmt = Stmt {
+    sql: "SELECT plan FROM quota.plans",
+    args: &[],
+};
+
+/// Whether quota.plans has `plan`, from the backend cache.
+fn plan_exists(client: &mut SpiClient<'_>, plan: &str) -> bool {
+    if let Some(plans) = PLANS.with(|p| p.borrow().clone()) {
+        return plans.contains(plan);
+    }
+    let gen = generation();
+    let plans: std::collections::HashSet<String> = spi::run(client, &PLANS_LOAD, &[])
+        .map(|row| spi::get::<String>(&row, 1).expect("plan"))
+        .collect();
+    let found = plans.contains(plan);
+    if generation() == gen {
+        note_fill();
+        PLANS.with(|p| *p.borrow_mut() = Some(Rc::new(plans)));
+    }
+    found
+}
+
+/// The one plan rule, for quotas and rate limits alike: the subject's row in quota.subjects,
+/// else the JWT claim app_metadata.plan of the caller acting as itself (`claim`) when it names
+/// a plan of quota.plans, else quota_ext.default_plan.
+fn effective_plan<'a>(
+    client: &mut SpiClient<'_>,
+    recorded: Option<&'a str>,
+    claim: Option<&'a str>,
+    default_plan: &'a str,
+) -> &'a str {
+    match (recorded, claim) {
+        (Some(p), _) => p,
+        (None, Some(c)) if plan_exists(client, c) => c,
+        _ => default_plan,
+    }
+}
+
 /// The subject's plan limits for `metric`, its overrides replacing them (or adding periods).
+/// `claim`: the plan the caller's JWT claims, when the caller acts as itself.
 pub fn limits(
     client: &mut SpiClient<'_>,
     subject_name: &str,
     metric: &str,
     default_plan: &str,
+    claim: Option<&str>,
 ) -> Result<Limits> {
     follow_committed_changes();
     if WATCHED.with(|w| w.get()[0]) == 0 {
         remember_watched_tables();
     }
     let info = subject(client, subject_name);
-    let plan = info.plan.as_deref().unwrap_or(default_plan);
+    let plan = effective_plan(client, info.plan.as_deref(), claim, default_plan);
     let mut periods: Vec<(String, i64)> = plan_limits(client, plan, metric).as_ref().clone();
     for (m, period, max) in info.overrides.iter().filter(|(m, _, _)| m == metric) {
         let _ = m;
@@ -400,6 +469,7 @@ pub fn policy(name: &str) -> Rc<HashMap<String, Policy>> {
     });
     let map = Rc::new(map);
     if generation() == gen {
+        note_fill();
         POLICIES.with(|p| {
             let mut p = p.borrow_mut();
             if p.len() >= 1_000 {
@@ -411,15 +481,24 @@ pub fn policy(name: &str) -> Rc<HashMap<String, Policy>> {
     map
 }
 
-/// A subject's plan (None: no row in quota.subjects), from the backend cache. Only the rate
-/// path asks, right after policy(), which has already followed committed changes.
-pub fn subject_plan(subject_name: &str) -> Option<String> {
-    if let Some(hit) = SUBJECTS.with(|l| l.borrow().get(subject_name).cloned()) {
-        return hit.plan.clone();
+/// The plan of the caller acting as `subject_name` by the one plan rule (see effective_plan),
+/// from the backend caches. Only the rate path asks, right after policy(), which has already
+/// followed committed changes.
+pub fn caller_plan(subject_name: &str, claim: Option<&str>, default_plan: &str) -> String {
+    let recorded = SUBJECTS.with(|l| l.borrow().get(subject_name).map(|s| s.plan.clone()));
+    let known_claim = claim.and_then(|c| PLANS.with(|p| p.borrow().as_ref().map(|p| p.contains(c))));
+    match (recorded, claim, known_claim) {
+        (Some(Some(p)), _, _) => return p,
+        (Some(None), None, _) | (Some(None), Some(_), Some(false)) => return default_plan.to_string(),
+        (Some(None), Some(c), Some(true)) => return c.to_string(),
+        _ => {}
     }
     if WATCHED.with(|w| w.get()[0]) == 0 {
         remember_watched_tables();
     }
     let _owner = crate::identity::AsOwner::enter();
-    Spi::connect_mut(|client| subject(client, subject_name).plan.clone())
+    Spi::connect_mut(|client| {
+        let info = subject(client, subject_name);
+        effective_plan(client, info.plan.as_deref(), claim, default_plan).to_string()
+    })
 }

@@ -90,3 +90,42 @@ pub unsafe fn result_tupdesc(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::TupleD
         kept
     }
 }
+
+const EXTENSION: &CStr = c"quota_ext";
+
+/// `pg_extension.extowner` of quota_ext, read from the catalog (pg_extension has no syscache:
+/// a scan of its name index, as get_extension_oid does). Callers remember it
+/// (identity::extension_owner).
+pub fn extension_owner() -> pg_sys::Oid {
+    // SAFETY: an index scan of pg_extension under AccessShareLock with a NUL-terminated name
+    // key (the name type's equality reads the key as a C string up to NAMEDATALEN); the tuple
+    // is read before the scan ends and only a fixed-width field is copied out of it.
+    unsafe {
+        let rel = pg_sys::table_open(pg_sys::ExtensionRelationId, pg_sys::AccessShareLock as i32);
+        let mut key = pg_sys::ScanKeyData::default();
+        pg_sys::ScanKeyInit(
+            &mut key,
+            pg_sys::Anum_pg_extension_extname as pg_sys::AttrNumber,
+            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+            pg_sys::Oid::from(pg_sys::F_NAMEEQ),
+            pg_sys::Datum::from(EXTENSION.as_ptr()),
+        );
+        let scan = pg_sys::systable_beginscan(
+            rel,
+            pg_sys::Oid::from(pg_sys::ExtensionNameIndexId),
+            true,
+            std::ptr::null_mut(),
+            1,
+            &mut key,
+        );
+        let tup = pg_sys::systable_getnext(scan);
+        let owner = if tup.is_null() {
+            None
+        } else {
+            Some((*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_extension>(tup)).extowner)
+        };
+        pg_sys::systable_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
+        owner.unwrap_or_else(|| pgrx::error!("extension quota_ext is not installed in this database"))
+    }
+}

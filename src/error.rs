@@ -58,6 +58,12 @@ pub enum QuotaError {
     #[error("permission denied to act on subject \"{requested}\"")]
     OtherSubject { requested: String },
 
+    #[error("permission denied for batch {batch}: it is not yours")]
+    NotBatchOwner { batch: String },
+
+    #[error("permission denied to refund: {why}")]
+    RefundNotAGrant { why: &'static str },
+
     #[error("permission denied for {function}: it is reserved to trusted roles")]
     NotTrusted { function: &'static str },
 
@@ -111,7 +117,9 @@ impl QuotaError {
             NoLimit { .. } => Code::ERRCODE_UNDEFINED_OBJECT,
             IdempotencyMismatch { .. } => Code::ERRCODE_INVALID_PARAMETER_VALUE,
             UsageOverflow { .. } => Code::ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
-            NoJwtSubject | OtherSubject { .. } | NotTrusted { .. } => Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            NoJwtSubject | OtherSubject { .. } | NotTrusted { .. } | RefundNotAGrant { .. } | NotBatchOwner { .. } => {
+                Code::ERRCODE_INSUFFICIENT_PRIVILEGE
+            }
             MalformedClaims { .. } => Code::ERRCODE_INVALID_TEXT_REPRESENTATION,
             BadInterval { .. } => Code::ERRCODE_INVALID_PARAMETER_VALUE,
             OutOfRange { .. } => Code::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -150,6 +158,12 @@ impl QuotaError {
             OtherSubject { .. } => {
                 "Pass subject => NULL to act as yourself; only trusted roles (see quota_ext.trusted_roles) may act for others.".into()
             }
+            NotBatchOwner { .. } => {
+                "Untrusted roles consume only batches whose owner is their JWT subject; list yours in quota.batches.".into()
+            }
+            RefundNotAGrant { .. } => {
+                "An untrusted role may refund only a grant it received: pass the idempotency_key of that consume and at most its amount; each grant is refunded once.".into()
+            }
             NotTrusted { .. } => {
                 "Call it as the extension owner, a superuser, service_role, or a role listed in quota_ext.trusted_roles.".into()
             }
@@ -177,7 +191,7 @@ impl QuotaError {
         if let Some(hint) = self.hint() {
             report = report.set_hint(hint);
         }
-        if let QuotaError::OtherSubject { .. } | QuotaError::NoJwtSubject = self {
+        if let QuotaError::OtherSubject { .. } | QuotaError::NoJwtSubject | QuotaError::NotBatchOwner { .. } = self {
             report = report
                 .set_detail("Untrusted roles act only as their JWT subject (request.jwt.claims ->> 'sub').");
         }

@@ -18,6 +18,9 @@ pub enum AuditMode {
 pub static AUDIT: GucSetting<AuditMode> = GucSetting::<AuditMode>::new(AuditMode::All);
 pub static DEFAULT_PLAN: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"free"));
 pub static TRUSTED_ROLES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static CLIENT_IP_HEADER: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"x-forwarded-for"));
+pub static TRUSTED_PROXY_HOPS: GucSetting<i32> = GucSetting::<i32>::new(1);
 
 pub fn init() {
     // SUSET: an ordinary role must not raise its own limits (default_plan), widen its own trust
@@ -46,6 +49,36 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    // SUSET: a client that could change them would choose its own address.
+    GucRegistry::define_string_guc(
+        c"quota_ext.client_ip_header",
+        c"Request header whose address list keys anonymous callers ('' for none).",
+        c"Read from request.headers, as PostgREST sets it; see quota_ext.trusted_proxy_hops.",
+        &CLIENT_IP_HEADER,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"quota_ext.trusted_proxy_hops",
+        c"Proxies in front of PostgREST that append the client address to quota_ext.client_ip_header.",
+        c"The client address is the entry this many places from the right (1: the rightmost, written by the nearest proxy); 0 trusts no header.",
+        &TRUSTED_PROXY_HOPS,
+        0,
+        64,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+}
+
+/// quota_ext.client_ip_header, lower-cased as PostgREST names headers ('' when unset).
+pub fn client_ip_header() -> String {
+    // SAFETY: the setting's C string, NULL when unset, read at once.
+    let raw = unsafe { setting_text(*CLIENT_IP_HEADER.as_ptr()) };
+    String::from_utf8_lossy(raw).trim().to_ascii_lowercase()
+}
+
+pub fn trusted_proxy_hops() -> usize {
+    TRUSTED_PROXY_HOPS.get().max(0) as usize
 }
 
 pub fn default_plan() -> String {

@@ -68,7 +68,7 @@ pub fn is_trusted() -> bool {
 fn trust_of(uid: pg_sys::Oid, trusted_roles: &[u8]) -> bool {
     // SAFETY: plain reads of catalog caches.
     unsafe {
-        if uid == catalog::quota_schema().1 {
+        if uid == extension_owner() {
             return true;
         }
         if let Some(r) = role_oid("service_role") {
@@ -104,6 +104,29 @@ thread_local! {
     static TRUST_EPOCH: Cell<u64> = const { Cell::new(0) };
 }
 
+thread_local! {
+    /// The extension owner, with the TRUST_EPOCH it was read under.
+    static OWNER_MEMO: Cell<Option<(u64, pg_sys::Oid)>> = const { Cell::new(None) };
+}
+
+/// The extension's owner, `pg_extension.extowner`: the role every table access switches to
+/// and that is always trusted. Never the owner of schema `quota`, which a role with CREATE on
+/// the database could have made before CREATE EXTENSION (the install script refuses such a
+/// schema, and this does not depend on it either). Remembered per backend until the catalog
+/// caches report a change of roles or schemas (DROP EXTENSION drops the schema; REASSIGN
+/// OWNED, the only way to give an extension to another role, changes the schema's owner too).
+pub fn extension_owner() -> pg_sys::Oid {
+    let epoch = TRUST_EPOCH.with(Cell::get);
+    if let Some((e, owner)) = OWNER_MEMO.with(Cell::get) {
+        if e == epoch {
+            return owner;
+        }
+    }
+    let owner = catalog::extension_owner();
+    OWNER_MEMO.with(|m| m.set(Some((epoch, owner))));
+    owner
+}
+
 /// Catalog cache callback. Runs inside invalidation processing: it only bumps a counter.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn forget_trust(_arg: pg_sys::Datum, _cache: std::ffi::c_int, _hash: u32) {
@@ -124,9 +147,21 @@ pub fn init() {
     }
 }
 
-/// The caller's JWT subject: request.jwt.claims ->> 'sub', else request.jwt.claim.sub.
+/// The caller's JWT subject: request.jwt.claims ->> 'sub', else a transaction-local
+/// request.jwt.claim.sub. Longer than a subject may be: 22001, like a subject argument.
 pub fn jwt_subject() -> Result<Option<String>> {
     Ok(request_info()?.sub)
+}
+
+fn check_jwt_subject(sub: Option<String>) -> Result<Option<String>> {
+    match sub {
+        Some(s) if s.len() > MAX_NAME_BYTES => Err(QuotaError::TooLong {
+            what: "JWT subject",
+            len: s.len(),
+            max: MAX_NAME_BYTES,
+        }),
+        other => Ok(other),
+    }
 }
 
 /// Check a name-like argument (subject, metric, key): not NULL, not blank, at most 256 bytes.
@@ -189,6 +224,45 @@ pub fn require_trusted(function: &'static str) -> Result<()> {
 pub struct AsOwner {
     saved_user: pg_sys::Oid,
     saved_context: i32,
+    saved_caller: Option<(pg_sys::Oid, bool)>,
+}
+
+thread_local! {
+    /// The role that called, and whether it is trusted, while an AsOwner lives (the outermost
+    /// one's caller: a nested switch finds the owner as the current user).
+    static CALLER: Cell<Option<(pg_sys::Oid, bool)>> = const { Cell::new(None) };
+    /// A role's name, with the TRUST_EPOCH it was read under (roles renamed move it).
+    static ROLE_NAME: std::cell::RefCell<Option<(u64, pg_sys::Oid, String)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Who acted, for the audit trail: the calling role when it is trusted (an administrator, or
+/// a service acting for a subject); None for an untrusted caller, which only ever acts as its
+/// own subject (the row's subject says who it was). Read inside an AsOwner switch.
+pub fn actor() -> Option<String> {
+    let (uid, trusted) = CALLER.with(Cell::get)?;
+    if !trusted {
+        return None;
+    }
+    let epoch = TRUST_EPOCH.with(Cell::get);
+    ROLE_NAME.with(|n| {
+        let mut n = n.borrow_mut();
+        match &*n {
+            Some((e, u, name)) if *e == epoch && *u == uid => Some(name.clone()),
+            _ => {
+                // SAFETY: a syscache read of the role's name; NULL (noerr) for a role that
+                // was dropped meanwhile.
+                let p = unsafe { pg_sys::GetUserNameFromId(uid, true) };
+                let name = if p.is_null() {
+                    format!("oid {}", uid.to_u32())
+                } else {
+                    // SAFETY: a palloc'd NUL-terminated name.
+                    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+                };
+                *n = Some((epoch, uid, name.clone()));
+                Some(name)
+            }
+        }
+    })
 }
 
 /// The search path every statement of the extension resolves names with: pg_catalog alone (no
@@ -207,12 +281,16 @@ fn push_pinned_search_path() {
 
 impl AsOwner {
     pub fn enter() -> AsOwner {
-        let owner = catalog::quota_schema().1;
+        let owner = extension_owner();
         let mut saved_user = pg_sys::InvalidOid;
         let mut saved_context = 0;
+        let saved_caller = CALLER.with(Cell::get);
         // SAFETY: Get/SetUserIdAndSecContext only read and assign backend-local globals.
         unsafe {
             pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
+            if saved_caller.is_none() || saved_user != owner {
+                CALLER.with(|c| c.set(Some((saved_user, is_trusted()))));
+            }
             pg_sys::SetUserIdAndSecContext(
                 owner,
                 saved_context
@@ -224,6 +302,7 @@ impl AsOwner {
         AsOwner {
             saved_user,
             saved_context,
+            saved_caller,
         }
     }
 }
@@ -240,6 +319,7 @@ impl Drop for AsOwner {
             }
             pg_sys::SetUserIdAndSecContext(self.saved_user, self.saved_context)
         }
+        CALLER.with(|c| c.set(self.saved_caller));
     }
 }
 
@@ -256,8 +336,9 @@ pub struct RequestInfo {
 thread_local! {
     static LAST_CLAIMS: std::cell::RefCell<(String, Option<String>, Option<String>)> =
         const { std::cell::RefCell::new((String::new(), None, None)) };
-    static LAST_HEADERS: std::cell::RefCell<(String, Option<String>)> =
-        const { std::cell::RefCell::new((String::new(), None)) };
+    /// (request.headers, the address found, client_ip_header, trusted_proxy_hops)
+    static LAST_HEADERS: std::cell::RefCell<(String, Option<String>, String, usize)> =
+        const { std::cell::RefCell::new((String::new(), None, String::new(), 0)) };
 }
 
 /// Where a setting read on every call was last found in PostgreSQL's array of settings (kept
@@ -275,11 +356,12 @@ thread_local! {
     static HEADERS_SPOT: Cell<Spot> = const { Cell::new(Spot::Unknown) };
 }
 
-/// Setting names compare as guc.c's guc_name_compare does: bytes, ASCII letters downcased.
+/// Setting names compare as guc.c's guc_name_compare does: ASCII letters downcased, then as
+/// `char`, which is signed on the platforms PostgreSQL runs on here (x86-64, so a byte of 0x80
+/// or above sorts before every ASCII one), and a shorter name first.
 fn guc_name_order(a: &[u8], b: &[u8]) -> Ordering {
-    a.iter()
-        .map(u8::to_ascii_lowercase)
-        .cmp(b.iter().map(u8::to_ascii_lowercase))
+    let signed = |c: &u8| c.to_ascii_lowercase() as std::ffi::c_char;
+    a.iter().map(signed).cmp(b.iter().map(signed))
 }
 
 /// # Safety
@@ -300,6 +382,13 @@ unsafe fn record_order(record: *mut pg_sys::config_generic, name: &[u8]) -> Orde
 /// change of the array (a new placeholder, one removed by MarkGUCPrefixReserved, a reordering)
 /// fails the check and the setting is looked up again.
 fn config_bytes(name: &CStr, spot: &'static LocalKey<Cell<Spot>>) -> &'static [u8] {
+    config_setting(name, spot).0
+}
+
+/// A setting's current text (as config_bytes) and whether that value was set for the current
+/// transaction only (`SET LOCAL`, `set_config(..., true)`), as PostgREST sets its request
+/// settings, rather than for the session.
+fn config_setting(name: &CStr, spot: &'static LocalKey<Cell<Spot>>) -> (&'static [u8], bool) {
     let wanted = name.to_bytes();
     // SAFETY: the settings array and its length are read together, with nothing in between that
     // could change them; indexes are checked against the length before use, and a record is only
@@ -355,7 +444,17 @@ fn config_bytes(name: &CStr, spot: &'static LocalKey<Cell<Spot>>) -> &'static [u
             // Not a string setting (no request setting is one): as GetConfigOption shows it.
             Some(_) => pg_sys::GetConfigOption(name.as_ptr(), true, false),
         };
-        guc::setting_text(value)
+        // The newest entry of the record's stack says how its current value was set in this
+        // transaction; no entry: it was not set in this transaction at all.
+        let local = record.is_some_and(|r| {
+            let top = (*r).stack;
+            !top.is_null()
+                && matches!(
+                    (*top).state,
+                    pg_sys::GucStackState::GUC_LOCAL | pg_sys::GucStackState::GUC_SET_LOCAL
+                )
+        });
+        (guc::setting_text(value), local)
     }
 }
 
@@ -398,32 +497,56 @@ pub fn request_info() -> Result<RequestInfo> {
     let sub = match sub {
         Some(s) => Some(s),
         None => {
-            let legacy = config_bytes(c"request.jwt.claim.sub", &LEGACY_SUB_SPOT);
-            (!legacy.is_empty()).then(|| String::from_utf8_lossy(legacy).into_owned())
+            // PostgreSQL keeps a session-level SET of it for the life of the connection, so on
+            // a pooled connection it would outlive the client that made it: only a value set for
+            // this transaction (as PostgREST sets it) counts.
+            let (legacy, local) = config_setting(c"request.jwt.claim.sub", &LEGACY_SUB_SPOT);
+            (local && !legacy.is_empty()).then(|| String::from_utf8_lossy(legacy).into_owned())
         }
     };
-    Ok(RequestInfo { sub, plan })
+    Ok(RequestInfo {
+        sub: check_jwt_subject(sub)?,
+        plan,
+    })
 }
 
-/// The first address of x-forwarded-for in request.headers (parsed once per distinct text),
-/// which keys anonymous callers. Read only when a call needs the caller's own key.
+/// The client address that keys anonymous callers: from the header named by
+/// quota_ext.client_ip_header in request.headers (PostgREST passes every request header there,
+/// names lower-cased), the entry quota_ext.trusted_proxy_hops from the right of its
+/// comma-separated list: with one proxy that appends the address it received the request from,
+/// the rightmost entry, which that proxy wrote and the client cannot choose. A list shorter
+/// than the hops gives its leftmost entry (still written by one of the proxies). No header
+/// configured, 0 hops or no such header: None (the caller is `ip:unknown`). Parsed once per
+/// distinct text of request.headers and of the two settings; read only when a call needs the
+/// caller's own key.
 pub fn client_ip() -> Option<String> {
     let raw_headers = config_bytes(c"request.headers", &HEADERS_SPOT);
+    let header = guc::client_ip_header();
+    let hops = guc::trusted_proxy_hops();
     LAST_HEADERS.with(|h| {
         let mut h = h.borrow_mut();
-        if !same_text(h.0.as_bytes(), raw_headers) {
+        if !same_text(h.0.as_bytes(), raw_headers) || h.2 != header || h.3 != hops {
             let headers = String::from_utf8_lossy(raw_headers).into_owned();
-            let ip = serde_json::from_str::<serde_json::Value>(&headers)
-                .ok()
-                .and_then(|v| {
-                    v.get("x-forwarded-for")
-                        .and_then(|x| x.as_str())
-                        .and_then(|x| x.split(',').next())
-                        .map(|x| x.trim().to_string())
-                        .filter(|x| !x.is_empty())
-                });
-            *h = (headers, ip);
+            let ip = address_from(&headers, &header, hops);
+            *h = (headers, ip, header, hops);
         }
         h.1.clone()
     })
 }
+
+/// The entry `hops` from the right of header `name` in the JSON object `headers`.
+pub fn address_from(headers: &str, name: &str, hops: usize) -> Option<String> {
+    if name.is_empty() || hops == 0 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(headers).ok()?;
+    let list = v.get(name)?.as_str()?;
+    let entries: Vec<&str> = list.split(',').map(str::trim).collect();
+    let at = entries.len().saturating_sub(hops);
+    Some(entries[at])
+        .filter(|x| !x.is_empty())
+        .map(|x| x.chars().take(MAX_ADDRESS_CHARS).collect())
+}
+
+/// Longest address kept (an IPv6 address with a zone is well below it); anything longer is cut.
+const MAX_ADDRESS_CHARS: usize = 64;

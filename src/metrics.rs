@@ -29,9 +29,10 @@ pub enum Counter {
     AuditQueued,
     AuditWritten,
     AuditDropped,
+    AuditRejected,
 }
 
-const COUNTERS: [(&str, &str); 15] = [
+const COUNTERS: [(&str, &str); 16] = [
     ("consumes", "quota.consume/require calls that granted"),
     ("denials", "quota.consume/require calls that denied"),
     ("refunds", "quota.refund calls"),
@@ -56,11 +57,11 @@ const COUNTERS: [(&str, &str); 15] = [
     ),
     (
         "evictions",
-        "fully refilled buckets evicted to make room for new keys",
+        "buckets evicted to make room for new keys",
     ),
     (
         "full_table_events",
-        "new keys that found the bucket table full with nothing to evict",
+        "new keys that found their partition full with no refilled bucket (the one owing least was evicted)",
     ),
     (
         "audit_queued",
@@ -69,7 +70,11 @@ const COUNTERS: [(&str, &str); 15] = [
     ("audit_written", "queued audit rows the audit writer wrote"),
     (
         "audit_dropped",
-        "queued audit rows lost: queue full, row too large, or database gone",
+        "queued audit rows lost: their database was gone, or the writer failed to write them",
+    ),
+    (
+        "audit_rejected",
+        "audit rows of refusals that found the queue full (never queued)",
     ),
 ];
 
@@ -166,6 +171,11 @@ fn snapshot() -> Vec<(String, i64, String)> {
         "rate-limit buckets in shared memory now".into(),
     ));
     rows.push((
+        "audit_queue_depth".into(),
+        crate::audit_queue::depth().unwrap_or(0),
+        "audit rows waiting in the queue now (audit_queued = audit_written + audit_dropped + this, once writers are idle)".into(),
+    ));
+    rows.push((
         "key_capacity".into(),
         crate::rate::key_capacity(),
         "rate-limit buckets that fit (quota_ext.rate_max_keys, rounded up per partition)".into(),
@@ -175,7 +185,7 @@ fn snapshot() -> Vec<(String, i64, String)> {
 
 /// Gauges are not counters: Prometheus wants them typed as such.
 fn is_gauge(name: &str) -> bool {
-    matches!(name, "keys_in_use" | "key_capacity")
+    matches!(name, "keys_in_use" | "key_capacity" | "audit_queue_depth")
 }
 
 /// The counters, cluster-wide since the last restart or reset_metrics().

@@ -117,10 +117,10 @@ WITH u AS (
      WHERE u.used <= $6 - excluded.used
     RETURNING u.period, u.used),
 a AS (
-    INSERT INTO quota.audit_log (subject, action, metric, amount, success, reason, details, idempotency_key)
+    INSERT INTO quota.audit_log (subject, action, metric, amount, success, reason, details, idempotency_key, actor)
     SELECT $1, 'consume', $2, $5, true, 'granted',
            ($7 || u.used::text || '}')::jsonb,
-           $8
+           $8, $9
       FROM u)
 SELECT period, used FROM u",
     args: &[
@@ -130,6 +130,7 @@ SELECT period, used FROM u",
         T::TIMESTAMPTZOID,
         T::INT8OID,
         T::INT8OID,
+        T::TEXTOID,
         T::TEXTOID,
         T::TEXTOID,
     ],
@@ -222,8 +223,13 @@ fn ts(row: &pgrx::spi::SpiHeapTupleData<'_>, n: usize) -> Option<i64> {
     spi::get::<TimestampWithTimeZone>(row, n).map(|t| t.into_inner())
 }
 
-pub(crate) fn load_limits(client: &mut SpiClient<'_>, subject: &str, metric: &str) -> Result<Limits> {
-    let cached = cache::limits(client, subject, metric, &guc::default_plan())?;
+pub(crate) fn load_limits(
+    client: &mut SpiClient<'_>,
+    subject: &str,
+    metric: &str,
+    claim: Option<&str>,
+) -> Result<Limits> {
+    let cached = cache::limits(client, subject, metric, &guc::default_plan_str(), claim)?;
     let windows: Vec<Window> = cached
         .periods
         .iter()
@@ -307,6 +313,10 @@ struct Request<'a> {
     metric: &'a str,
     amount: i64,
     key: Option<&'a str>,
+    /// The caller is trusted (may refund anything).
+    trusted: bool,
+    /// The plan the caller's JWT claims (app_metadata.plan), when it acts as its own subject.
+    claim: Option<&'a str>,
     /// A denial is about to be raised (require): its audit row goes to the audit writer, as the
     /// raise will roll back the caller's transaction.
     queue_denial: bool,
@@ -350,7 +360,129 @@ fn replay(client: &mut SpiClient<'_>, req: &Request<'_>, key: &str) -> Result<De
     })
 }
 
+static GRANT_LOCK: Stmt = Stmt {
+    sql: "SELECT response FROM quota.idempotency_keys WHERE subject = $1 AND key = $2 FOR UPDATE",
+    args: &[T::TEXTOID, T::TEXTOID],
+};
+
+/// An untrusted caller's refund: only of a grant it received, named by that consume's
+/// idempotency key, at most the grant's amount, once (a repeat with the same amount replays the
+/// first refund). It gives back to the windows the grant charged, not to the current ones (a
+/// grant of yesterday refunded today would otherwise free today's window). The key's row is
+/// locked, so two refunds of one grant queue and the second sees the first. Anything else is
+/// 42501 and changes nothing (the refusal is audited by the caller's transaction, which the
+/// error rolls back, so it goes to the audit writer).
+fn refund_grant(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
+    let (subject, metric, amount) = (req.subject, req.metric, req.amount);
+    let refused = |why: &'static str| {
+        audit_queue::refusal(audit_queue::Refusal {
+            subject: Some(subject),
+            action: "refund",
+            metric: Some(metric),
+            amount: Some(amount),
+            reason: "not_a_grant",
+            details: json!({"why": why}),
+            idempotency_key: req.key,
+        });
+        QuotaError::RefundNotAGrant { why }
+    };
+    let Some(key) = req.key else {
+        return Err(refused("no idempotency_key names the grant to refund"));
+    };
+    if amount == 0 {
+        return Err(refused("a refund of nothing refunds no grant"));
+    }
+    let response = spi::run(client, &GRANT_LOCK, &[subject.into(), key.into()])
+        .next()
+        .and_then(|row| spi::get::<pgrx::JsonB>(&row, 1))
+        .map(|j| j.0);
+    let Some(mut response) = response else {
+        return Err(refused("no consume of this subject has that idempotency key"));
+    };
+    let request = &response["request"];
+    if request["action"] != "consume" || request["metric"] != metric {
+        return Err(refused("that idempotency key names no consume of this metric"));
+    }
+    let granted = request["amount"].as_i64().unwrap_or(0);
+    if response["decision"]["allowed"] != true || granted == 0 {
+        return Err(refused("that consume granted nothing"));
+    }
+    if let Some(first) = response.get("refund") {
+        if first["amount"].as_i64() != Some(amount) {
+            return Err(refused("that grant was refunded already"));
+        }
+        let ws: Vec<Window> = first["windows"]
+            .as_array()
+            .map(|a| a.iter().filter_map(window_from_json).collect())
+            .unwrap_or_default();
+        if ws.is_empty() {
+            return Err(refused("that grant was refunded already"));
+        }
+        metrics::count(Counter::Replays);
+        let mut d = Decision::from_window(subject, metric, least_remaining(&ws), true, false);
+        d.replayed = true;
+        return Ok(d);
+    }
+    if amount > granted {
+        return Err(refused("a refund may not exceed the grant"));
+    }
+    let mut ws: Vec<Window> = response["windows"]
+        .as_array()
+        .map(|a| a.iter().filter_map(window_from_json).collect())
+        .unwrap_or_default();
+    if ws.is_empty() {
+        return Err(refused(
+            "the grant was made before quota_ext 0.6.0, which does not know the windows it charged; a trusted caller can refund it",
+        ));
+    }
+    for w in &mut ws {
+        w.used = 0;
+    }
+    let refs: Vec<&Window> = ws.iter().collect();
+    let (periods, starts) = window_args(&refs);
+    let rows = spi::run(
+        client,
+        &REFUND,
+        &[subject.into(), metric.into(), amount.into(), periods.into(), starts.into()],
+    );
+    apply_returned(rows, &mut ws);
+    let d = Decision::from_window(subject, metric, least_remaining(&ws), true, false);
+    metrics::count(Counter::Refunds);
+    if guc::audit_wanted(true) {
+        let binding = ws
+            .iter()
+            .find(|w| Some(&w.period) == d.period.as_ref())
+            .unwrap_or(&ws[0]);
+        let mut details = details_json("", binding, &ws);
+        details["plan"] = serde_json::Value::Null;
+        details["grant"] = json!(key);
+        audit::record(
+            client,
+            audit::Entry {
+                subject: Some(subject),
+                action: "refund",
+                metric: Some(metric),
+                amount: Some(amount),
+                success: true,
+                reason: "refunded",
+                details,
+                idempotency_key: Some(key),
+            },
+        );
+    }
+    response["refund"] = json!({"amount": amount, "windows": ws.iter().map(window_json).collect::<Vec<_>>()});
+    spi::run(
+        client,
+        &KEY_SET,
+        &[subject.into(), key.into(), pgrx::JsonB(response).into()],
+    );
+    Ok(d)
+}
+
 fn decide(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
+    if req.action == Action::Refund && !req.trusted {
+        return refund_grant(client, req);
+    }
     if let Some(key) = req.key {
         let claimed = spi::run(client, &KEY_CLAIM, &[req.subject.into(), key.into()]).len() == 1;
         if !claimed {
@@ -362,7 +494,7 @@ fn decide(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
     let Limits {
         plan,
         windows: mut ws,
-    } = load_limits(client, req.subject, req.metric)?;
+    } = load_limits(client, req.subject, req.metric, req.claim)?;
     let (subject, metric, amount) = (req.subject, req.metric, req.amount);
     // Set when the grant statement wrote the audit row itself.
     let mut audited = false;
@@ -400,7 +532,7 @@ fn decide(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
             } else {
                 Decision::from_window(subject, metric, latest_reset(full.into_iter()), false, false)
             };
-            store_key(client, req, &d);
+            store_key(client, req, &d, &[]);
             return Ok(d);
         }
         Action::Consume => {
@@ -438,6 +570,7 @@ fn decide(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
                         prefix.push_str(",\"used\":");
                         args.push(prefix.into());
                         args.push(req.key.into());
+                        args.push(identity::actor().into());
                         spi::run(client, &UPSERT_ONE_AUDITED, &args)
                     } else {
                         spi::run(client, &UPSERT_ONE, &args)
@@ -543,19 +676,47 @@ fn decide(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
             );
         }
     }
-    store_key(client, req, &decision);
+    let charged: &[Window] = if req.action == Action::Consume && decision.allowed { &ws } else { &[] };
+    store_key(client, req, &decision, charged);
     Ok(decision)
 }
 
-fn store_key(client: &mut SpiClient<'_>, req: &Request<'_>, d: &Decision) {
+/// A window as kept in an idempotency key's response: what a refund of that grant gives back to.
+fn window_json(w: &Window) -> serde_json::Value {
+    json!({"period": w.period, "start": w.start, "reset_at": w.reset_at, "limit": w.limit, "used": w.used})
+}
+
+fn window_from_json(v: &serde_json::Value) -> Option<Window> {
+    Some(Window {
+        period: v.get("period")?.as_str()?.to_string(),
+        start: v.get("start")?.as_i64()?,
+        reset_at: v.get("reset_at").and_then(|r| r.as_i64()),
+        limit: v.get("limit")?.as_i64()?,
+        used: v.get("used").and_then(|u| u.as_i64()).unwrap_or(0),
+    })
+}
+
+/// Keep the decision under the request's idempotency key, with the windows a grant charged
+/// (`charged`), which an untrusted refund of that grant gives back to.
+fn store_key(client: &mut SpiClient<'_>, req: &Request<'_>, d: &Decision, charged: &[Window]) {
     if let Some(key) = req.key {
-        let response = json!({"request": req.json(), "decision": d.to_json()});
+        let mut response = json!({"request": req.json(), "decision": d.to_json()});
+        if !charged.is_empty() {
+            response["windows"] = charged.iter().map(window_json).collect();
+        }
         spi::run(
             client,
             &KEY_SET,
             &[req.subject.into(), key.into(), pgrx::JsonB(response).into()],
         );
     }
+}
+
+/// The JWT claim app_metadata.plan, when the call acts on the JWT's own subject (a trusted
+/// caller acting for someone else does not lend that subject its own claim).
+fn own_plan_claim(subject: &str) -> Result<Option<String>> {
+    let req = identity::request_info()?;
+    Ok(req.plan.filter(|_| req.sub.as_deref() == Some(subject)))
 }
 
 fn run_request(
@@ -571,6 +732,8 @@ fn run_request(
     let amount = check_amount(amount)?;
     let key = check_key(idempotency_key)?;
     let subject = identity::resolve_subject(subject)?;
+    let trusted = identity::is_trusted();
+    let claim = own_plan_claim(&subject)?;
     let _owner = AsOwner::enter();
     Spi::connect_mut(|client| {
         decide(
@@ -581,6 +744,8 @@ fn run_request(
                 metric: &metric,
                 amount,
                 key: key.as_deref(),
+                trusted,
+                claim: claim.as_deref(),
                 queue_denial,
             },
         )
@@ -634,7 +799,8 @@ fn refund(
 
 static STATUS: Stmt = Stmt {
     sql: "
-WITH s AS (SELECT coalesce(sj.plan, $2) AS plan, coalesce(sj.time_zone, 'UTC') AS tz
+WITH s AS (SELECT coalesce(sj.plan, (SELECT p.plan FROM quota.plans AS p WHERE p.plan = $3), $2) AS plan,
+                  coalesce(sj.time_zone, 'UTC') AS tz
              FROM (SELECT) AS one LEFT JOIN quota.subjects AS sj ON sj.subject = $1),
      lim AS (SELECT o.metric, o.period, o.max_amount FROM quota.overrides AS o WHERE o.subject = $1
              UNION ALL
@@ -650,7 +816,7 @@ SELECT lim.metric, lim.period, lim.max_amount, w.window_start, w.reset_at, coale
    AND u.window_start = w.window_start
  ORDER BY lim.metric,
           pg_catalog.array_position('{minute,hour,day,week,month,year,total}'::text[], lim.period)",
-    args: &[T::TEXTOID, T::TEXTOID],
+    args: &[T::TEXTOID, T::TEXTOID, T::TEXTOID],
 };
 
 /// One row per metric and period that applies to the subject; consumes nothing. `allowed` says
@@ -660,12 +826,13 @@ fn status(
     subject: default!(Option<&str>, "NULL"),
 ) -> SetOfIterator<'static, pgrx::composite_type!('static, "quota.decision")> {
     let subject = identity::resolve_subject(subject).or_raise();
+    let claim = own_plan_claim(&subject).or_raise();
     let _owner = AsOwner::enter();
     let rows: Vec<(String, Window)> = Spi::connect_mut(|client| {
         spi::run(
             client,
             &STATUS,
-            &[subject.as_str().into(), guc::default_plan().into()],
+            &[subject.as_str().into(), guc::default_plan().into(), claim.into()],
         )
         .map(|row| {
             (

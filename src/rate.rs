@@ -52,6 +52,10 @@ struct Slot {
 struct Header {
     slots_per_partition: u64,
     capacity_per_partition: u64,
+    /// Secret of the key hash, drawn when shared memory is built: which partition and slot a
+    /// key lands in cannot be worked out from outside, so no one can aim keys at another's
+    /// partition.
+    seed: u64,
     in_use: AtomicU64,
     used: [AtomicU64; PARTITIONS],
 }
@@ -120,6 +124,12 @@ pub unsafe fn shmem_startup() {
             let h = base.cast::<Header>();
             (*h).slots_per_partition = slots as u64;
             (*h).capacity_per_partition = capacity as u64;
+            let mut seed = [0u8; 8];
+            if !pg_sys::pg_strong_random(seed.as_mut_ptr().cast(), seed.len()) {
+                // No strong random source: the clock still differs from server to server.
+                seed = (pg_sys::GetCurrentTimestamp() as u64 ^ std::process::id() as u64).to_le_bytes();
+            }
+            (*h).seed = u64::from_le_bytes(seed);
         });
         HEADER.store(base.cast::<Header>(), Ordering::Release);
         SLOTS.store(
@@ -315,10 +325,17 @@ pub fn gcra(tat: i64, now: i64, t: i64, burst: i64, cost: i64) -> Gcra {
     }
 }
 
+/// The key's hash under the table's secret seed: (partition selector, slot selector, length).
+fn key_hash(key: &[u8]) -> (u64, u64, u64) {
+    // SAFETY: ready() was checked by the caller: the header exists; the seed never changes.
+    let seed = unsafe { (*HEADER.load(Ordering::Acquire)).seed };
+    let h = xxhash_rust::xxh3::xxh3_128_with_seed(key, seed);
+    ((h >> 64) as u64, h as u64, key.len() as u64)
+}
+
 /// Check `cost` against the bucket of `key` and take it when allowed.
 pub fn check(key: &[u8], t: i64, burst: i64, cost: i64, now: i64) -> Gcra {
-    let h = xxhash_rust::xxh3::xxh3_128(key);
-    let (hi, lo, len) = ((h >> 64) as u64, h as u64, key.len() as u64);
+    let (hi, lo, len) = key_hash(key);
     let part = partition(hi);
 
     let take = |slot: &Slot| loop {
@@ -361,12 +378,31 @@ pub fn check(key: &[u8], t: i64, burst: i64, cost: i64, now: i64) -> Gcra {
     }
     let mut evicted = false;
     if part.used.load(Ordering::Relaxed) as usize >= part.capacity {
-        // Full: a bucket whose TAT has passed is full again and loses nothing by going.
-        match (0..part.n).find(|&i| part.slot(i).len != 0 && part.slot(i).tat.load(Ordering::Acquire) <= now)
-        {
-            Some(i) => {
+        // Full: a bucket whose TAT has passed is full again and loses nothing by going; when
+        // none has, the one that owes least (the earliest TAT) goes, so a flood of new keys
+        // only ever pushes out the buckets closest to full, never lets a new key pass
+        // unlimited, and a busy key that owes a lot stays.
+        let mut victim: Option<(usize, i64)> = None;
+        for i in 0..part.n {
+            let slot = part.slot(i);
+            if slot.len == 0 {
+                continue;
+            }
+            let tat = slot.tat.load(Ordering::Acquire);
+            if victim.is_none_or(|(_, v)| tat < v) {
+                victim = Some((i, tat));
+                if tat <= now {
+                    break;
+                }
+            }
+        }
+        match victim {
+            Some((i, tat)) => {
                 part.remove(i);
                 evicted = true;
+                if tat > now {
+                    metrics::count(Counter::FullTableEvents);
+                }
             }
             None => {
                 part.unlock();
@@ -403,8 +439,7 @@ pub fn check(key: &[u8], t: i64, burst: i64, cost: i64, now: i64) -> Gcra {
 
 /// Remove a key's bucket; true when there was one.
 pub fn reset(key: &[u8]) -> bool {
-    let h = xxhash_rust::xxh3::xxh3_128(key);
-    let (hi, lo, len) = ((h >> 64) as u64, h as u64, key.len() as u64);
+    let (hi, lo, len) = key_hash(key);
     let part = partition(hi);
     part.lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
     let found = part.find(hi, lo, len);
@@ -642,9 +677,9 @@ struct Resolved<'a> {
     policy: crate::cache::Policy,
 }
 
-/// Plan and key of the caller for `policy`: the JWT claim app_metadata.plan, else
-/// quota.subjects, else quota_ext.default_plan; callers without a JWT subject are plan
-/// `anonymous` keyed by `ip:<first x-forwarded-for address>`. The warm path allocates only
+/// Plan and key of the caller for `policy`: the one plan rule (quota.subjects, else the JWT
+/// claim app_metadata.plan when it names a plan, else quota_ext.default_plan); callers without
+/// a JWT subject are plan `anonymous` keyed by `ip:<client address>` (identity::client_ip). The warm path allocates only
 /// the key of a caller that does not name one.
 fn resolve<'a>(
     policy_name: &str,
@@ -657,15 +692,12 @@ fn resolve<'a>(
     }
     let req = identity::request_info()?;
     let default_plan = crate::guc::default_plan_str();
-    let subject_plan;
+    let caller_plan;
     let plan: &str = match &req.sub {
-        Some(sub) => match req.plan.as_deref().filter(|p| policies.contains_key(*p)) {
-            Some(p) => p,
-            None => {
-                subject_plan = crate::cache::subject_plan(sub);
-                subject_plan.as_deref().unwrap_or(&default_plan)
-            }
-        },
+        Some(sub) => {
+            caller_plan = crate::cache::caller_plan(sub, req.plan.as_deref(), &default_plan);
+            &caller_plan
+        }
         None => "anonymous",
     };
     let own_key = || -> Cow<'a, str> {

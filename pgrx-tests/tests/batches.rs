@@ -439,7 +439,7 @@ fn batch_refusals_have_their_own_sqlstate_and_change_nothing() {
 
 /// When no audit writer can start (max_worker_processes = 0 on the tiny server) refusal rows
 /// wait in the queue until it is full (quota_ext.audit_queue_size = 16 there); the rest are
-/// counted as dropped, and the callers still get their errors.
+/// counted as rejected, and the callers still get their errors.
 #[test]
 fn a_full_audit_queue_counts_what_it_drops() {
     let db = TestDb::on(quota_ext_itests::env_port("QUOTA_EXT_TINY_PORT"), "audit_full");
@@ -463,7 +463,8 @@ fn a_full_audit_queue_counts_what_it_drops() {
     };
     assert_eq!(metric(&mut c, "insufficient_quantity"), 40);
     assert_eq!(metric(&mut c, "audit_queued"), 16);
-    assert_eq!(metric(&mut c, "audit_dropped"), 24);
+    assert_eq!(metric(&mut c, "audit_rejected"), 24, "the rest found the queue full");
+    assert_eq!(metric(&mut c, "audit_dropped"), 0);
     assert_eq!(metric(&mut c, "audit_written"), 0);
     assert_eq!(
         one_i64(&mut c, "SELECT count(*) FROM quota.audit_log WHERE NOT success"),

@@ -35,7 +35,7 @@ fn setup(db: &TestDb) -> (Client, String) {
         .get(0);
     c.batch_execute(&format!(
         "SELECT quota.create_batch('user-2', 'milk', 10);
-         SELECT quota.consume('user-1', 'api'); SELECT quota.consume('user-2', 'api');
+         SELECT quota.consume('user-1', 'api', 1, 'grant-1'); SELECT quota.consume('user-2', 'api', 1, 'grant-2');
          SELECT quota.consume_batch_quantity('{batch}', 1);"
     ))
     .unwrap();
@@ -263,8 +263,9 @@ fn every_consuming_function_acts_only_as_the_jwt_subject() {
             "SELECT quota.require_decision('user-2', 'api')",
         ),
         (
-            "SELECT quota.refund('user-1', 'api')",
-            "SELECT quota.refund('user-2', 'api')",
+            // An untrusted caller refunds only a grant it received, by its idempotency key.
+            "SELECT quota.refund('user-1', 'api', 1, 'grant-1')",
+            "SELECT quota.refund('user-2', 'api', 1, 'grant-2')",
         ),
         ("SELECT quota.status('user-1')", "SELECT quota.status('user-2')"),
         (
@@ -694,8 +695,8 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
         "authenticated",
         "user-1",
         "refund",
-        &[("metric", "text")],
-        r#"{"metric":"api"}"#,
+        &[("metric", "text"), ("amount", "bigint"), ("idempotency_key", "text")],
+        r#"{"metric":"api","amount":1,"idempotency_key":"k-1"}"#,
     );
     assert!(out.has("\"used\":2"), "{}", out.0);
     let out = rpc(

@@ -60,7 +60,7 @@ SELECT concat_ws(E'\\n',
   (SELECT string_agg(t::text, ',' ORDER BY t::text) FROM quota.rate_policies t))";
 
 /// The version a fresh install gets.
-const CURRENT: &str = "0.5.0";
+const CURRENT: &str = "0.6.0";
 
 #[test]
 fn upgrade_from_0_1_0_keeps_everything_and_equals_a_fresh_install() {
@@ -80,6 +80,11 @@ fn upgrade_from_0_3_0_keeps_everything_and_equals_a_fresh_install() {
 #[test]
 fn upgrade_from_0_4_0_keeps_everything_and_equals_a_fresh_install() {
     upgrade_from("0.4.0");
+}
+
+#[test]
+fn upgrade_from_0_5_0_keeps_everything_and_equals_a_fresh_install() {
+    upgrade_from("0.5.0");
 }
 
 fn upgrade_from(from: &str) {
