@@ -159,21 +159,31 @@ SELECT pg_catalog.pg_extension_config_dump('quota.batches', '');
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA quota FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA quota FROM PUBLIC;
 
--- Authenticated users read their own rows; nobody but the owner writes (functions do, as owner).
+-- Row level security on every table (Supabase's advisors flag any table in an exposed schema
+-- that anon or authenticated can read without it). Authenticated users read their own rows of
+-- usage, audit_log and batches, and every plan and limit; nobody but the owner writes (the
+-- functions do, as the owner, whom row level security does not restrict). The JWT subject is
+-- read once per statement, not per row: each current_setting call stands in a subquery of its
+-- own (an initPlan). Only request.jwt.claims counts here: a session-level request.jwt.claim.sub
+-- could be left behind on a pooled connection (see README, Security model).
+ALTER TABLE quota.plans ENABLE ROW LEVEL SECURITY;
+ALTER TABLE quota.limits ENABLE ROW LEVEL SECURITY;
+ALTER TABLE quota.subjects ENABLE ROW LEVEL SECURITY;
+ALTER TABLE quota.overrides ENABLE ROW LEVEL SECURITY;
 ALTER TABLE quota.usage ENABLE ROW LEVEL SECURITY;
+ALTER TABLE quota.idempotency_keys ENABLE ROW LEVEL SECURITY;
 ALTER TABLE quota.audit_log ENABLE ROW LEVEL SECURITY;
+ALTER TABLE quota.rate_policies ENABLE ROW LEVEL SECURITY;
 ALTER TABLE quota.batches ENABLE ROW LEVEL SECURITY;
 
+CREATE POLICY plans_readable ON quota.plans FOR SELECT USING (true);
+CREATE POLICY limits_readable ON quota.limits FOR SELECT USING (true);
 CREATE POLICY usage_own_rows ON quota.usage FOR SELECT
-    USING (subject = coalesce(nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub',
-                              nullif(current_setting('request.jwt.claim.sub', true), '')));
+    USING (subject = (nullif((SELECT current_setting('request.jwt.claims', true)), '')::jsonb ->> 'sub'));
 CREATE POLICY audit_own_rows ON quota.audit_log FOR SELECT
-    USING (subject = coalesce(nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub',
-                              nullif(current_setting('request.jwt.claim.sub', true), '')));
-
+    USING (subject = (nullif((SELECT current_setting('request.jwt.claims', true)), '')::jsonb ->> 'sub'));
 CREATE POLICY batches_own_rows ON quota.batches FOR SELECT
-    USING (owner = coalesce(nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub',
-                            nullif(current_setting('request.jwt.claim.sub', true), '')));
+    USING (owner = (nullif((SELECT current_setting('request.jwt.claims', true)), '')::jsonb ->> 'sub'));
 
 DO $grants$
 BEGIN

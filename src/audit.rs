@@ -107,7 +107,7 @@ pub const MAX_PAGE: i32 = 1000;
 
 /// Newest first. Pass the last id of a page as before_id for the next one. Untrusted callers see
 /// only their own rows; trusted callers see one subject, or all when subject is NULL.
-#[pg_extern(stable, parallel_safe)]
+#[pg_extern(stable, parallel_restricted)]
 #[search_path(pg_catalog, pg_temp)]
 fn audit_page(
     subject: default!(Option<&str>, "NULL"),

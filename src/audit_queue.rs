@@ -42,6 +42,8 @@ const STALE_LAUNCH_MICROS: i64 = 10_000_000;
 /// A writer with nothing to do for this many consecutive waits exits.
 const IDLE_WAITS: u32 = 2;
 const WAIT: Duration = Duration::from_millis(500);
+/// How soon the postmaster starts a writer again that exited to hand its slot on.
+const RESTART: Duration = Duration::from_secs(1);
 /// Rows a writer copies out and writes per transaction.
 const DRAIN_BATCH: usize = 1024;
 /// Rows left without a writer (no free background worker slot) are asked for again after this
@@ -376,7 +378,10 @@ fn start_writer(slot: usize) {
         .set_library("quota_ext")
         .set_function("quota_ext_audit_writer_main")
         .enable_spi_access()
-        .set_restart_time(None)
+        // Restarted by the postmaster a second after it exits with code 1, which it does to
+        // hand its slot on or to come back for rows left behind (see carry_on); an exit with
+        // code 0 (idle) unregisters it.
+        .set_restart_time(Some(RESTART))
         .set_argument(Some(pg_sys::Datum::from(slot)))
         .load_dynamic()
         .is_ok();
@@ -604,10 +609,11 @@ pub extern "C-unwind" fn quota_ext_audit_writer_main(arg: pg_sys::Datum) {
             }
         };
         match exit {
-            Some(true) => {
-                start_writer(slot);
-                return;
-            }
+            // The slot now names a database whose rows found every slot busy. This process
+            // still holds its background worker slot, so it cannot start another writer
+            // (with max_worker_processes small there may be no other): it exits with code 1,
+            // and the postmaster starts it again, for the slot's new database.
+            Some(true) => carry_on(),
             Some(false) => return,
             None => {}
         }
@@ -627,9 +633,37 @@ pub extern "C-unwind" fn quota_ext_audit_writer_main(arg: pg_sys::Datum) {
             }
         }
         if !BackgroundWorker::wait_latch(Some(WAIT)) {
-            return; // SIGTERM or postmaster death: rows still queued stay for the next writer
+            // SIGTERM (pg_terminate_backend, DROP DATABASE ... FORCE elsewhere, shutdown) or
+            // postmaster death. Rows of this database still queued: come back for them (the
+            // postmaster restarts no worker while it shuts down; a database being dropped
+            // fails the restart's connection, which drops its rows, see writer_exit).
+            let left = {
+                let Some(mut q) = Locked::acquire() else { return };
+                let mut left = false;
+                for i in 0..cap {
+                    left |= q.entry(i).dboid == dboid;
+                }
+                if left {
+                    // SAFETY: reads the backend's clock.
+                    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+                    q.header().writers[slot].claim(dboid, now);
+                }
+                left
+            };
+            if left {
+                carry_on();
+            }
+            return;
         }
     }
+}
+
+/// Exit so that the postmaster starts this worker again for its slot (see start_writer). The
+/// slot says STARTING with no process, so writer_exit leaves it alone and the new process
+/// takes it.
+fn carry_on() -> ! {
+    // SAFETY: ends this background worker process, running its exit callbacks.
+    unsafe { pg_sys::proc_exit(1) }
 }
 
 fn write(bytes: &[u8], found: &[(u64, usize, usize)]) {

@@ -58,6 +58,9 @@ pub enum QuotaError {
     #[error("permission denied to act on subject \"{requested}\"")]
     OtherSubject { requested: String },
 
+    #[error("schema \"quota\" belongs to role \"{schema_owner}\", not to the extension's owner \"{owner}\"")]
+    SchemaNotOwned { schema_owner: String, owner: String },
+
     #[error("permission denied for batch {batch}: it is not yours")]
     NotBatchOwner { batch: String },
 
@@ -125,6 +128,7 @@ impl QuotaError {
             OutOfRange { .. } => Code::ERRCODE_INVALID_PARAMETER_VALUE,
             NotPositive { .. } => Code::ERRCODE_INVALID_PARAMETER_VALUE,
             UnknownBatch(_) => Code::ERRCODE_NO_DATA_FOUND,
+            SchemaNotOwned { .. } => Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
             Insufficient { .. } => Code::ERRCODE_CHECK_VIOLATION,
             VersionConflict { .. } => Code::ERRCODE_T_R_SERIALIZATION_FAILURE,
             UnknownStrategy(_) => Code::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -158,6 +162,9 @@ impl QuotaError {
             OtherSubject { .. } => {
                 "Pass subject => NULL to act as yourself; only trusted roles (see quota_ext.trusted_roles) may act for others.".into()
             }
+            SchemaNotOwned { owner, .. } => format!(
+                "Its owner could replace what quota_ext runs as \"{owner}\": ALTER SCHEMA quota OWNER TO \"{owner}\" after checking what it holds."
+            ),
             NotBatchOwner { .. } => {
                 "Untrusted roles consume only batches whose owner is their JWT subject; list yours in quota.batches.".into()
             }

@@ -21,6 +21,7 @@ pub static TRUSTED_ROLES: GucSetting<Option<CString>> = GucSetting::<Option<CStr
 pub static CLIENT_IP_HEADER: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"x-forwarded-for"));
 pub static TRUSTED_PROXY_HOPS: GucSetting<i32> = GucSetting::<i32>::new(1);
+pub static UNTRUSTED_REFUNDS: GucSetting<bool> = GucSetting::<bool>::new(true);
 
 pub fn init() {
     // SUSET: an ordinary role must not raise its own limits (default_plan), widen its own trust
@@ -55,6 +56,14 @@ pub fn init() {
         c"Request header whose address list keys anonymous callers ('' for none).",
         c"Read from request.headers, as PostgREST sets it; see quota_ext.trusted_proxy_hops.",
         &CLIENT_IP_HEADER,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"quota_ext.untrusted_refunds",
+        c"Whether untrusted roles may refund a grant they received (by its idempotency key, once).",
+        c"Off: only trusted roles refund. On, a client can give back every grant it was given.",
+        &UNTRUSTED_REFUNDS,
         GucContext::Suset,
         GucFlags::default(),
     );

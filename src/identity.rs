@@ -111,10 +111,12 @@ thread_local! {
 
 /// The extension's owner, `pg_extension.extowner`: the role every table access switches to
 /// and that is always trusted. Never the owner of schema `quota`, which a role with CREATE on
-/// the database could have made before CREATE EXTENSION (the install script refuses such a
-/// schema, and this does not depend on it either). Remembered per backend until the catalog
-/// caches report a change of roles or schemas (DROP EXTENSION drops the schema; REASSIGN
-/// OWNED, the only way to give an extension to another role, changes the schema's owner too).
+/// the database could have made before CREATE EXTENSION (the install and upgrade scripts
+/// refuse such a schema). As a last line, the switch is refused while schema `quota` belongs
+/// to anyone else: its owner could swap the tables the extension's statements name.
+/// Remembered per backend until the catalog caches report a change of roles or schemas (the
+/// schema's owner changing, by ALTER SCHEMA or REASSIGN OWNED, reports one; a new CREATE
+/// EXTENSION in a schema left by DROP EXTENSION needs that schema's owner, so the same role).
 pub fn extension_owner() -> pg_sys::Oid {
     let epoch = TRUST_EPOCH.with(Cell::get);
     if let Some((e, owner)) = OWNER_MEMO.with(Cell::get) {
@@ -123,6 +125,24 @@ pub fn extension_owner() -> pg_sys::Oid {
         }
     }
     let owner = catalog::extension_owner();
+    let schema_owner = catalog::quota_schema().1;
+    if schema_owner != owner {
+        let name = |oid: pg_sys::Oid| {
+            // SAFETY: a syscache read of a role's name (NULL for a dropped role, noerr).
+            let p = unsafe { pg_sys::GetUserNameFromId(oid, true) };
+            if p.is_null() {
+                format!("oid {}", oid.to_u32())
+            } else {
+                // SAFETY: a palloc'd NUL-terminated name.
+                unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+            }
+        };
+        QuotaError::SchemaNotOwned {
+            schema_owner: name(schema_owner),
+            owner: name(owner),
+        }
+        .raise();
+    }
     OWNER_MEMO.with(|m| m.set(Some((epoch, owner))));
     owner
 }
@@ -543,10 +563,37 @@ pub fn address_from(headers: &str, name: &str, hops: usize) -> Option<String> {
     let list = v.get(name)?.as_str()?;
     let entries: Vec<&str> = list.split(',').map(str::trim).collect();
     let at = entries.len().saturating_sub(hops);
-    Some(entries[at])
-        .filter(|x| !x.is_empty())
-        .map(|x| x.chars().take(MAX_ADDRESS_CHARS).collect())
+    Some(entries[at]).filter(|x| !x.is_empty()).map(normalize_address)
 }
 
-/// Longest address kept (an IPv6 address with a zone is well below it); anything longer is cut.
+/// One key per client, whatever the proxy's notation: a port and brackets go (`[2001:db8::1]:443`,
+/// `192.0.2.1:5000`), an IPv4-mapped IPv6 address is its IPv4 address, and an IPv6 address
+/// counts by its /64 (one subscriber's network: every host of it can take any address in it).
+/// What does not parse is kept as it is, cut at 64 characters.
+pub fn normalize_address(entry: &str) -> String {
+    use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+    let e = entry.trim().trim_matches('"');
+    let ip = e
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| e.parse::<SocketAddr>().ok().map(|s| s.ip()))
+        .or_else(|| {
+            e.strip_prefix('[')
+                .and_then(|r| r.split(']').next())
+                .and_then(|x| x.parse::<IpAddr>().ok())
+        });
+    match ip {
+        Some(IpAddr::V4(v4)) => v4.to_string(),
+        Some(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                format!("{}/64", Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        None => e.chars().take(MAX_ADDRESS_CHARS).collect(),
+    }
+}
+
+/// Longest unparsed address kept.
 const MAX_ADDRESS_CHARS: usize = 64;

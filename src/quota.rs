@@ -186,8 +186,8 @@ static KEY_CLAIM: Stmt = Stmt {
 
 static KEY_GET: Stmt = Stmt {
     sql: "
-SELECT k.response -> 'request', d.allowed, d.subject, d.metric, d.period, d.used, d.quota_limit,
-       d.remaining, d.reset_at, d.retry_after_seconds
+SELECT k.response -> 'request', d.allowed AND NOT k.response ? 'refund', d.subject, d.metric,
+       d.period, d.used, d.quota_limit, d.remaining, d.reset_at, d.retry_after_seconds
   FROM quota.idempotency_keys AS k,
        LATERAL pg_catalog.jsonb_populate_record(NULL::quota.decision, k.response -> 'decision') AS d
  WHERE k.subject = $1 AND k.key = $2",
@@ -329,7 +329,9 @@ impl Request<'_> {
 }
 
 /// Replay of an idempotency key: the first decision, or 22023 when the key was used for
-/// something else.
+/// something else. A grant that was refunded since no longer stands: its replay is not
+/// allowed (so a key a subject claimed and refunded first cannot hand a service that uses the
+/// same key later a grant that charged nothing).
 fn replay(client: &mut SpiClient<'_>, req: &Request<'_>, key: &str) -> Result<Decision> {
     let rows = spi::run(client, &KEY_GET, &[req.subject.into(), key.into()]);
     let row = rows
@@ -386,6 +388,9 @@ fn refund_grant(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decisio
         });
         QuotaError::RefundNotAGrant { why }
     };
+    if !guc::UNTRUSTED_REFUNDS.get() {
+        return Err(refused("quota_ext.untrusted_refunds is off: only trusted roles refund"));
+    }
     let Some(key) = req.key else {
         return Err(refused("no idempotency_key names the grant to refund"));
     };
@@ -406,6 +411,9 @@ fn refund_grant(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decisio
     let granted = request["amount"].as_i64().unwrap_or(0);
     if response["decision"]["allowed"] != true || granted == 0 {
         return Err(refused("that consume granted nothing"));
+    }
+    if response["trusted"] == true {
+        return Err(refused("that grant was made by a trusted role, which alone can refund it"));
     }
     if let Some(first) = response.get("refund") {
         if first["amount"].as_i64() != Some(amount) {
@@ -703,6 +711,9 @@ fn store_key(client: &mut SpiClient<'_>, req: &Request<'_>, d: &Decision, charge
         let mut response = json!({"request": req.json(), "decision": d.to_json()});
         if !charged.is_empty() {
             response["windows"] = charged.iter().map(window_json).collect();
+            // A trusted role's grant (a service charging the subject) is the service's to
+            // refund, not the subject's.
+            response["trusted"] = json!(req.trusted);
         }
         spi::run(
             client,
@@ -713,10 +724,12 @@ fn store_key(client: &mut SpiClient<'_>, req: &Request<'_>, d: &Decision, charge
 }
 
 /// The JWT claim app_metadata.plan, when the call acts on the JWT's own subject (a trusted
-/// caller acting for someone else does not lend that subject its own claim).
-fn own_plan_claim(subject: &str) -> Result<Option<String>> {
-    let req = identity::request_info()?;
-    Ok(req.plan.filter(|_| req.sub.as_deref() == Some(subject)))
+/// caller acting for someone else does not lend that subject its own claim). Claims that do
+/// not parse claim nothing: an untrusted caller was refused for them already (it needs its
+/// subject from them), and a trusted one naming a subject does not need them.
+fn own_plan_claim(subject: &str) -> Option<String> {
+    let req = identity::request_info().ok()?;
+    req.plan.filter(|_| req.sub.as_deref() == Some(subject))
 }
 
 fn run_request(
@@ -733,7 +746,7 @@ fn run_request(
     let key = check_key(idempotency_key)?;
     let subject = identity::resolve_subject(subject)?;
     let trusted = identity::is_trusted();
-    let claim = own_plan_claim(&subject)?;
+    let claim = own_plan_claim(&subject);
     let _owner = AsOwner::enter();
     Spi::connect_mut(|client| {
         decide(
@@ -821,12 +834,12 @@ SELECT lim.metric, lim.period, lim.max_amount, w.window_start, w.reset_at, coale
 
 /// One row per metric and period that applies to the subject; consumes nothing. `allowed` says
 /// whether one more unit would fit in that window.
-#[pg_extern(stable, parallel_safe)]
+#[pg_extern(stable, parallel_restricted)]
 fn status(
     subject: default!(Option<&str>, "NULL"),
 ) -> SetOfIterator<'static, pgrx::composite_type!('static, "quota.decision")> {
     let subject = identity::resolve_subject(subject).or_raise();
-    let claim = own_plan_claim(&subject).or_raise();
+    let claim = own_plan_claim(&subject);
     let _owner = AsOwner::enter();
     let rows: Vec<(String, Window)> = Spi::connect_mut(|client| {
         spi::run(

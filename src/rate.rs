@@ -325,17 +325,36 @@ pub fn gcra(tat: i64, now: i64, t: i64, burst: i64, cost: i64) -> Gcra {
     }
 }
 
+/// Whose bucket a key names: rate_check's keys are the caller's own text, rate_limit's are
+/// `policy 0x1f key`; each kind hashes under its own seed, so no rate_check key (which may
+/// hold 0x1f) names a policy bucket.
+#[derive(Clone, Copy)]
+pub enum Kind {
+    Check,
+    Policy,
+}
+
 /// The key's hash under the table's secret seed: (partition selector, slot selector, length).
-fn key_hash(key: &[u8]) -> (u64, u64, u64) {
+fn key_hash(key: &[u8], kind: Kind) -> (u64, u64, u64) {
     // SAFETY: ready() was checked by the caller: the header exists; the seed never changes.
     let seed = unsafe { (*HEADER.load(Ordering::Acquire)).seed };
+    let seed = match kind {
+        Kind::Check => seed,
+        Kind::Policy => seed ^ 0x9e37_79b9_7f4a_7c15,
+    };
     let h = xxhash_rust::xxh3::xxh3_128_with_seed(key, seed);
     ((h >> 64) as u64, h as u64, key.len() as u64)
 }
 
+/// Buckets a full partition looks at to choose one to evict (from the new key's home slot
+/// on): enough that a bucket in debt is almost never the one that owes least among them when
+/// others owe less, few enough that the partition's lock is held briefly whatever
+/// quota_ext.rate_max_keys is.
+const EVICTION_SAMPLE: usize = 256;
+
 /// Check `cost` against the bucket of `key` and take it when allowed.
-pub fn check(key: &[u8], t: i64, burst: i64, cost: i64, now: i64) -> Gcra {
-    let (hi, lo, len) = key_hash(key);
+pub fn check(key: &[u8], kind: Kind, t: i64, burst: i64, cost: i64, now: i64) -> Gcra {
+    let (hi, lo, len) = key_hash(key, kind);
     let part = partition(hi);
 
     let take = |slot: &Slot| loop {
@@ -383,18 +402,23 @@ pub fn check(key: &[u8], t: i64, burst: i64, cost: i64, now: i64) -> Gcra {
         // only ever pushes out the buckets closest to full, never lets a new key pass
         // unlimited, and a busy key that owes a lot stays.
         let mut victim: Option<(usize, i64)> = None;
-        for i in 0..part.n {
+        let (mut i, mut seen) = (part.home(lo), 0);
+        for _ in 0..part.n {
             let slot = part.slot(i);
-            if slot.len == 0 {
-                continue;
-            }
-            let tat = slot.tat.load(Ordering::Acquire);
-            if victim.is_none_or(|(_, v)| tat < v) {
-                victim = Some((i, tat));
-                if tat <= now {
+            if slot.len != 0 {
+                let tat = slot.tat.load(Ordering::Acquire);
+                if victim.is_none_or(|(_, v)| tat < v) {
+                    victim = Some((i, tat));
+                    if tat <= now {
+                        break;
+                    }
+                }
+                seen += 1;
+                if seen == EVICTION_SAMPLE {
                     break;
                 }
             }
+            i = part.next(i);
         }
         match victim {
             Some((i, tat)) => {
@@ -439,7 +463,7 @@ pub fn check(key: &[u8], t: i64, burst: i64, cost: i64, now: i64) -> Gcra {
 
 /// Remove a key's bucket; true when there was one.
 pub fn reset(key: &[u8]) -> bool {
-    let (hi, lo, len) = key_hash(key);
+    let (hi, lo, len) = key_hash(key, Kind::Check);
     let part = partition(hi);
     part.lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
     let found = part.find(hi, lo, len);
@@ -628,7 +652,7 @@ fn rate_check(
         }
         .raise();
     }
-    let g = check(key.as_bytes(), t, burst, cost, now_ns());
+    let g = check(key.as_bytes(), Kind::Check, t, burst, cost, now_ns());
     metrics::count(Counter::RateChecks);
     if !g.allowed {
         metrics::count(Counter::RateDenials);
@@ -748,7 +772,7 @@ fn limit(fcinfo: pg_sys::FunctionCallInfo, policy_name: &str, r: Resolved<'_>, c
     bucket[policy_name.len() + 1..].copy_from_slice(r.key.as_bytes());
     let bucket: &[u8] = bucket;
     let p = r.policy;
-    let mut g = check(bucket, p.t_ns, p.burst, cost, now_ns());
+    let mut g = check(bucket, Kind::Policy, p.t_ns, p.burst, cost, now_ns());
     metrics::count(Counter::RateChecks);
     if !g.allowed {
         if p.shadow {
@@ -770,7 +794,9 @@ fn limit(fcinfo: pg_sys::FunctionCallInfo, policy_name: &str, r: Resolved<'_>, c
 /// NULL means the caller's own: its JWT subject, or `ip:<address>` when anonymous. Its SQL
 /// (policy and subject look-ups on a cold cache) runs under a pinned search_path; the warm path
 /// runs none.
-#[pg_extern(volatile, parallel_safe)]
+/// PARALLEL RESTRICTED, as every function that reads the request settings: a parallel
+/// worker gets their values but not how they were set (transaction or session).
+#[pg_extern(volatile, parallel_restricted)]
 fn rate_limit(
     policy: Option<&str>,
     key: default!(Option<&str>, "NULL"),
@@ -806,7 +832,7 @@ fn rate_limit(
 /// The decision for the current PostgREST request (used by quota.pre_request()): policy `read`
 /// for GET and HEAD, `write` otherwise, falling back to `default`. NULL for trusted callers and
 /// when no such policy exists.
-#[pg_extern(volatile, parallel_safe)]
+#[pg_extern(volatile, parallel_restricted)]
 fn request_rate_decision(method: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) -> Option<RateDecision> {
     require_ready();
     if identity::is_trusted() {

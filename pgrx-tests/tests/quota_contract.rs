@@ -234,17 +234,22 @@ fn untrusted_roles_act_only_as_their_jwt_subject() {
         .unwrap()
         .get(0);
     assert_eq!(used, 2);
-    // The older request.jwt.claim.sub setting is accepted too.
-    c.batch_execute(
-        "SELECT set_config('request.jwt.claims', '', false); SET request.jwt.claim.sub = 'user-3'",
+    // The older request.jwt.claim.sub setting is accepted too, set for the transaction as
+    // PostgREST set it (a session-level one could be a previous client's, see adversary.rs).
+    let mut tx = c.transaction().unwrap();
+    tx.batch_execute(
+        "SELECT set_config('request.jwt.claims', '', true); SELECT set_config('request.jwt.claim.sub', 'user-3', true)",
     )
     .unwrap();
-    let subject: String = c
+    let subject: String = tx
         .query_one("SELECT subject FROM quota.consume(NULL, 'api')", &[])
         .unwrap()
         .get(0);
+    tx.commit().unwrap();
     assert_eq!(subject, "user-3");
     // Row level security: only its own usage rows are visible.
+    c.batch_execute(r#"SELECT set_config('request.jwt.claims', '{"sub":"user-3"}', false)"#)
+        .unwrap();
     assert_eq!(one_i64(&mut c, "SELECT count(*) FROM quota.usage"), 1);
     // Malformed claims are reported, not guessed at.
     c.batch_execute("SELECT set_config('request.jwt.claims', '{not json', false)")

@@ -85,7 +85,7 @@ fn a_full_table_evicts_refilled_then_least_owing_buckets_and_a_flood_passes_no_k
             "SELECT count(*) FILTER (WHERE allowed) FROM quota.rate_check('newcomer', 5, '1 day')",
         );
         c.batch_execute(&format!(
-            "SELECT quota.rate_check('flood:{round}:' || i, 1, '1 hour', 10) FROM generate_series(1, {})",
+            "SELECT quota.rate_check('flood:{round}:' || i, 1, '1 hour', 10) FROM generate_series(1, {}) i",
             2 * capacity / 50
         ))
         .unwrap();

@@ -303,14 +303,16 @@ fn request_settings_are_read_right_as_settings_come_and_go() {
         "u-claims",
         "claims appeared"
     );
+    // (the older claim.sub counts only when set for the transaction, as PostgREST set it)
     assert_eq!(
         key(
             &mut c,
-            "SET request.jwt.claims = ''; SET request.jwt.claim.sub = 'u-legacy'"
+            "BEGIN; SET request.jwt.claims = ''; SET LOCAL request.jwt.claim.sub = 'u-legacy'"
         ),
         "u-legacy",
         "the older claim.sub appeared"
     );
+    c.batch_execute("COMMIT").unwrap();
     assert_eq!(
         key(&mut c, r#"SET "REQUEST.JWT.CLAIMS" = '{"sub": "u-upper"}'"#),
         "u-upper",
