@@ -14,11 +14,16 @@ NOPRELOAD_PORT=${QUOTA_EXT_NOPRELOAD_PORT:-25318}
 
 ensure_all
 
-log "cargo pgrx test pg15"
-if [ "$(id -u)" -eq 0 ]; then
+# While working on the external suites: QUOTA_EXT_SKIP_UNIT=1 skips step 1, and
+# QUOTA_EXT_SUITES="--test security --test rate" runs only those suites (CI sets neither).
+if [ -n "${QUOTA_EXT_SKIP_UNIT:-}" ]; then
+    log "skipping cargo pgrx test (QUOTA_EXT_SKIP_UNIT)"
+elif [ "$(id -u)" -eq 0 ]; then
+    log "cargo pgrx test pg15"
     rm -rf /tmp/quota_ext-pgdata
     (cd "$REPO" && cargo pgrx test pg15 --runas postgres --pgdata /tmp/quota_ext-pgdata)
 else
+    log "cargo pgrx test pg15"
     (cd "$REPO" && cargo pgrx test pg15)
 fi
 
@@ -101,7 +106,7 @@ log "pgrx-tests: external suites"
 (cd "$REPO/pgrx-tests" && QUOTA_EXT_TEST_PORT=$TEST_PORT QUOTA_EXT_NOPRELOAD_PORT=$NOPRELOAD_PORT \
     QUOTA_EXT_PGBOUNCER_PORT=$BOUNCER_PORT QUOTA_EXT_TINY_PORT=$TINY_PORT QUOTA_EXT_STANDBY_PORT=$STANDBY_PORT \
     QUOTA_EXT_SCARCE_PORT=$SCARCE_PORT QUOTA_EXT_PG_BIN=$PG_BIN \
-    cargo test -- --test-threads=2)   # the crash test is #[ignore]d here and run below
+    cargo test ${QUOTA_EXT_SUITES:-} -- --test-threads=2)   # the crash test is #[ignore]d here and run below
 
 log "crash test on a server of its own (SIGKILL of a backend)"
 CRASH_DATA=/tmp/quota_ext-itest-crash

@@ -25,6 +25,15 @@ static INSERT: Stmt = Stmt {
     ],
 };
 
+/// INSERT on the tables of a version before 0.6.0 (no column `actor`; see
+/// catalog::audit_has_actor): the same parameters, the last one unused.
+static INSERT_0_5: Stmt = Stmt {
+    sql: "INSERT INTO quota.audit_log
+            (subject, action, metric, amount, success, reason, details, idempotency_key)
+          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    args: INSERT.args,
+};
+
 pub struct Entry<'a> {
     pub subject: Option<&'a str>,
     pub action: &'a str,
@@ -39,9 +48,10 @@ pub struct Entry<'a> {
 /// Write one audit row in the caller's transaction, with the acting role (identity::actor).
 /// The caller checks quota_ext.audit.
 pub fn record(client: &mut SpiClient<'_>, e: Entry<'_>) {
+    let stmt = if crate::catalog::audit_has_actor() { &INSERT } else { &INSERT_0_5 };
     spi::run(
         client,
-        &INSERT,
+        stmt,
         &[
             e.subject.into(),
             e.action.into(),

@@ -520,6 +520,19 @@ static WRITE: Stmt = Stmt {
     ],
 };
 
+/// WRITE on the tables of a version before 0.6.0 (see catalog::audit_has_actor).
+static WRITE_0_5: Stmt = Stmt {
+    sql: "INSERT INTO quota.audit_log
+                 (created_at, subject, action, metric, amount, success, reason, details, idempotency_key)
+          SELECT t, s, a, m, n, false, r, d::jsonb, k
+            FROM ROWS FROM (pg_catalog.unnest($1::timestamptz[]), pg_catalog.unnest($2::text[]),
+                            pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::text[]),
+                            pg_catalog.unnest($5::bigint[]), pg_catalog.unnest($6::text[]),
+                            pg_catalog.unnest($7::text[]), pg_catalog.unnest($8::text[]))
+                 AS q(t, s, a, m, n, r, d, k)",
+    args: WRITE.args,
+};
+
 /// The background worker: one per database with queued rows.
 #[pg_guard]
 #[no_mangle]
@@ -692,9 +705,10 @@ fn write(bytes: &[u8], found: &[(u64, usize, usize)]) {
             // them (the worker itself connects as the bootstrap superuser).
             let _owner = crate::identity::AsOwner::enter();
             Spi::connect_mut(|client| {
+                let stmt = if crate::catalog::audit_has_actor() { &WRITE } else { &WRITE_0_5 };
                 spi::run(
                     client,
-                    &WRITE,
+                    stmt,
                     &[
                         t.into(),
                         s.into(),

@@ -138,6 +138,25 @@ SELECT quantity, version FROM b",
     ],
 };
 
+/// CONSUME_ONE on the tables of a version before 0.6.0 (see catalog::audit_has_actor).
+static CONSUME_ONE_0_5: Stmt = Stmt {
+    sql: "
+WITH b AS (
+    UPDATE quota.batches AS b SET quantity = b.quantity - $2, version = b.version + 1
+     WHERE b.id = $1 AND b.quantity >= $2
+       AND ($3::bigint IS NULL OR b.version = $3)
+       AND ($4::text IS NULL OR b.owner = $4)
+    RETURNING b.id, b.owner, b.item, b.quantity, b.version),
+a AS (
+    INSERT INTO quota.audit_log (subject, action, metric, amount, success, reason, details)
+    SELECT b.owner, 'consume_batch', b.item, $2, true, 'consumed',
+           ($5 || b.quantity::text || ',\"version_before\":' || (b.version - 1)::text
+               || ',\"version_after\":' || b.version::text || '}')::jsonb
+      FROM b WHERE $6)
+SELECT quantity, version FROM b",
+    args: CONSUME_ONE.args,
+};
+
 /// Why a consumption was refused: read after the fact, which is sound because a batch's quantity
 /// only falls, its version only rises and its owner never changes.
 static DIAGNOSE: Stmt = Stmt {
@@ -225,7 +244,8 @@ fn consume_batch_quantity(
                 guc::audit_wanted(true).into(),
                 identity::actor().into(),
             ];
-            if let Some(r) = spi::run(client, &CONSUME_ONE, &args).next() {
+            let stmt = if crate::catalog::audit_has_actor() { &CONSUME_ONE } else { &CONSUME_ONE_0_5 };
+            if let Some(r) = spi::run(client, stmt, &args).next() {
                 crate::metrics::count_batch_consume();
                 return Ok((
                     id,

@@ -129,3 +129,43 @@ pub fn extension_owner() -> pg_sys::Oid {
         owner.unwrap_or_else(|| pgrx::error!("extension quota_ext is not installed in this database"))
     }
 }
+
+thread_local! {
+    /// (OID of quota.audit_log, whether it has column `actor`), until a relcache invalidation
+    /// of that table (ALTER EXTENSION UPDATE adds the column) or of everything.
+    static AUDIT_ACTOR: std::cell::Cell<Option<(pg_sys::Oid, bool)>> = const { std::cell::Cell::new(None) };
+}
+
+/// Whether quota.audit_log has the column `actor` (0.6.0). Between installing a new library
+/// and `ALTER EXTENSION quota_ext UPDATE` the tables are still the old version's, and the
+/// functions must go on working with them: the statements that write audit rows have a form
+/// for each.
+pub fn audit_has_actor() -> bool {
+    if let Some((_, has)) = AUDIT_ACTOR.with(std::cell::Cell::get) {
+        return has;
+    }
+    let (nsp, _) = quota_schema();
+    // SAFETY: syscache look-ups by NUL-terminated names and OIDs.
+    let (relid, has) = unsafe {
+        let relid = pg_sys::get_relname_relid(c"audit_log".as_ptr(), nsp);
+        let has = relid != pg_sys::InvalidOid
+            && pg_sys::get_attnum(relid, c"actor".as_ptr()) != pg_sys::InvalidAttrNumber as pg_sys::AttrNumber;
+        (relid, has)
+    };
+    AUDIT_ACTOR.with(|a| a.set(Some((relid, has))));
+    has
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn forget_audit_shape(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    let known = AUDIT_ACTOR.with(std::cell::Cell::get);
+    if relid == pg_sys::InvalidOid || known.is_some_and(|(r, _)| r == relid) {
+        AUDIT_ACTOR.with(|a| a.set(None));
+    }
+}
+
+pub fn init() {
+    // SAFETY: registers a callback of this process (inherited by backends when preloaded);
+    // called once from _PG_init.
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(forget_audit_shape), pg_sys::Datum::from(0)) };
+}

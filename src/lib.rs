@@ -27,6 +27,7 @@ pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 pub extern "C-unwind" fn _PG_init() {
     guc::init();
     cache::init();
+    catalog::init();
     identity::init();
     metrics::init();
     rate::init();

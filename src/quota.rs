@@ -136,6 +136,26 @@ SELECT period, used FROM u",
     ],
 };
 
+/// UPSERT_ONE_AUDITED on the tables of a version before 0.6.0 (see catalog::audit_has_actor).
+static UPSERT_ONE_AUDITED_0_5: Stmt = Stmt {
+    sql: "
+WITH u AS (
+    INSERT INTO quota.usage AS u (subject, metric, period, window_start, used)
+    VALUES ($1, $2, $3, $4, $5)
+        ON CONFLICT (subject, metric, period, window_start) DO UPDATE
+       SET used = u.used + excluded.used
+     WHERE u.used <= $6 - excluded.used
+    RETURNING u.period, u.used),
+a AS (
+    INSERT INTO quota.audit_log (subject, action, metric, amount, success, reason, details, idempotency_key)
+    SELECT $1, 'consume', $2, $5, true, 'granted',
+           ($7 || u.used::text || '}')::jsonb,
+           $8
+      FROM u)
+SELECT period, used FROM u",
+    args: UPSERT_ONE_AUDITED.args,
+};
+
 /// Take back an increment this call made (the rows are still locked by it) when another period
 /// denied: all-or-nothing.
 static UNDO: Stmt = Stmt {
@@ -579,7 +599,12 @@ fn decide(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
                         args.push(prefix.into());
                         args.push(req.key.into());
                         args.push(identity::actor().into());
-                        spi::run(client, &UPSERT_ONE_AUDITED, &args)
+                        let stmt = if crate::catalog::audit_has_actor() {
+                            &UPSERT_ONE_AUDITED
+                        } else {
+                            &UPSERT_ONE_AUDITED_0_5
+                        };
+                        spi::run(client, stmt, &args)
                     } else {
                         spi::run(client, &UPSERT_ONE, &args)
                     }

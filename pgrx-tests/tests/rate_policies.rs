@@ -63,7 +63,8 @@ fn policies_apply_per_plan_and_key() {
         ("u3".into(), 10000, 9999),
         "plan from quota.subjects"
     );
-    // Anonymous: plan anonymous, keyed by the first x-forwarded-for address.
+    // Anonymous: plan anonymous, keyed by the rightmost x-forwarded-for entry (the one the
+    // nearest proxy appended; see adversary.rs).
     let rows = request(
         &mut c,
         "anon",
@@ -75,7 +76,7 @@ fn policies_apply_per_plan_and_key() {
     .unwrap();
     assert_eq!(
         (rows[0].get::<_, String>(0), rows[0].get::<_, i64>(1)),
-        ("ip:203.0.113.7".into(), 20)
+        ("ip:10.0.0.1".into(), 20)
     );
     // Buckets are per (policy, key): u1 went from 99 to 98, not 99 again.
     assert_eq!(limit_of(&mut c, "authenticated", r#"{"sub":"u1"}"#).2, 98);

@@ -35,7 +35,7 @@ fn setup(db: &TestDb) -> (Client, String) {
         .get(0);
     c.batch_execute(&format!(
         "SELECT quota.create_batch('user-2', 'milk', 10);
-         SELECT quota.consume('user-1', 'api', 1, 'grant-1'); SELECT quota.consume('user-2', 'api', 1, 'grant-2');
+         SELECT quota.consume('user-1', 'api'); SELECT quota.consume('user-2', 'api');
          SELECT quota.consume_batch_quantity('{batch}', 1);"
     ))
     .unwrap();
@@ -247,6 +247,13 @@ fn trust_follows_role_changes_at_once() {
 fn every_consuming_function_acts_only_as_the_jwt_subject() {
     let db = TestDb::new("jwt_subject");
     let (mut c, batch) = setup(&db);
+    // Grants each user received itself, which it may refund.
+    for u in ["1", "2"] {
+        as_role(&mut c, "authenticated", Some(&format!("user-{u}")));
+        c.batch_execute(&format!("SELECT quota.consume(NULL, 'api', 1, 'grant-{u}')"))
+            .unwrap();
+    }
+    c.batch_execute("RESET ROLE").unwrap();
     let before = table_counts(&mut c);
     // (call as self, call for another subject)
     let calls = [

@@ -55,7 +55,9 @@ SELECT concat_ws(E'\\n',
   (SELECT string_agg(t::text, ',' ORDER BY t::text) FROM quota.overrides t),
   (SELECT string_agg(t::text, ',' ORDER BY t::text) FROM quota.usage t),
   (SELECT string_agg(t::text, ',' ORDER BY t::text) FROM quota.idempotency_keys t),
-  (SELECT string_agg(t::text, ',' ORDER BY t.id) FROM quota.audit_log t),
+  -- (the columns every version has: 0.6.0 adds actor, NULL in rows written before it)
+  (SELECT string_agg(row(id, created_at, subject, action, metric, amount, success, reason, details,
+                         idempotency_key)::text, ',' ORDER BY id) FROM quota.audit_log),
   (SELECT string_agg(t::text, ',' ORDER BY t::text) FROM quota.batches t),
   (SELECT string_agg(t::text, ',' ORDER BY t::text) FROM quota.rate_policies t))";
 
