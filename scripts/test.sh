@@ -33,7 +33,7 @@ install_extension
 "${SUDO[@]}" install -m 644 "$REPO"/sql/frozen/quota_ext--*.sql "$("$PG_CONFIG" --sharedir)/extension/"
 log "starting a test server on 127.0.0.1:$TEST_PORT ($TEST_DATA)"
 start_server "$TEST_DATA" "$TEST_PORT"
-trap 'stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"; stop_server "$TINY_DATA"; stop_server "$SCARCE_DATA"; stop_server "$STANDBY_DATA"' EXIT
+trap 'stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"; stop_server "$TINY_DATA"; stop_server "$SCARCE_DATA"; stop_server "$WRITERS_DATA"; stop_server "$STANDBY_DATA"' EXIT
 # The roles a Supabase project has, so CREATE EXTENSION grants to them as it would there. The
 # server without the preload has none: there nothing is granted.
 pg_psql "$TEST_PORT" -d postgres <<'SQL'
@@ -67,6 +67,12 @@ SCARCE_DATA=/tmp/quota_ext-itest-scarce
 SCARCE_PORT=${QUOTA_EXT_SCARCE_PORT:-25323}
 log "starting a server with one background worker slot on 127.0.0.1:$SCARCE_PORT"
 start_server "$SCARCE_DATA" "$SCARCE_PORT" "max_worker_processes = 1" "max_logical_replication_workers = 0"
+# ... and one with worker slots to spare, for more databases at once than the audit writer has
+# slots (8), where no other suite's calls can rescue a stranded row.
+WRITERS_DATA=/tmp/quota_ext-itest-writers
+WRITERS_PORT=${QUOTA_EXT_WRITERS_PORT:-25324}
+log "starting a server with 16 background worker slots on 127.0.0.1:$WRITERS_PORT"
+start_server "$WRITERS_DATA" "$WRITERS_PORT" "max_worker_processes = 16"
 log "starting a server without the preload on 127.0.0.1:$NOPRELOAD_PORT"
 start_server "$NOPRELOAD_DATA" "$NOPRELOAD_PORT" "shared_preload_libraries = ''"
 
@@ -100,19 +106,19 @@ stop_pgbouncer() {
 }
 log "starting pgbouncer (transaction mode) on 127.0.0.1:$BOUNCER_PORT"
 start_pgbouncer
-trap 'stop_pgbouncer; stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"; stop_server "$TINY_DATA"; stop_server "$SCARCE_DATA"; stop_server "$STANDBY_DATA"' EXIT
+trap 'stop_pgbouncer; stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"; stop_server "$TINY_DATA"; stop_server "$SCARCE_DATA"; stop_server "$WRITERS_DATA"; stop_server "$STANDBY_DATA"' EXIT
 
 log "pgrx-tests: external suites"
 (cd "$REPO/pgrx-tests" && QUOTA_EXT_TEST_PORT=$TEST_PORT QUOTA_EXT_NOPRELOAD_PORT=$NOPRELOAD_PORT \
     QUOTA_EXT_PGBOUNCER_PORT=$BOUNCER_PORT QUOTA_EXT_TINY_PORT=$TINY_PORT QUOTA_EXT_STANDBY_PORT=$STANDBY_PORT \
-    QUOTA_EXT_SCARCE_PORT=$SCARCE_PORT QUOTA_EXT_PG_BIN=$PG_BIN \
+    QUOTA_EXT_SCARCE_PORT=$SCARCE_PORT QUOTA_EXT_WRITERS_PORT=$WRITERS_PORT QUOTA_EXT_PG_BIN=$PG_BIN \
     cargo test ${QUOTA_EXT_SUITES:-} -- --test-threads=2)   # the crash test is #[ignore]d here and run below
 
 log "crash test on a server of its own (SIGKILL of a backend)"
 CRASH_DATA=/tmp/quota_ext-itest-crash
 CRASH_PORT=${QUOTA_EXT_CRASH_PORT:-25320}
 start_server "$CRASH_DATA" "$CRASH_PORT"
-trap 'stop_pgbouncer; stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"; stop_server "$TINY_DATA"; stop_server "$SCARCE_DATA"; stop_server "$STANDBY_DATA"; stop_server "$CRASH_DATA"' EXIT
+trap 'stop_pgbouncer; stop_server "$TEST_DATA"; stop_server "$NOPRELOAD_DATA"; stop_server "$TINY_DATA"; stop_server "$SCARCE_DATA"; stop_server "$WRITERS_DATA"; stop_server "$STANDBY_DATA"; stop_server "$CRASH_DATA"' EXIT
 (cd "$REPO/pgrx-tests" && QUOTA_EXT_CRASH_PORT=$CRASH_PORT cargo test --test crash -- --ignored)
 grep -q "terminated by signal 9" "$CRASH_DATA/server.log" || die "the crash test did not crash a backend"
 

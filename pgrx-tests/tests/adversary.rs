@@ -273,9 +273,11 @@ fn queue_refusal(c: &mut Client) {
 // 6. Queued audit rows stranded: more databases than writer slots, and a terminated writer.
 #[test]
 fn rows_of_more_databases_than_writer_slots_all_arrive() {
-    // Eight writers run at a time; databases nine and ten found every slot busy (0.5.0 left
-    // their rows queued until their next refusal).
-    let dbs: Vec<TestDb> = (0..10).map(|i| TestDb::new(&format!("adv_slots{i}"))).collect();
+    // Eight writers run at a time; databases nine and ten find every slot busy (0.5.0 left
+    // their rows queued until the next quota_ext call on the server; on this server of its
+    // own none comes).
+    let port = quota_ext_itests::env_port("QUOTA_EXT_WRITERS_PORT");
+    let dbs: Vec<TestDb> = (0..10).map(|i| TestDb::on(port, &format!("adv_slots{i}"))).collect();
     let mut cs: Vec<Client> = dbs.iter().map(|d| d.connect()).collect();
     for c in cs.iter_mut() {
         c.batch_execute("SELECT quota.set_limit('free', 'zero', 'day', 0)").unwrap();
@@ -425,9 +427,9 @@ fn every_window_ends_where_the_next_begins_in_every_time_zone() {
 }
 
 // 8. Schema squatting.
-#[test]
-fn an_existing_schema_of_another_role_is_refused() {
-    let db = quota_ext_itests::TestDb::bare("adv_squat");
+
+/// A database in which a role with CREATE on it (and nothing else) made schema `quota` first.
+fn squatted(db: &TestDb) -> Client {
     let mut c = db.connect();
     c.batch_execute(&format!(
         "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'squatter') THEN CREATE ROLE squatter; END IF; END $$;
@@ -436,6 +438,13 @@ fn an_existing_schema_of_another_role_is_refused() {
         db.name
     ))
     .unwrap();
+    c
+}
+
+#[test]
+fn an_existing_schema_of_another_role_is_refused() {
+    let db = quota_ext_itests::TestDb::bare("adv_squat");
+    let mut c = squatted(&db);
     let e = c.batch_execute("CREATE EXTENSION quota_ext").unwrap_err();
     assert_eq!(code(&e), "42P06");
     assert!(e.as_db_error().unwrap().message().contains("squatter"), "{e:?}");
@@ -635,15 +644,8 @@ fn addresses_are_normalized_and_rate_check_keys_stay_apart_from_policy_buckets()
 #[test]
 fn a_squatted_installation_is_neither_upgraded_nor_served() {
     let db = quota_ext_itests::TestDb::bare("adv_squat_upgrade");
-    let mut c = db.connect();
-    c.batch_execute(&format!(
-        "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'squatter') THEN CREATE ROLE squatter; END IF; END $$;
-         GRANT CREATE ON DATABASE {} TO squatter;
-         SET ROLE squatter; CREATE SCHEMA quota; RESET ROLE;
-         CREATE EXTENSION quota_ext VERSION '0.5.0';",
-        db.name
-    ))
-    .unwrap();
+    let mut c = squatted(&db);
+    c.batch_execute("CREATE EXTENSION quota_ext VERSION '0.5.0'").unwrap();
     let e = c.batch_execute("ALTER EXTENSION quota_ext UPDATE").unwrap_err();
     assert_eq!(code(&e), "42P06");
     // Nothing switches to the superuser owner while the schema is another role's.
