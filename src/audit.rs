@@ -48,7 +48,11 @@ pub struct Entry<'a> {
 /// Write one audit row in the caller's transaction, with the acting role (identity::actor).
 /// The caller checks quota_ext.audit.
 pub fn record(client: &mut SpiClient<'_>, e: Entry<'_>) {
-    let stmt = if crate::catalog::audit_has_actor() { &INSERT } else { &INSERT_0_5 };
+    let stmt = if crate::catalog::audit_has_actor() {
+        &INSERT
+    } else {
+        &INSERT_0_5
+    };
     spi::run(
         client,
         stmt,

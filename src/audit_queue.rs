@@ -24,7 +24,7 @@ use crate::spi::{self, Stmt};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PgBuiltInOids as T};
+use pgrx::PgBuiltInOids as T;
 use std::ffi::CStr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, Ordering};
 use std::time::Duration;
@@ -49,8 +49,6 @@ const DRAIN_BATCH: usize = 1024;
 /// Rows left without a writer (no free background worker slot) are asked for again after this
 /// long, by the next call of a quota or batch function in any database.
 const RETRY_MICROS: i64 = 1_000_000;
-
-pub static AUDIT_QUEUE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024);
 
 #[repr(C)]
 struct Entry {
@@ -110,28 +108,11 @@ static ENTRIES: AtomicPtr<Entry> = AtomicPtr::new(std::ptr::null_mut());
 static LOCK: AtomicPtr<pg_sys::LWLock> = AtomicPtr::new(std::ptr::null_mut());
 
 fn capacity() -> usize {
-    AUDIT_QUEUE_SIZE.get().max(16) as usize
+    crate::guc::audit_queue_size()
 }
 
 fn shmem_size() -> usize {
     std::mem::size_of::<Header>() + capacity() * std::mem::size_of::<Entry>()
-}
-
-pub fn init() {
-    // SAFETY: reads a flag that is set while shared_preload_libraries is processed.
-    if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
-        return;
-    }
-    GucRegistry::define_int_guc(
-        c"quota_ext.audit_queue_size",
-        c"Audit rows of refusals that can wait in shared memory for the audit writer (needs a restart).",
-        c"Each entry takes 3 KiB.",
-        &AUDIT_QUEUE_SIZE,
-        16,
-        1 << 20,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
 }
 
 /// The audit queue's share of shared memory (from shmem's request hook).
@@ -283,7 +264,9 @@ pub fn refusal(r: Refusal<'_>) {
                 // first slot to free up takes it (a writer that goes idle hands its slot on,
                 // relaunch_stranded asks again).
                 None if queued => {
-                    let _ = h.stranded_at.compare_exchange(0, now.max(1), Ordering::Relaxed, Ordering::Relaxed);
+                    let _ =
+                        h.stranded_at
+                            .compare_exchange(0, now.max(1), Ordering::Relaxed, Ordering::Relaxed);
                 }
                 None => {}
             },
@@ -327,7 +310,14 @@ fn encode(r: &Refusal<'_>, actor: Option<&str>) -> Vec<u8> {
         }
         None => out.extend_from_slice(&u16::MAX.to_le_bytes()),
     };
-    for v in [r.subject, Some(r.action), r.metric, Some(r.reason), r.idempotency_key, actor] {
+    for v in [
+        r.subject,
+        Some(r.action),
+        r.metric,
+        Some(r.reason),
+        r.idempotency_key,
+        actor,
+    ] {
         text(v, &mut out);
     }
     let room = ENTRY_DATA.saturating_sub(out.len() + 2);
@@ -605,7 +595,13 @@ pub extern "C-unwind" fn quota_ext_audit_writer_main(arg: pg_sys::Datum) {
                 let mut waiting = None;
                 for i in 0..cap {
                     let db = q.entry(i).dboid;
-                    if db != 0 && !q.header().writers.iter().any(|w| w.state != FREE && w.dboid == db) {
+                    if db != 0
+                        && !q
+                            .header()
+                            .writers
+                            .iter()
+                            .any(|w| w.state != FREE && w.dboid == db)
+                    {
                         waiting = Some(db);
                         break;
                     }
@@ -705,7 +701,11 @@ fn write(bytes: &[u8], found: &[(u64, usize, usize)]) {
             // them (the worker itself connects as the bootstrap superuser).
             let _owner = crate::identity::AsOwner::enter();
             Spi::connect_mut(|client| {
-                let stmt = if crate::catalog::audit_has_actor() { &WRITE } else { &WRITE_0_5 };
+                let stmt = if crate::catalog::audit_has_actor() {
+                    &WRITE
+                } else {
+                    &WRITE_0_5
+                };
                 spi::run(
                     client,
                     stmt,

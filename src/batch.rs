@@ -244,7 +244,11 @@ fn consume_batch_quantity(
                 guc::audit_wanted(true).into(),
                 identity::actor().into(),
             ];
-            let stmt = if crate::catalog::audit_has_actor() { &CONSUME_ONE } else { &CONSUME_ONE_0_5 };
+            let stmt = if crate::catalog::audit_has_actor() {
+                &CONSUME_ONE
+            } else {
+                &CONSUME_ONE_0_5
+            };
             if let Some(r) = spi::run(client, stmt, &args).next() {
                 crate::metrics::count_batch_consume();
                 return Ok((
@@ -288,7 +292,9 @@ fn consume_batch_quantity(
                     "not_owner",
                     json!({"batch_id": id.to_string(), "requested": q}),
                 );
-                return Err(QuotaError::NotBatchOwner { batch: id.to_string() });
+                return Err(QuotaError::NotBatchOwner {
+                    batch: id.to_string(),
+                });
             }
             if let Some(expected) = p_expected_version.filter(|e| *e != version) {
                 refusal(

@@ -62,8 +62,6 @@ thread_local! {
     static PLANS: RefCell<Option<Rc<std::collections::HashSet<String>>>> = const { RefCell::new(None) };
     /// OIDs of the tables whose changes empty the caches above (0 = not known yet).
     static WATCHED: Cell<[u32; 5]> = const { Cell::new([0; 5]) };
-    /// policy -> plan -> (emission interval ns, burst, shadow); an empty map: no such policy.
-    static POLICIES: RefCell<HashMap<String, Rc<HashMap<String, Policy>>>> = RefCell::new(HashMap::new());
     /// Bumped by every invalidation that empties the caches. A loader notes it before its query
     /// and caches the result only if it did not move: an invalidation processed while the query
     /// ran (lock acquisitions during executor start-up process them) may concern a commit the
@@ -89,7 +87,7 @@ thread_local! {
 /// committed since moves the generation on); at REPEATABLE READ and SERIALIZABLE it reads the
 /// transaction's snapshot, which may be older than the newest change, so the fill lives only
 /// until the transaction ends.
-fn note_fill() {
+pub fn note_fill() {
     // SAFETY: reads a backend-local global.
     if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
         FILLED_FROM_OLD_SNAPSHOT.with(|f| f.set(true));
@@ -98,7 +96,7 @@ fn note_fill() {
 
 /// Drop the caches if any backend committed a change to their tables since this backend last
 /// looked. One atomic load; nothing without the preload (relcache invalidation still applies).
-fn follow_committed_changes() {
+pub fn follow_committed_changes() {
     if !crate::metrics::preloaded() {
         return;
     }
@@ -117,7 +115,11 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
     use pg_sys::XactEvent::*;
     if matches!(
         event,
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE
+        XACT_EVENT_COMMIT
+            | XACT_EVENT_PARALLEL_COMMIT
+            | XACT_EVENT_ABORT
+            | XACT_EVENT_PARALLEL_ABORT
+            | XACT_EVENT_PREPARE
     ) && FILLED_FROM_OLD_SNAPSHOT.with(|f| f.replace(false))
     {
         forget_limits();
@@ -142,11 +144,12 @@ fn forget_limits() {
     PLANS.with(|p| *p.borrow_mut() = None);
     // Resolved again on next use: the tables may have been dropped and created anew.
     WATCHED.with(|w| w.set([0; 5]));
-    POLICIES.with(|p| p.borrow_mut().clear());
     GENERATION.with(|g| g.set(g.get().wrapping_add(1)));
 }
 
-fn generation() -> u64 {
+/// Moves on whenever the caches built from quota_ext's tables are dropped: a cache kept
+/// elsewhere (the rate policies) that notes it when filled is stale once it moved.
+pub fn generation() -> u64 {
     GENERATION.with(|g| g.get())
 }
 
@@ -172,6 +175,13 @@ pub fn init() {
     }
 }
 
+/// Learn the OIDs of the watched tables if not known yet (after start or a drop of the caches).
+pub fn watch_tables() {
+    if WATCHED.with(|w| w.get()[0]) == 0 {
+        remember_watched_tables();
+    }
+}
+
 fn remember_watched_tables() {
     let (nsp, _) = catalog::quota_schema();
     let mut ids = [0u32; 5];
@@ -183,13 +193,6 @@ fn remember_watched_tables() {
         ids[i] = unsafe { pg_sys::get_relname_relid(name.as_ptr(), nsp) }.to_u32();
     }
     WATCHED.with(|w| w.set(ids));
-}
-
-fn period_rank(p: &str) -> usize {
-    crate::quota::PERIODS
-        .iter()
-        .position(|x| *x == p)
-        .unwrap_or(usize::MAX)
 }
 
 static PLAN_LOAD: Stmt = Stmt {
@@ -225,7 +228,7 @@ fn plan_limits(client: &mut SpiClient<'_>, plan: &str, metric: &str) -> Rc<Vec<(
             )
         })
         .collect();
-    periods.sort_by_key(|(p, _)| period_rank(p));
+    periods.sort_by_key(|(p, _)| crate::period::rank(p));
     let periods = Rc::new(periods);
     if generation() != gen {
         return periods;
@@ -361,7 +364,7 @@ pub fn limits(
             plan: plan.into(),
         });
     }
-    periods.sort_by_key(|(p, _)| period_rank(p));
+    periods.sort_by_key(|(p, _)| crate::period::rank(p));
     Ok(Limits {
         plan: plan.to_string(),
         time_zone: info.time_zone.clone(),
@@ -421,64 +424,6 @@ mod trigger {
         super::CHANGED_IN_XACT.with(|c| c.set(true));
         Ok(None)
     }
-}
-
-#[derive(Clone, Copy, Debug)]
-pub struct Policy {
-    pub t_ns: i64,
-    pub burst: i64,
-    pub shadow: bool,
-}
-
-static POLICY_LOAD: Stmt = Stmt {
-    sql: "SELECT plan, rate, per, burst, shadow FROM quota.rate_policies WHERE policy = $1",
-    args: &[T::TEXTOID],
-};
-
-/// A policy's limits per plan, from the backend cache (no SQL when warm).
-pub fn policy(name: &str) -> Rc<HashMap<String, Policy>> {
-    follow_committed_changes();
-    if let Some(hit) = POLICIES.with(|p| p.borrow().get(name).cloned()) {
-        return hit;
-    }
-    if WATCHED.with(|w| w.get()[0]) == 0 {
-        remember_watched_tables();
-    }
-    let gen = generation();
-    let _owner = crate::identity::AsOwner::enter();
-    let map: HashMap<String, Policy> = Spi::connect_mut(|client| {
-        spi::run(client, &POLICY_LOAD, &[name.into()])
-            .map(|r| {
-                let plan = spi::get::<String>(&r, 1).expect("plan");
-                let (t_ns, burst) = crate::rate::rate_params(
-                    spi::get::<i64>(&r, 2),
-                    spi::get::<Interval>(&r, 3),
-                    spi::get::<i64>(&r, 4),
-                )
-                .unwrap_or_else(|e| pgrx::error!("quota.rate_policies ({name}, {plan}): {e}"));
-                (
-                    plan,
-                    Policy {
-                        t_ns,
-                        burst,
-                        shadow: spi::get::<bool>(&r, 5).unwrap_or(false),
-                    },
-                )
-            })
-            .collect()
-    });
-    let map = Rc::new(map);
-    if generation() == gen {
-        note_fill();
-        POLICIES.with(|p| {
-            let mut p = p.borrow_mut();
-            if p.len() >= 1_000 {
-                p.clear();
-            }
-            p.insert(name.to_string(), map.clone());
-        });
-    }
-    map
 }
 
 /// The plan of the caller acting as `subject_name` by the one plan rule (see effective_plan),

@@ -149,7 +149,8 @@ pub fn audit_has_actor() -> bool {
     let (relid, has) = unsafe {
         let relid = pg_sys::get_relname_relid(c"audit_log".as_ptr(), nsp);
         let has = relid != pg_sys::InvalidOid
-            && pg_sys::get_attnum(relid, c"actor".as_ptr()) != pg_sys::InvalidAttrNumber as pg_sys::AttrNumber;
+            && pg_sys::get_attnum(relid, c"actor".as_ptr())
+                != pg_sys::InvalidAttrNumber as pg_sys::AttrNumber;
         (relid, has)
     };
     AUDIT_ACTOR.with(|a| a.set(Some((relid, has))));

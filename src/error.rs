@@ -120,9 +120,11 @@ impl QuotaError {
             NoLimit { .. } => Code::ERRCODE_UNDEFINED_OBJECT,
             IdempotencyMismatch { .. } => Code::ERRCODE_INVALID_PARAMETER_VALUE,
             UsageOverflow { .. } => Code::ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
-            NoJwtSubject | OtherSubject { .. } | NotTrusted { .. } | RefundNotAGrant { .. } | NotBatchOwner { .. } => {
-                Code::ERRCODE_INSUFFICIENT_PRIVILEGE
-            }
+            NoJwtSubject
+            | OtherSubject { .. }
+            | NotTrusted { .. }
+            | RefundNotAGrant { .. }
+            | NotBatchOwner { .. } => Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
             MalformedClaims { .. } => Code::ERRCODE_INVALID_TEXT_REPRESENTATION,
             BadInterval { .. } => Code::ERRCODE_INVALID_PARAMETER_VALUE,
             OutOfRange { .. } => Code::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -198,7 +200,9 @@ impl QuotaError {
         if let Some(hint) = self.hint() {
             report = report.set_hint(hint);
         }
-        if let QuotaError::OtherSubject { .. } | QuotaError::NoJwtSubject | QuotaError::NotBatchOwner { .. } = self {
+        if let QuotaError::OtherSubject { .. } | QuotaError::NoJwtSubject | QuotaError::NotBatchOwner { .. } =
+            self
+        {
             report = report
                 .set_detail("Untrusted roles act only as their JWT subject (request.jwt.claims ->> 'sub').");
         }

@@ -23,6 +23,29 @@ pub static CLIENT_IP_HEADER: GucSetting<Option<CString>> =
 pub static TRUSTED_PROXY_HOPS: GucSetting<i32> = GucSetting::<i32>::new(1);
 pub static UNTRUSTED_REFUNDS: GucSetting<bool> = GucSetting::<bool>::new(true);
 
+/// What a new key does in a partition with no bucket to evict (rate::check).
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum WhenFull {
+    #[name = c"allow"]
+    Allow,
+    #[name = c"deny"]
+    Deny,
+}
+pub static RATE_WHEN_FULL: GucSetting<WhenFull> = GucSetting::<WhenFull>::new(WhenFull::Allow);
+// Postmaster settings, defined only while the library is being preloaded.
+static RATE_MAX_KEYS: GucSetting<i32> = GucSetting::<i32>::new(100_000);
+static AUDIT_QUEUE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024);
+
+/// quota_ext.rate_max_keys: buckets in the rate table (at least one per partition).
+pub fn rate_max_keys() -> usize {
+    RATE_MAX_KEYS.get().max(1) as usize
+}
+
+/// quota_ext.audit_queue_size: rows the audit queue holds.
+pub fn audit_queue_size() -> usize {
+    AUDIT_QUEUE_SIZE.get().max(16) as usize
+}
+
 pub fn init() {
     // SUSET: an ordinary role must not raise its own limits (default_plan), widen its own trust
     // (trusted_roles) or hide its own decisions (audit).
@@ -67,6 +90,39 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    GucRegistry::define_enum_guc(
+        c"quota_ext.rate_when_full",
+        c"What a rate check on a new key does when no bucket can be evicted: allow or deny.",
+        c"",
+        &RATE_WHEN_FULL,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    // SAFETY: reads a flag that is set while shared_preload_libraries is processed.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        // A postmaster setting can only be created at server start (PostgreSQL refuses it
+        // later with FATAL), and without the preload there is nothing to size.
+        GucRegistry::define_int_guc(
+            c"quota_ext.rate_max_keys",
+            c"Number of rate-limit buckets kept in shared memory (needs a restart).",
+            c"",
+            &RATE_MAX_KEYS,
+            64,
+            i32::MAX / 2,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+        GucRegistry::define_int_guc(
+            c"quota_ext.audit_queue_size",
+            c"Audit rows of refusals that can wait in shared memory for the audit writer (needs a restart).",
+            c"Each entry takes 3 KiB.",
+            &AUDIT_QUEUE_SIZE,
+            16,
+            1 << 20,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+    }
     GucRegistry::define_int_guc(
         c"quota_ext.trusted_proxy_hops",
         c"Proxies in front of PostgREST that append the client address to quota_ext.client_ip_header.",

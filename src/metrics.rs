@@ -55,10 +55,7 @@ const COUNTERS: [(&str, &str); 16] = [
         "shadow_denials",
         "rate_limit calls a shadow policy allowed but would have denied",
     ),
-    (
-        "evictions",
-        "buckets evicted to make room for new keys",
-    ),
+    ("evictions", "buckets evicted to make room for new keys"),
     (
         "full_table_events",
         "new keys that found their partition full with no refilled bucket (the one owing least was evicted)",
@@ -165,27 +162,30 @@ fn snapshot() -> Vec<(String, i64, String)> {
         .enumerate()
         .map(|(i, (name, desc))| (name.to_string(), SHARED.get().total(i) as i64, desc.to_string()))
         .collect();
-    rows.push((
-        "keys_in_use".into(),
-        crate::rate::keys_in_use().unwrap_or(0),
-        "rate-limit buckets in shared memory now".into(),
-    ));
-    rows.push((
-        "audit_queue_depth".into(),
-        crate::audit_queue::depth().unwrap_or(0),
-        "audit rows waiting in the queue now (audit_queued = audit_written + audit_dropped + this, once writers are idle)".into(),
-    ));
-    rows.push((
-        "key_capacity".into(),
-        crate::rate::key_capacity(),
-        "rate-limit buckets that fit (quota_ext.rate_max_keys, rounded up per partition)".into(),
-    ));
+    for g in GAUGES.get().copied().unwrap_or_default() {
+        rows.push((g.name.to_string(), (g.read)(), g.description.to_string()));
+    }
     rows
 }
 
 /// Gauges are not counters: Prometheus wants them typed as such.
 fn is_gauge(name: &str) -> bool {
-    matches!(name, "keys_in_use" | "key_capacity" | "audit_queue_depth")
+    GAUGES.get().is_some_and(|gs| gs.iter().any(|g| g.name == name))
+}
+
+/// A value other modules report as it is now (not a counter): read when the metrics are.
+pub struct Gauge {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub read: fn() -> i64,
+}
+
+/// The gauges, handed over once from _PG_init by whoever wires the modules together, so this
+/// module knows nothing of the modules that have them.
+static GAUGES: std::sync::OnceLock<&'static [Gauge]> = std::sync::OnceLock::new();
+
+pub fn set_gauges(gauges: &'static [Gauge]) {
+    let _ = GAUGES.set(gauges);
 }
 
 /// The counters, cluster-wide since the last restart or reset_metrics().

@@ -13,26 +13,13 @@ use crate::error::{OrRaise, QuotaError, Result};
 use crate::guc;
 use crate::identity::{self, AsOwner};
 use crate::metrics::{self, Counter};
+use crate::period::check_period;
 use crate::spi::{self, Stmt};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::PgBuiltInOids as T;
 use serde_json::json;
-
-pub const PERIODS: [&str; 7] = ["minute", "hour", "day", "week", "month", "year", "total"];
-
-pub fn check_period(p: Option<&str>) -> Result<String> {
-    let p = p.ok_or(QuotaError::NullArgument {
-        what: "period",
-        hint: "Periods are minute, hour, day, week, month, year and total.",
-    })?;
-    if PERIODS.contains(&p) {
-        Ok(p.to_string())
-    } else {
-        Err(QuotaError::UnknownPeriod(p.to_string()))
-    }
-}
 
 fn check_metric(metric: Option<&str>) -> Result<&str> {
     identity::check_name(
@@ -409,7 +396,9 @@ fn refund_grant(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decisio
         QuotaError::RefundNotAGrant { why }
     };
     if !guc::UNTRUSTED_REFUNDS.get() {
-        return Err(refused("quota_ext.untrusted_refunds is off: only trusted roles refund"));
+        return Err(refused(
+            "quota_ext.untrusted_refunds is off: only trusted roles refund",
+        ));
     }
     let Some(key) = req.key else {
         return Err(refused("no idempotency_key names the grant to refund"));
@@ -433,7 +422,9 @@ fn refund_grant(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decisio
         return Err(refused("that consume granted nothing"));
     }
     if response["trusted"] == true {
-        return Err(refused("that grant was made by a trusted role, which alone can refund it"));
+        return Err(refused(
+            "that grant was made by a trusted role, which alone can refund it",
+        ));
     }
     if let Some(first) = response.get("refund") {
         if first["amount"].as_i64() != Some(amount) {
@@ -471,7 +462,13 @@ fn refund_grant(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decisio
     let rows = spi::run(
         client,
         &REFUND,
-        &[subject.into(), metric.into(), amount.into(), periods.into(), starts.into()],
+        &[
+            subject.into(),
+            metric.into(),
+            amount.into(),
+            periods.into(),
+            starts.into(),
+        ],
     );
     apply_returned(rows, &mut ws);
     let d = Decision::from_window(subject, metric, least_remaining(&ws), true, false);
@@ -709,7 +706,11 @@ fn decide(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
             );
         }
     }
-    let charged: &[Window] = if req.action == Action::Consume && decision.allowed { &ws } else { &[] };
+    let charged: &[Window] = if req.action == Action::Consume && decision.allowed {
+        &ws
+    } else {
+        &[]
+    };
     store_key(client, req, &decision, charged);
     Ok(decision)
 }

@@ -13,12 +13,12 @@
 //! starts empty after a restart or a crash.
 
 use crate::error::{OrRaise, QuotaError};
+use crate::guc;
 use crate::identity;
 use crate::metrics::{self, Counter};
 use pgrx::pg_sys;
 use pgrx::pgrx_sql_entity_graph::metadata as sql_meta;
 use pgrx::prelude::*;
-use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 use std::borrow::Cow;
 use std::ffi::CStr;
 use std::sync::atomic::{AtomicI64, AtomicPtr, AtomicU64, Ordering};
@@ -27,17 +27,6 @@ pub const PARTITIONS: usize = 64;
 const TRANCHE: &CStr = c"quota_ext_rate";
 const SHMEM_NAME: &CStr = c"quota_ext_rate_buckets";
 pub const MAX_KEY_BYTES: usize = 256;
-
-pub static RATE_MAX_KEYS: GucSetting<i32> = GucSetting::<i32>::new(100_000);
-
-#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
-pub enum WhenFull {
-    #[name = c"allow"]
-    Allow,
-    #[name = c"deny"]
-    Deny,
-}
-pub static RATE_WHEN_FULL: GucSetting<WhenFull> = GucSetting::<WhenFull>::new(WhenFull::Allow);
 
 #[repr(C)]
 struct Slot {
@@ -65,7 +54,7 @@ static SLOTS: AtomicPtr<Slot> = AtomicPtr::new(std::ptr::null_mut());
 static LOCKS: AtomicPtr<pg_sys::LWLockPadded> = AtomicPtr::new(std::ptr::null_mut());
 
 fn geometry() -> (usize, usize) {
-    let keys = RATE_MAX_KEYS.get().max(PARTITIONS as i32) as usize;
+    let keys = guc::rate_max_keys().max(PARTITIONS);
     let capacity = keys.div_ceil(PARTITIONS);
     // At most 75% full, so probe sequences stay short.
     (capacity, capacity * 4 / 3 + 1)
@@ -74,33 +63,6 @@ fn geometry() -> (usize, usize) {
 fn shmem_size() -> usize {
     let (_, slots) = geometry();
     std::mem::size_of::<Header>() + PARTITIONS * slots * std::mem::size_of::<Slot>()
-}
-
-pub fn init() {
-    GucRegistry::define_enum_guc(
-        c"quota_ext.rate_when_full",
-        c"What a rate check on a new key does when no bucket can be evicted: allow or deny.",
-        c"",
-        &RATE_WHEN_FULL,
-        GucContext::Suset,
-        GucFlags::default(),
-    );
-    // SAFETY: reads a flag that is set while shared_preload_libraries is processed.
-    if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
-        // A postmaster setting can only be created at server start (PostgreSQL refuses it
-        // later with FATAL), and without the preload there is no table to size.
-        return;
-    }
-    GucRegistry::define_int_guc(
-        c"quota_ext.rate_max_keys",
-        c"Number of rate-limit buckets kept in shared memory (needs a restart).",
-        c"",
-        &RATE_MAX_KEYS,
-        PARTITIONS as i32,
-        i32::MAX / 2,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
 }
 
 /// The bucket table's share of shared memory (from shmem's request hook).
@@ -431,12 +393,12 @@ pub fn check(key: &[u8], kind: Kind, t: i64, burst: i64, cost: i64, now: i64) ->
             None => {
                 part.unlock();
                 metrics::count(Counter::FullTableEvents);
-                return match RATE_WHEN_FULL.get() {
-                    WhenFull::Allow => Gcra {
+                return match guc::RATE_WHEN_FULL.get() {
+                    guc::WhenFull::Allow => Gcra {
                         new_tat: None,
                         ..fresh
                     },
-                    WhenFull::Deny => Gcra {
+                    guc::WhenFull::Deny => Gcra {
                         allowed: false,
                         new_tat: None,
                         remaining: 0,
@@ -505,12 +467,6 @@ pub fn now_ns() -> i64 {
         .saturating_add(ts.tv_nsec as i64)
 }
 
-/// Nanoseconds in an interval, months counted as 30 days (as PostgreSQL's interval arithmetic
-/// does when it must compare them).
-pub fn interval_ns(i: &Interval) -> i128 {
-    (i.months() as i128 * 30 + i.days() as i128) * 86_400_000_000_000 + i.micros() as i128 * 1000
-}
-
 /// A `quota.rate_decision` formed in one step and handed to PostgreSQL as it is. pgrx's
 /// composite return (`PgHeapTuple`) collects the values into two vectors, forms the tuple and
 /// then copies it once more into the result datum; on the rate path, where the whole call costs
@@ -563,55 +519,6 @@ pub fn decision_row(fcinfo: pg_sys::FunctionCallInfo, key: &str, burst: i64, g: 
     }
 }
 
-/// Validated numbers of a rate: emission interval `t` (ns per token) and bucket size.
-pub fn rate_params(
-    rate: Option<i64>,
-    per: Option<Interval>,
-    burst: Option<i64>,
-) -> Result<(i64, i64), QuotaError> {
-    let rate = rate.ok_or(QuotaError::NullArgument {
-        what: "rate",
-        hint: "Pass how many tokens refill per interval.",
-    })?;
-    if rate <= 0 {
-        return Err(QuotaError::NotPositive {
-            what: "rate",
-            value: rate,
-        });
-    }
-    let per = per.ok_or(QuotaError::NullArgument {
-        what: "per",
-        hint: "Pass an interval such as '1 second'.",
-    })?;
-    let per_ns = interval_ns(&per);
-    if per_ns <= 0 {
-        return Err(QuotaError::BadInterval {
-            what: "per",
-            value: format!("{per}"),
-        });
-    }
-    let burst = burst.unwrap_or(rate);
-    if burst <= 0 {
-        return Err(QuotaError::NotPositive {
-            what: "burst",
-            value: burst,
-        });
-    }
-    let t = match i64::try_from(per_ns) {
-        Ok(p) => (p / rate) as i128, // the common case, without a 128-bit division
-        Err(_) => per_ns / rate as i128,
-    };
-    if t == 0 || t > i64::MAX as i128 / (burst as i128).max(1) {
-        return Err(QuotaError::OutOfRange {
-            what: "rate per interval",
-            value: rate as f64,
-            min: 1.0,
-            max: per_ns as f64,
-        });
-    }
-    Ok((t as i64, burst))
-}
-
 pub fn check_key(key: Option<&str>) -> Result<&str, QuotaError> {
     let key = key.ok_or(QuotaError::NullArgument {
         what: "key",
@@ -643,7 +550,7 @@ fn rate_check(
 ) -> RateDecision {
     require_ready();
     let key = check_key(key).or_raise();
-    let (t, burst) = rate_params(rate, per, burst).or_raise();
+    let (t, burst) = crate::policy::rate_params(rate, per, burst).or_raise();
     let cost = cost.unwrap_or(1);
     if cost < 0 {
         QuotaError::Negative {
@@ -698,7 +605,7 @@ mod unit {
 /// The bucket a policy call uses and the limits that apply to it.
 struct Resolved<'a> {
     key: Cow<'a, str>,
-    policy: crate::cache::Policy,
+    policy: crate::policy::Policy,
 }
 
 /// Plan and key of the caller for `policy`: the one plan rule (quota.subjects, else the JWT
@@ -710,7 +617,7 @@ fn resolve<'a>(
     key: Option<&'a str>,
     trusted: bool,
 ) -> Result<Option<Resolved<'a>>, QuotaError> {
-    let policies = crate::cache::policy(policy_name);
+    let policies = crate::policy::policy(policy_name);
     if policies.is_empty() {
         return Ok(None);
     }

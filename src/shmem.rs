@@ -1,5 +1,5 @@
-//! Shared memory: one pair of hooks that asks for and builds both structures (the rate-limit
-//! table and the audit queue), and the set-up they share.
+//! Shared memory: the set-up every structure shares, and the one pair of hooks that asks for
+//! and builds them all, with the functions handed over by whoever wires the modules together.
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -31,12 +31,21 @@ pub unsafe fn init_struct(name: &CStr, size: usize, init: impl FnOnce(*mut u8)) 
     }
 }
 
+/// A structure in shared memory: how to ask for its space and locks, and how to find or build
+/// it (the second, unsafe, only from the startup hook after the first ran).
+pub struct Structure {
+    pub request: fn(),
+    pub startup: unsafe fn(),
+}
+
 static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
 static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
+static STRUCTURES: std::sync::OnceLock<&'static [Structure]> = std::sync::OnceLock::new();
 
 /// From _PG_init while the library is being preloaded, after the postmaster settings that
 /// size the structures are defined.
-pub fn install_hooks() {
+pub fn install_hooks(structures: &'static [Structure]) {
+    let _ = STRUCTURES.set(structures);
     // SAFETY: installed once, in the postmaster, chaining to the previous hooks.
     unsafe {
         PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
@@ -44,6 +53,10 @@ pub fn install_hooks() {
         PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
         pg_sys::shmem_startup_hook = Some(shmem_startup);
     }
+}
+
+fn structures() -> &'static [Structure] {
+    STRUCTURES.get().copied().unwrap_or_default()
 }
 
 #[pg_guard]
@@ -54,8 +67,9 @@ unsafe extern "C-unwind" fn shmem_request() {
             prev();
         }
     }
-    crate::rate::shmem_request();
-    crate::audit_queue::shmem_request();
+    for s in structures() {
+        (s.request)();
+    }
 }
 
 #[pg_guard]
@@ -66,7 +80,8 @@ unsafe extern "C-unwind" fn shmem_startup() {
         if let Some(prev) = PREV_SHMEM_STARTUP {
             prev();
         }
-        crate::rate::shmem_startup();
-        crate::audit_queue::shmem_startup();
+        for s in structures() {
+            (s.startup)();
+        }
     }
 }
