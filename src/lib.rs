@@ -1,53 +1,49 @@
 //! quota_ext: exact quotas, rate limits and inventory batches inside PostgreSQL.
-//! This file only wires the modules together; each concern lives in its own file.
+//! This file only wires the modules together. One folder per subsystem:
+//! `quota/` (consume, refund, status, the admin functions; periods, decisions, the caches of
+//! limits and subjects), `rate/` (the bucket table, GCRA, policies), `audit/` (the log and the
+//! queue of refusals with its writer), `batch/` (inventory), `request/` (who calls: trust,
+//! JWT claims, client address, the switch to the owner), `pg/` (what talks to PostgreSQL:
+//! statements, catalog, settings, shared memory, errors), and `metrics.rs`.
 
 use pgrx::prelude::*;
 
 ::pgrx::pg_module_magic!(name, version);
 
 mod audit;
-mod audit_queue;
 mod batch;
-mod cache;
-mod catalog;
-mod decision;
-mod error;
-mod guc;
-mod identity;
 mod metrics;
-mod period;
-mod policy;
+mod pg;
 mod quota;
 mod rate;
-mod shmem;
-mod spi;
+mod request;
 
 pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    guc::init();
-    cache::init();
-    catalog::init();
-    identity::init();
+    pg::guc::init();
+    quota::cache::init();
+    pg::catalog::init();
+    request::init();
     metrics::init();
     metrics::set_gauges(&GAUGES);
     // SAFETY: reads a flag that is set while shared_preload_libraries is processed.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
-        shmem::install_hooks(&SHARED_STRUCTURES);
+        pg::shmem::install_hooks(&SHARED_STRUCTURES);
     }
 }
 
 /// What lives in shared memory besides pgrx's own atomics.
-static SHARED_STRUCTURES: [shmem::Structure; 2] = [
-    shmem::Structure {
+static SHARED_STRUCTURES: [pg::shmem::Structure; 2] = [
+    pg::shmem::Structure {
         request: rate::shmem_request,
         startup: rate::shmem_startup,
     },
-    shmem::Structure {
-        request: audit_queue::shmem_request,
-        startup: audit_queue::shmem_startup,
+    pg::shmem::Structure {
+        request: audit::queue::shmem_request,
+        startup: audit::queue::shmem_startup,
     },
 ];
 
@@ -61,7 +57,7 @@ static GAUGES: [metrics::Gauge; 3] = [
     metrics::Gauge {
         name: "audit_queue_depth",
         description: "audit rows waiting in the queue now (audit_queued = audit_written + audit_dropped + this, once writers are idle)",
-        read: || audit_queue::depth().unwrap_or(0),
+        read: || audit::queue::depth().unwrap_or(0),
     },
     metrics::Gauge {
         name: "key_capacity",

@@ -4,8 +4,8 @@
 //! zero after a restart. Without `shared_preload_libraries = 'quota_ext'` nothing is counted and
 //! the metrics functions say how to enable them.
 
-use crate::error::{OrRaise, QuotaError};
-use crate::identity;
+use crate::pg::error::{OrRaise, QuotaError};
+use crate::request;
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic};
 use std::cell::Cell;
@@ -217,7 +217,7 @@ fn metrics_prometheus() -> String {
 #[pg_extern(volatile, parallel_safe)]
 #[search_path(pg_catalog, pg_temp)]
 fn reset_metrics() {
-    identity::require_trusted("quota.reset_metrics").or_raise();
+    request::require_trusted("quota.reset_metrics").or_raise();
     require_preloaded();
     for shard in &SHARED.get().0 {
         for c in &shard.0 {

@@ -1,6 +1,6 @@
 //! The `quota.decision` row: what consume, refund and status answer.
 
-use crate::catalog;
+use crate::pg::catalog;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgTupleDesc};
 use serde_json::json;

@@ -95,7 +95,7 @@ const EXTENSION: &CStr = c"quota_ext";
 
 /// `pg_extension.extowner` of quota_ext, read from the catalog (pg_extension has no syscache:
 /// a scan of its name index, as get_extension_oid does). Callers remember it
-/// (identity::extension_owner).
+/// (request::extension_owner).
 pub fn extension_owner() -> pg_sys::Oid {
     // SAFETY: an index scan of pg_extension under AccessShareLock with a NUL-terminated name
     // key (the name type's equality reads the key as a C string up to NAMEDATALEN); the tuple

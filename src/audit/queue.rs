@@ -20,7 +20,7 @@
 //! in quota.metrics() (audit_dropped), beside audit_queued and audit_written.
 
 use crate::metrics::{self, Counter};
-use crate::spi::{self, Stmt};
+use crate::pg::spi::{self, Stmt};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -108,7 +108,7 @@ static ENTRIES: AtomicPtr<Entry> = AtomicPtr::new(std::ptr::null_mut());
 static LOCK: AtomicPtr<pg_sys::LWLock> = AtomicPtr::new(std::ptr::null_mut());
 
 fn capacity() -> usize {
-    crate::guc::audit_queue_size()
+    crate::pg::guc::audit_queue_size()
 }
 
 fn shmem_size() -> usize {
@@ -131,7 +131,7 @@ pub fn shmem_request() {
 pub unsafe fn shmem_startup() {
     // SAFETY: per this function's contract.
     unsafe {
-        let base = crate::shmem::init_struct(SHMEM_NAME, shmem_size(), |base| {
+        let base = crate::pg::shmem::init_struct(SHMEM_NAME, shmem_size(), |base| {
             (*base.cast::<Header>()).capacity = capacity() as u64;
         });
         HEADER.store(base.cast::<Header>(), Ordering::Release);
@@ -207,11 +207,11 @@ pub struct Refusal<'a> {
 /// make sure the database's writer runs. Without the preload there is no queue and nothing is
 /// written.
 pub fn refusal(r: Refusal<'_>) {
-    if !crate::guc::audit_wanted(false) || HEADER.load(Ordering::Acquire).is_null() {
+    if !crate::pg::guc::audit_wanted(false) || HEADER.load(Ordering::Acquire).is_null() {
         return;
     }
     relaunch_stranded();
-    let actor = crate::identity::actor();
+    let actor = crate::request::actor();
     let payload = encode(&r, actor.as_deref());
     if payload.len() > ENTRY_DATA {
         // Not reachable for the arguments the functions accept (see encode); counted if it were.
@@ -294,7 +294,7 @@ pub fn refusal(r: Refusal<'_>) {
 fn encode(r: &Refusal<'_>, actor: Option<&str>) -> Vec<u8> {
     let details = r.details.to_string();
     let mut out = Vec::with_capacity(64 + details.len());
-    out.extend_from_slice(&crate::decision::now_micros().to_le_bytes());
+    out.extend_from_slice(&crate::quota::decision::now_micros().to_le_bytes());
     match r.amount {
         Some(a) => {
             out.push(1);
@@ -699,9 +699,9 @@ fn write(bytes: &[u8], found: &[(u64, usize, usize)]) {
         BackgroundWorker::transaction(move || {
             // As the extension owner, as the functions that queued the rows would have written
             // them (the worker itself connects as the bootstrap superuser).
-            let _owner = crate::identity::AsOwner::enter();
+            let _owner = crate::request::AsOwner::enter();
             Spi::connect_mut(|client| {
-                let stmt = if crate::catalog::audit_has_actor() {
+                let stmt = if crate::pg::catalog::audit_has_actor() {
                     &WRITE
                 } else {
                     &WRITE_0_5

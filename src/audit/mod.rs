@@ -1,9 +1,11 @@
 //! quota.audit_log: one row per decision (subject to quota_ext.audit), keyset pages, pruning.
 
-use crate::error::{OrRaise, QuotaError, Result};
-use crate::guc;
-use crate::identity::{self, AsOwner};
-use crate::spi::{self, Stmt};
+pub mod queue;
+
+use crate::pg::error::{OrRaise, QuotaError, Result};
+use crate::pg::guc;
+use crate::pg::spi::{self, Stmt};
+use crate::request::{self, AsOwner};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::PgBuiltInOids as T;
@@ -45,10 +47,10 @@ pub struct Entry<'a> {
     pub idempotency_key: Option<&'a str>,
 }
 
-/// Write one audit row in the caller's transaction, with the acting role (identity::actor).
+/// Write one audit row in the caller's transaction, with the acting role (request::actor).
 /// The caller checks quota_ext.audit.
 pub fn record(client: &mut SpiClient<'_>, e: Entry<'_>) {
-    let stmt = if crate::catalog::audit_has_actor() {
+    let stmt = if crate::pg::catalog::audit_has_actor() {
         &INSERT
     } else {
         &INSERT_0_5
@@ -65,7 +67,7 @@ pub fn record(client: &mut SpiClient<'_>, e: Entry<'_>) {
             e.reason.into(),
             pgrx::JsonB(e.details).into(),
             e.idempotency_key.into(),
-            identity::actor().into(),
+            request::actor().into(),
         ],
     );
 }
@@ -138,10 +140,10 @@ fn audit_page(
         }
         .raise();
     }
-    let subject = if subject.is_none() && identity::is_trusted() {
+    let subject = if subject.is_none() && request::is_trusted() {
         None
     } else {
-        Some(identity::resolve_subject(subject).or_raise())
+        Some(request::resolve_subject(subject).or_raise())
     };
     let _owner = AsOwner::enter();
     let rows: Vec<AuditRow> = Spi::connect_mut(|client| {
@@ -179,7 +181,7 @@ fn prune(
     idempotency_older_than: default!(Option<Interval>, "'7 days'"),
 ) -> TableIterator<'static, (name!(audit_deleted, i64), name!(idempotency_deleted, i64))> {
     let counts = (|| -> Result<(i64, i64)> {
-        identity::require_trusted("quota.prune")?;
+        request::require_trusted("quota.prune")?;
         let _owner = AsOwner::enter();
         Spi::connect_mut(|client| {
             let row = spi::run(

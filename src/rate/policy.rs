@@ -1,9 +1,9 @@
 //! Rate-limit policies: the rows of quota.rate_policies, validated into the numbers GCRA
 //! needs, and each backend's cache of them, dropped with the other caches (cache::generation).
 
-use crate::cache;
-use crate::error::QuotaError;
-use crate::spi::{self, Stmt};
+use crate::pg::error::QuotaError;
+use crate::pg::spi::{self, Stmt};
+use crate::quota::cache;
 use pgrx::prelude::*;
 use pgrx::PgBuiltInOids as T;
 use std::cell::RefCell;
@@ -44,7 +44,7 @@ pub fn policy(name: &str) -> Rc<HashMap<String, Policy>> {
         return hit;
     }
     cache::watch_tables();
-    let _owner = crate::identity::AsOwner::enter();
+    let _owner = crate::request::AsOwner::enter();
     let map: HashMap<String, Policy> = Spi::connect_mut(|client| {
         spi::run(client, &POLICY_LOAD, &[name.into()])
             .map(|r| {

@@ -6,9 +6,9 @@
 //! the search path of those statements to pg_catalog (a plan-cache override, not a GUC change:
 //! a function-level `SET search_path` recomputes the path on every call and every return).
 
-use crate::catalog;
-use crate::error::{QuotaError, Result};
-use crate::guc;
+use crate::pg::catalog;
+use crate::pg::error::{QuotaError, Result};
+use crate::pg::guc;
 use pgrx::pg_sys;
 use std::cell::Cell;
 use std::cmp::Ordering;

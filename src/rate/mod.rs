@@ -12,10 +12,12 @@
 //! quota_ext.rate_max_keys (postmaster); state is not transactional (like a sequence) and
 //! starts empty after a restart or a crash.
 
-use crate::error::{OrRaise, QuotaError};
-use crate::guc;
-use crate::identity;
+pub mod policy;
+
 use crate::metrics::{self, Counter};
+use crate::pg::error::{OrRaise, QuotaError};
+use crate::pg::guc;
+use crate::request;
 use pgrx::pg_sys;
 use pgrx::pgrx_sql_entity_graph::metadata as sql_meta;
 use pgrx::prelude::*;
@@ -81,7 +83,7 @@ pub fn shmem_request() {
 pub unsafe fn shmem_startup() {
     // SAFETY: per this function's contract.
     unsafe {
-        let base = crate::shmem::init_struct(SHMEM_NAME, shmem_size(), |base| {
+        let base = crate::pg::shmem::init_struct(SHMEM_NAME, shmem_size(), |base| {
             let (capacity, slots) = geometry();
             let h = base.cast::<Header>();
             (*h).slots_per_partition = slots as u64;
@@ -513,7 +515,7 @@ pub fn decision_row(fcinfo: pg_sys::FunctionCallInfo, key: &str, burst: i64, g: 
     // in-memory text), so the tuple's data is the result datum as it is (what
     // HeapTupleGetDatum returns without toast pointers).
     unsafe {
-        let tupdesc = crate::catalog::result_tupdesc(fcinfo);
+        let tupdesc = crate::pg::catalog::result_tupdesc(fcinfo);
         let tuple = pg_sys::heap_form_tuple(tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
         RateDecision(pg_sys::Datum::from((*tuple).t_data))
     }
@@ -550,7 +552,7 @@ fn rate_check(
 ) -> RateDecision {
     require_ready();
     let key = check_key(key).or_raise();
-    let (t, burst) = crate::policy::rate_params(rate, per, burst).or_raise();
+    let (t, burst) = crate::rate::policy::rate_params(rate, per, burst).or_raise();
     let cost = cost.unwrap_or(1);
     if cost < 0 {
         QuotaError::Negative {
@@ -571,7 +573,7 @@ fn rate_check(
 #[pg_extern(volatile, parallel_safe)]
 #[search_path(pg_catalog, pg_temp)]
 fn rate_reset(key: Option<&str>) -> bool {
-    identity::require_trusted("quota.rate_reset").or_raise();
+    request::require_trusted("quota.rate_reset").or_raise();
     require_ready();
     let key = check_key(key).or_raise();
     reset(key.as_bytes())
@@ -605,28 +607,28 @@ mod unit {
 /// The bucket a policy call uses and the limits that apply to it.
 struct Resolved<'a> {
     key: Cow<'a, str>,
-    policy: crate::policy::Policy,
+    policy: crate::rate::policy::Policy,
 }
 
 /// Plan and key of the caller for `policy`: the one plan rule (quota.subjects, else the JWT
 /// claim app_metadata.plan when it names a plan, else quota_ext.default_plan); callers without
-/// a JWT subject are plan `anonymous` keyed by `ip:<client address>` (identity::client_ip). The warm path allocates only
+/// a JWT subject are plan `anonymous` keyed by `ip:<client address>` (request::client_ip). The warm path allocates only
 /// the key of a caller that does not name one.
 fn resolve<'a>(
     policy_name: &str,
     key: Option<&'a str>,
     trusted: bool,
 ) -> Result<Option<Resolved<'a>>, QuotaError> {
-    let policies = crate::policy::policy(policy_name);
+    let policies = crate::rate::policy::policy(policy_name);
     if policies.is_empty() {
         return Ok(None);
     }
-    let req = identity::request_info()?;
-    let default_plan = crate::guc::default_plan_str();
+    let req = request::request_info()?;
+    let default_plan = crate::pg::guc::default_plan_str();
     let caller_plan;
     let plan: &str = match &req.sub {
         Some(sub) => {
-            caller_plan = crate::cache::caller_plan(sub, req.plan.as_deref(), &default_plan);
+            caller_plan = crate::quota::cache::caller_plan(sub, req.plan.as_deref(), &default_plan);
             &caller_plan
         }
         None => "anonymous",
@@ -636,7 +638,7 @@ fn resolve<'a>(
             Some(sub) => Cow::Owned(sub.to_string()),
             None => Cow::Owned(format!(
                 "ip:{}",
-                identity::client_ip().as_deref().unwrap_or("unknown")
+                request::client_ip().as_deref().unwrap_or("unknown")
             )),
         }
     };
@@ -711,7 +713,7 @@ fn rate_limit(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> RateDecision {
     require_ready();
-    let policy = identity::check_name(
+    let policy = request::check_name(
         "policy",
         policy,
         "Pass a policy of quota.rate_policies, e.g. 'default'.",
@@ -725,7 +727,7 @@ fn rate_limit(
         }
         .raise();
     }
-    let r = resolve(policy, key, identity::is_trusted())
+    let r = resolve(policy, key, request::is_trusted())
         .and_then(|r| {
             r.ok_or(QuotaError::NoPolicy {
                 policy: policy.to_string(),
@@ -742,7 +744,7 @@ fn rate_limit(
 #[pg_extern(volatile, parallel_restricted)]
 fn request_rate_decision(method: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) -> Option<RateDecision> {
     require_ready();
-    if identity::is_trusted() {
+    if request::is_trusted() {
         return None;
     }
     let first = match method.unwrap_or("GET").to_ascii_uppercase().as_str() {

@@ -3,11 +3,11 @@
 //! owner's batches, earliest expiry first.
 
 use crate::audit;
-use crate::audit_queue;
-use crate::error::{OrRaise, QuotaError, Result};
-use crate::guc;
-use crate::identity::{self, AsOwner};
-use crate::spi::{self, Stmt};
+use crate::audit::queue;
+use crate::pg::error::{OrRaise, QuotaError, Result};
+use crate::pg::guc;
+use crate::pg::spi::{self, Stmt};
+use crate::request::{self, AsOwner};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::PgBuiltInOids as T;
@@ -26,10 +26,10 @@ fn check_quantity(what: &'static str, q: Option<i64>) -> Result<i64> {
 
 /// The owner an untrusted caller may act for is its JWT subject.
 fn check_owner(owner: &str) -> Result<()> {
-    if identity::is_trusted() {
+    if request::is_trusted() {
         return Ok(());
     }
-    let me = identity::jwt_subject()?.ok_or(QuotaError::NoJwtSubject)?;
+    let me = request::jwt_subject()?.ok_or(QuotaError::NoJwtSubject)?;
     if me != owner {
         return Err(QuotaError::OtherSubject {
             requested: owner.to_string(),
@@ -56,9 +56,9 @@ fn create_batch(
     metadata: default!(Option<pgrx::JsonB>, "'{}'"),
 ) -> pgrx::composite_type!('static, "quota.batches") {
     (|| -> Result<_> {
-        identity::require_trusted("quota.create_batch")?;
-        let owner = identity::check_name("owner", owner, "Pass the owner of the batch.")?;
-        let item = identity::check_name("item", item, "Pass the item the batch holds.")?;
+        request::require_trusted("quota.create_batch")?;
+        let owner = request::check_name("owner", owner, "Pass the owner of the batch.")?;
+        let item = request::check_name("item", item, "Pass the item the batch holds.")?;
         let q = quantity.ok_or(QuotaError::NullArgument {
             what: "quantity",
             hint: "Pass the batch's quantity.",
@@ -217,17 +217,17 @@ fn consume_batch_quantity(
         name!(version, i64),
     ),
 > {
-    audit_queue::relaunch_stranded();
+    queue::relaunch_stranded();
     let row = (|| -> Result<(pgrx::Uuid, i64, i64, i64)> {
         let id = p_batch_id.ok_or(QuotaError::NullArgument {
             what: "p_batch_id",
             hint: "Pass the batch's id.",
         })?;
         let q = check_quantity("p_quantity_to_consume", p_quantity_to_consume)?;
-        let me = if identity::is_trusted() {
+        let me = if request::is_trusted() {
             None
         } else {
-            Some(identity::jwt_subject()?.ok_or(QuotaError::NoJwtSubject)?)
+            Some(request::jwt_subject()?.ok_or(QuotaError::NoJwtSubject)?)
         };
         // Details but for the members the statement appends.
         let mut prefix = json!({"batch_id": id.to_string(), "consumed": q}).to_string();
@@ -242,9 +242,9 @@ fn consume_batch_quantity(
                 me.as_deref().into(),
                 prefix.as_str().into(),
                 guc::audit_wanted(true).into(),
-                identity::actor().into(),
+                request::actor().into(),
             ];
-            let stmt = if crate::catalog::audit_has_actor() {
+            let stmt = if crate::pg::catalog::audit_has_actor() {
                 &CONSUME_ONE
             } else {
                 &CONSUME_ONE_0_5
@@ -259,7 +259,7 @@ fn consume_batch_quantity(
                 ));
             }
             let refusal = |subject: Option<&str>, item: Option<&str>, reason: &str, details| {
-                audit_queue::refusal(audit_queue::Refusal {
+                queue::refusal(queue::Refusal {
                     subject,
                     action: "consume_batch",
                     metric: item,
@@ -361,10 +361,10 @@ fn consume_item(
         name!(version, i64),
     ),
 > {
-    audit_queue::relaunch_stranded();
+    queue::relaunch_stranded();
     let rows = (|| -> Result<Vec<(pgrx::Uuid, i64, i64, i64)>> {
-        let owner = identity::check_name("owner", owner, "Pass the owner whose batches to take from.")?;
-        let item = identity::check_name("item", item, "Pass the item to take.")?;
+        let owner = request::check_name("owner", owner, "Pass the owner whose batches to take from.")?;
+        let item = request::check_name("item", item, "Pass the item to take.")?;
         let q = check_quantity("quantity", quantity)?;
         let fifo = match strategy.unwrap_or("fefo") {
             "fefo" => false,
@@ -377,7 +377,7 @@ fn consume_item(
             let ids: Vec<pgrx::Uuid> = spi::run(client, &CANDIDATES, &[owner.into(), item.into()])
                 .map(|r| spi::get::<pgrx::Uuid>(&r, 1).expect("id"))
                 .collect();
-            let now = crate::decision::now_micros();
+            let now = crate::quota::decision::now_micros();
             // (id, quantity, expires_at, created_at) after locking; expired or emptied
             // meanwhile: skipped.
             let mut locked: Vec<(pgrx::Uuid, i64, Option<i64>, i64)> =
@@ -401,7 +401,7 @@ fn consume_item(
             }
             let available: i64 = locked.iter().map(|b| b.1).fold(0i64, |a, b| a.saturating_add(b));
             if available < q {
-                audit_queue::refusal(audit_queue::Refusal {
+                queue::refusal(queue::Refusal {
                     subject: Some(&owner),
                     action: "consume_item",
                     metric: Some(&item),

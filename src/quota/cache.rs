@@ -16,10 +16,10 @@
 //!   caches when it moved: a change applies to the next call of every backend of the server,
 //!   also inside a transaction that was already open.
 
-use crate::catalog;
-use crate::decision::now_micros;
-use crate::error::{QuotaError, Result};
-use crate::spi::{self, Stmt};
+use crate::pg::catalog;
+use crate::pg::error::{QuotaError, Result};
+use crate::pg::spi::{self, Stmt};
+use crate::quota::decision::now_micros;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -228,7 +228,7 @@ fn plan_limits(client: &mut SpiClient<'_>, plan: &str, metric: &str) -> Rc<Vec<(
             )
         })
         .collect();
-    periods.sort_by_key(|(p, _)| crate::period::rank(p));
+    periods.sort_by_key(|(p, _)| crate::quota::period::rank(p));
     let periods = Rc::new(periods);
     if generation() != gen {
         return periods;
@@ -364,7 +364,7 @@ pub fn limits(
             plan: plan.into(),
         });
     }
-    periods.sort_by_key(|(p, _)| crate::period::rank(p));
+    periods.sort_by_key(|(p, _)| crate::quota::period::rank(p));
     Ok(Limits {
         plan: plan.to_string(),
         time_zone: info.time_zone.clone(),
@@ -441,7 +441,7 @@ pub fn caller_plan(subject_name: &str, claim: Option<&str>, default_plan: &str) 
     if WATCHED.with(|w| w.get()[0]) == 0 {
         remember_watched_tables();
     }
-    let _owner = crate::identity::AsOwner::enter();
+    let _owner = crate::request::AsOwner::enter();
     Spi::connect_mut(|client| {
         let info = subject(client, subject_name);
         effective_plan(client, info.plan.as_deref(), claim, default_plan).to_string()

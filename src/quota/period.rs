@@ -1,6 +1,6 @@
 //! The calendar periods a limit can have, in order from the shortest.
 
-use crate::error::{QuotaError, Result};
+use crate::pg::error::{QuotaError, Result};
 
 pub const PERIODS: [&str; 7] = ["minute", "hour", "day", "week", "month", "year", "total"];
 

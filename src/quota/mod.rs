@@ -5,16 +5,20 @@
 //! COMMITTED a session that waited for the row re-checks the limit against the row's newest
 //! version, so the sum granted never passes the limit.
 
+pub mod cache;
+pub mod decision;
+pub mod period;
+
 use crate::audit;
-use crate::audit_queue;
-use crate::cache;
-use crate::decision::{latest_reset, least_remaining, Decision, DecisionRow, Window};
-use crate::error::{OrRaise, QuotaError, Result};
-use crate::guc;
-use crate::identity::{self, AsOwner};
+use crate::audit::queue;
+
 use crate::metrics::{self, Counter};
-use crate::period::check_period;
-use crate::spi::{self, Stmt};
+use crate::pg::error::{OrRaise, QuotaError, Result};
+use crate::pg::guc;
+use crate::pg::spi::{self, Stmt};
+use crate::request::{self, AsOwner};
+use decision::{latest_reset, least_remaining, Decision, DecisionRow, Window};
+use period::check_period;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -22,7 +26,7 @@ use pgrx::PgBuiltInOids as T;
 use serde_json::json;
 
 fn check_metric(metric: Option<&str>) -> Result<&str> {
-    identity::check_name(
+    request::check_name(
         "metric",
         metric,
         "Pass the name of the metric to count, e.g. 'api_calls'.",
@@ -47,7 +51,7 @@ fn check_key(key: Option<&str>) -> Result<Option<String>> {
     match key {
         None => Ok(None),
         Some(k) => {
-            identity::check_present("idempotency_key", k)?;
+            request::check_present("idempotency_key", k)?;
             Ok(Some(k.to_string()))
         }
     }
@@ -384,7 +388,7 @@ static GRANT_LOCK: Stmt = Stmt {
 fn refund_grant(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
     let (subject, metric, amount) = (req.subject, req.metric, req.amount);
     let refused = |why: &'static str| {
-        audit_queue::refusal(audit_queue::Refusal {
+        queue::refusal(queue::Refusal {
             subject: Some(subject),
             action: "refund",
             metric: Some(metric),
@@ -595,8 +599,8 @@ fn decide(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
                         prefix.push_str(",\"used\":");
                         args.push(prefix.into());
                         args.push(req.key.into());
-                        args.push(identity::actor().into());
-                        let stmt = if crate::catalog::audit_has_actor() {
+                        args.push(request::actor().into());
+                        let stmt = if crate::pg::catalog::audit_has_actor() {
                             &UPSERT_ONE_AUDITED
                         } else {
                             &UPSERT_ONE_AUDITED_0_5
@@ -681,7 +685,7 @@ fn decide(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
             .unwrap_or(&ws[0]);
         let details = details_json(&plan, binding, &ws);
         if req.queue_denial && !decision.allowed {
-            audit_queue::refusal(audit_queue::Refusal {
+            queue::refusal(queue::Refusal {
                 subject: Some(subject),
                 action: req.action.name(),
                 metric: Some(metric),
@@ -754,7 +758,7 @@ fn store_key(client: &mut SpiClient<'_>, req: &Request<'_>, d: &Decision, charge
 /// not parse claim nothing: an untrusted caller was refused for them already (it needs its
 /// subject from them), and a trusted one naming a subject does not need them.
 fn own_plan_claim(subject: &str) -> Option<String> {
-    let req = identity::request_info().ok()?;
+    let req = request::request_info().ok()?;
     req.plan.filter(|_| req.sub.as_deref() == Some(subject))
 }
 
@@ -766,12 +770,12 @@ fn run_request(
     idempotency_key: Option<&str>,
     queue_denial: bool,
 ) -> Result<Decision> {
-    audit_queue::relaunch_stranded();
+    queue::relaunch_stranded();
     let metric = check_metric(metric)?;
     let amount = check_amount(amount)?;
     let key = check_key(idempotency_key)?;
-    let subject = identity::resolve_subject(subject)?;
-    let trusted = identity::is_trusted();
+    let subject = request::resolve_subject(subject)?;
+    let trusted = request::is_trusted();
     let claim = own_plan_claim(&subject);
     let _owner = AsOwner::enter();
     Spi::connect_mut(|client| {
@@ -864,7 +868,7 @@ SELECT lim.metric, lim.period, lim.max_amount, w.window_start, w.reset_at, coale
 fn status(
     subject: default!(Option<&str>, "NULL"),
 ) -> SetOfIterator<'static, pgrx::composite_type!('static, "quota.decision")> {
-    let subject = identity::resolve_subject(subject).or_raise();
+    let subject = request::resolve_subject(subject).or_raise();
     let claim = own_plan_claim(&subject);
     let _owner = AsOwner::enter();
     let rows: Vec<(String, Window)> = Spi::connect_mut(|client| {
@@ -930,11 +934,11 @@ fn ensure_plan(client: &mut SpiClient<'_>, plan: &str) -> Result<()> {
 #[search_path(pg_catalog, pg_temp)]
 fn set_plan(subject: Option<&str>, plan: Option<&str>, time_zone: default!(Option<&str>, "NULL")) {
     (|| -> Result<()> {
-        identity::require_trusted("quota.set_plan")?;
-        let subject = identity::check_name("subject", subject, "Pass the subject to put on a plan.")?;
-        let plan = identity::check_name("plan", plan, "Pass a plan from quota.plans.")?;
+        request::require_trusted("quota.set_plan")?;
+        let subject = request::check_name("subject", subject, "Pass the subject to put on a plan.")?;
+        let plan = request::check_name("plan", plan, "Pass a plan from quota.plans.")?;
         if let Some(tz) = time_zone {
-            identity::check_present("time_zone", tz)?;
+            request::check_present("time_zone", tz)?;
         }
         let _owner = AsOwner::enter();
         Spi::connect_mut(|client| {
@@ -975,8 +979,8 @@ static DEL_LIMIT: Stmt = Stmt {
 #[search_path(pg_catalog, pg_temp)]
 fn set_limit(plan: Option<&str>, metric: Option<&str>, period: Option<&str>, max_amount: Option<i64>) {
     (|| -> Result<()> {
-        identity::require_trusted("quota.set_limit")?;
-        let plan = identity::check_name("plan", plan, "Pass a plan from quota.plans.")?;
+        request::require_trusted("quota.set_limit")?;
+        let plan = request::check_name("plan", plan, "Pass a plan from quota.plans.")?;
         let metric = check_metric(metric)?;
         let period = check_period(period)?;
         if let Some(m) = max_amount.filter(|m| *m < 0) {
@@ -1021,8 +1025,8 @@ static DEL_OVERRIDE: Stmt = Stmt {
 #[search_path(pg_catalog, pg_temp)]
 fn set_override(subject: Option<&str>, metric: Option<&str>, period: Option<&str>, max_amount: Option<i64>) {
     (|| -> Result<()> {
-        identity::require_trusted("quota.set_override")?;
-        let subject = identity::check_name("subject", subject, "Pass the subject the override is for.")?;
+        request::require_trusted("quota.set_override")?;
+        let subject = request::check_name("subject", subject, "Pass the subject the override is for.")?;
         let metric = check_metric(metric)?;
         let period = check_period(period)?;
         if let Some(m) = max_amount.filter(|m| *m < 0) {
@@ -1065,10 +1069,10 @@ static RESET: Stmt = Stmt {
 #[search_path(pg_catalog, pg_temp)]
 fn reset_usage(subject: Option<&str>, metric: default!(Option<&str>, "NULL")) -> i64 {
     (|| -> Result<i64> {
-        identity::require_trusted("quota.reset_usage")?;
-        let subject = identity::check_name("subject", subject, "Pass the subject whose usage to reset.")?;
+        request::require_trusted("quota.reset_usage")?;
+        let subject = request::check_name("subject", subject, "Pass the subject whose usage to reset.")?;
         if let Some(m) = metric {
-            identity::check_present("metric", m)?;
+            request::check_present("metric", m)?;
         }
         let _owner = AsOwner::enter();
         Ok(Spi::connect_mut(|client| {
@@ -1127,7 +1131,7 @@ fn near_limit(
         name!(reset_at, Option<TimestampWithTimeZone>),
     ),
 > {
-    identity::require_trusted("quota.near_limit").or_raise();
+    request::require_trusted("quota.near_limit").or_raise();
     let t = threshold.unwrap_or(0.8);
     if !t.is_finite() || t < 0.0 {
         QuotaError::OutOfRange {
