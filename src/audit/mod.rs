@@ -6,6 +6,7 @@ use crate::pg::error::{OrRaise, QuotaError, Result};
 use crate::pg::guc;
 use crate::pg::spi::{self, Stmt};
 use crate::request::{self, AsOwner};
+use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::PgBuiltInOids as T;
@@ -179,35 +180,34 @@ static PRUNE_KEYS: Stmt = Stmt {
 fn prune(
     audit_older_than: default!(Option<Interval>, "'90 days'"),
     idempotency_older_than: default!(Option<Interval>, "'7 days'"),
-) -> TableIterator<'static, (name!(audit_deleted, i64), name!(idempotency_deleted, i64))> {
-    let counts = (|| -> Result<(i64, i64)> {
-        request::require_trusted("quota.prune")?;
-        let _owner = AsOwner::enter();
-        Spi::connect_mut(|client| {
-            let row = spi::run(
-                client,
-                &NEGATIVE,
-                &[audit_older_than.into(), idempotency_older_than.into()],
-            )
-            .next()
-            .expect("one row");
-            for (n, what, v) in [
-                (1, "audit_older_than", audit_older_than),
-                (2, "idempotency_older_than", idempotency_older_than),
-            ] {
-                if spi::get::<bool>(&row, n).unwrap_or(false) {
-                    return Err(QuotaError::BadInterval {
-                        what,
-                        value: format!("{}", v.unwrap()),
-                    });
-                }
+) -> std::result::Result<
+    TableIterator<'static, (name!(audit_deleted, i64), name!(idempotency_deleted, i64))>,
+    ErrorReport,
+> {
+    request::require_trusted("quota.prune")?;
+    let _owner = AsOwner::enter();
+    let counts = Spi::connect_mut(|client| -> Result<(i64, i64)> {
+        let row = spi::run(
+            client,
+            &NEGATIVE,
+            &[audit_older_than.into(), idempotency_older_than.into()],
+        )
+        .next()
+        .expect("one row");
+        for (n, what, v) in [
+            (1, "audit_older_than", audit_older_than),
+            (2, "idempotency_older_than", idempotency_older_than),
+        ] {
+            if spi::get::<bool>(&row, n).unwrap_or(false) {
+                return Err(QuotaError::BadInterval {
+                    what,
+                    value: format!("{}", v.unwrap()),
+                });
             }
-            let a = audit_older_than.map_or(0, |i| spi::run(client, &PRUNE_AUDIT, &[i.into()]).len() as i64);
-            let k =
-                idempotency_older_than.map_or(0, |i| spi::run(client, &PRUNE_KEYS, &[i.into()]).len() as i64);
-            Ok((a, k))
-        })
-    })()
-    .or_raise();
-    TableIterator::once(counts)
+        }
+        let a = audit_older_than.map_or(0, |i| spi::run(client, &PRUNE_AUDIT, &[i.into()]).len() as i64);
+        let k = idempotency_older_than.map_or(0, |i| spi::run(client, &PRUNE_KEYS, &[i.into()]).len() as i64);
+        Ok((a, k))
+    })?;
+    Ok(TableIterator::once(counts))
 }

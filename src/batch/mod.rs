@@ -4,10 +4,11 @@
 
 use crate::audit;
 use crate::audit::queue;
-use crate::pg::error::{OrRaise, QuotaError, Result};
+use crate::pg::error::{QuotaError, Result};
 use crate::pg::guc;
 use crate::pg::spi::{self, Stmt};
 use crate::request::{self, AsOwner};
+use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::PgBuiltInOids as T;
@@ -54,57 +55,64 @@ fn create_batch(
     quantity: Option<i64>,
     expires_at: default!(Option<TimestampWithTimeZone>, "NULL"),
     metadata: default!(Option<pgrx::JsonB>, "'{}'"),
-) -> pgrx::composite_type!('static, "quota.batches") {
-    (|| -> Result<_> {
-        request::require_trusted("quota.create_batch")?;
-        let owner = request::check_name("owner", owner, "Pass the owner of the batch.")?;
-        let item = request::check_name("item", item, "Pass the item the batch holds.")?;
-        let q = quantity.ok_or(QuotaError::NullArgument {
+) -> std::result::Result<pgrx::composite_type!('static, "quota.batches"), ErrorReport> {
+    Ok(insert_batch(owner, item, quantity, expires_at, metadata)?)
+}
+
+/// create_batch's checks and insert.
+fn insert_batch(
+    owner: Option<&str>,
+    item: Option<&str>,
+    quantity: Option<i64>,
+    expires_at: Option<TimestampWithTimeZone>,
+    metadata: Option<pgrx::JsonB>,
+) -> Result<pgrx::composite_type!('static, "quota.batches")> {
+    request::require_trusted("quota.create_batch")?;
+    let owner = request::check_name("owner", owner, "Pass the owner of the batch.")?;
+    let item = request::check_name("item", item, "Pass the item the batch holds.")?;
+    let q = quantity.ok_or(QuotaError::NullArgument {
+        what: "quantity",
+        hint: "Pass the batch's quantity.",
+    })?;
+    if q < 0 {
+        return Err(QuotaError::Negative {
             what: "quantity",
-            hint: "Pass the batch's quantity.",
-        })?;
-        if q < 0 {
-            return Err(QuotaError::Negative {
-                what: "quantity",
-                value: q,
-            });
-        }
-        let _owner = AsOwner::enter();
-        Ok(Spi::connect_mut(|client| {
-            let row = spi::run(
+            value: q,
+        });
+    }
+    let _owner = AsOwner::enter();
+    Ok(Spi::connect_mut(|client| {
+        let row = spi::run(
+            client,
+            &CREATE,
+            &[
+                owner.into(),
+                item.into(),
+                q.into(),
+                expires_at.into(),
+                metadata.into(),
+            ],
+        )
+        .next()
+        .expect("INSERT RETURNING gives one row");
+        let batch = spi::get::<pgrx::composite_type!('static, "quota.batches")>(&row, 1).expect("the row");
+        if guc::audit_wanted(true) {
+            audit::record(
                 client,
-                &CREATE,
-                &[
-                    owner.into(),
-                    item.into(),
-                    q.into(),
-                    expires_at.into(),
-                    metadata.into(),
-                ],
-            )
-            .next()
-            .expect("INSERT RETURNING gives one row");
-            let batch =
-                spi::get::<pgrx::composite_type!('static, "quota.batches")>(&row, 1).expect("the row");
-            if guc::audit_wanted(true) {
-                audit::record(
-                    client,
-                    audit::Entry {
-                        subject: Some(&owner),
-                        action: "create_batch",
-                        metric: Some(&item),
-                        amount: Some(q),
-                        success: true,
-                        reason: "admin",
-                        details: json!({"quantity": q}),
-                        idempotency_key: None,
-                    },
-                );
-            }
-            batch
-        }))
-    })()
-    .or_raise()
+                audit::Entry {
+                    subject: Some(&owner),
+                    action: "create_batch",
+                    metric: Some(&item),
+                    amount: Some(q),
+                    success: true,
+                    reason: "admin",
+                    details: json!({"quantity": q}),
+                    idempotency_key: None,
+                },
+            );
+        }
+        batch
+    }))
 }
 
 /// The whole consumption in one statement. The UPDATE takes the same row lock SELECT ... FOR
@@ -208,124 +216,134 @@ fn consume_batch_quantity(
     p_batch_id: Option<pgrx::Uuid>,
     p_quantity_to_consume: Option<i64>,
     p_expected_version: default!(Option<i64>, "NULL"),
-) -> TableIterator<
-    'static,
-    (
-        name!(batch_id, pgrx::Uuid),
-        name!(consumed, i64),
-        name!(remaining, i64),
-        name!(version, i64),
-    ),
+) -> std::result::Result<
+    TableIterator<
+        'static,
+        (
+            name!(batch_id, pgrx::Uuid),
+            name!(consumed, i64),
+            name!(remaining, i64),
+            name!(version, i64),
+        ),
+    >,
+    ErrorReport,
 > {
     queue::relaunch_stranded();
-    let row = (|| -> Result<(pgrx::Uuid, i64, i64, i64)> {
-        let id = p_batch_id.ok_or(QuotaError::NullArgument {
-            what: "p_batch_id",
-            hint: "Pass the batch's id.",
-        })?;
-        let q = check_quantity("p_quantity_to_consume", p_quantity_to_consume)?;
-        let me = if request::is_trusted() {
-            None
+    let row = take_batch(p_batch_id, p_quantity_to_consume, p_expected_version)?;
+    Ok(TableIterator::once(row))
+}
+
+/// consume_batch_quantity's checks, consumption and refusal diagnosis: (id, consumed,
+/// remaining, version).
+fn take_batch(
+    p_batch_id: Option<pgrx::Uuid>,
+    p_quantity_to_consume: Option<i64>,
+    p_expected_version: Option<i64>,
+) -> Result<(pgrx::Uuid, i64, i64, i64)> {
+    let id = p_batch_id.ok_or(QuotaError::NullArgument {
+        what: "p_batch_id",
+        hint: "Pass the batch's id.",
+    })?;
+    let q = check_quantity("p_quantity_to_consume", p_quantity_to_consume)?;
+    let me = if request::is_trusted() {
+        None
+    } else {
+        Some(request::jwt_subject()?.ok_or(QuotaError::NoJwtSubject)?)
+    };
+    // Details but for the members the statement appends.
+    let mut prefix = json!({"batch_id": id.to_string(), "consumed": q}).to_string();
+    prefix.pop();
+    prefix.push_str(",\"remaining\":");
+    let _owner = AsOwner::enter();
+    Spi::connect_mut(|client| {
+        let args = [
+            id.into(),
+            q.into(),
+            p_expected_version.into(),
+            me.as_deref().into(),
+            prefix.as_str().into(),
+            guc::audit_wanted(true).into(),
+            request::actor().into(),
+        ];
+        let stmt = if crate::pg::catalog::audit_has_actor() {
+            &CONSUME_ONE
         } else {
-            Some(request::jwt_subject()?.ok_or(QuotaError::NoJwtSubject)?)
+            &CONSUME_ONE_0_5
         };
-        // Details but for the members the statement appends.
-        let mut prefix = json!({"batch_id": id.to_string(), "consumed": q}).to_string();
-        prefix.pop();
-        prefix.push_str(",\"remaining\":");
-        let _owner = AsOwner::enter();
-        Spi::connect_mut(|client| {
-            let args = [
-                id.into(),
-                q.into(),
-                p_expected_version.into(),
-                me.as_deref().into(),
-                prefix.as_str().into(),
-                guc::audit_wanted(true).into(),
-                request::actor().into(),
-            ];
-            let stmt = if crate::pg::catalog::audit_has_actor() {
-                &CONSUME_ONE
-            } else {
-                &CONSUME_ONE_0_5
-            };
-            if let Some(r) = spi::run(client, stmt, &args).next() {
-                crate::metrics::count_batch_consume();
-                return Ok((
-                    id,
-                    q,
-                    spi::get::<i64>(&r, 1).expect("quantity"),
-                    spi::get::<i64>(&r, 2).expect("version"),
-                ));
-            }
-            let refusal = |subject: Option<&str>, item: Option<&str>, reason: &str, details| {
-                queue::refusal(queue::Refusal {
-                    subject,
-                    action: "consume_batch",
-                    metric: item,
-                    amount: Some(q),
-                    reason,
-                    details,
-                    idempotency_key: None,
-                })
-            };
-            let Some(r) = spi::run(client, &DIAGNOSE, &[id.into()]).next() else {
-                refusal(
-                    me.as_deref(),
-                    None,
-                    "unknown_batch",
-                    json!({"batch_id": id.to_string(), "requested": q}),
-                );
-                return Err(QuotaError::UnknownBatch(id.to_string()));
-            };
-            let owner = spi::get::<String>(&r, 1).expect("owner");
-            let (quantity, version) = (
-                spi::get::<i64>(&r, 2).expect("quantity"),
-                spi::get::<i64>(&r, 3).expect("version"),
+        if let Some(r) = spi::run(client, stmt, &args).next() {
+            crate::metrics::count_batch_consume();
+            return Ok((
+                id,
+                q,
+                spi::get::<i64>(&r, 1).expect("quantity"),
+                spi::get::<i64>(&r, 2).expect("version"),
+            ));
+        }
+        let refusal = |subject: Option<&str>, item: Option<&str>, reason: &str, details| {
+            queue::refusal(queue::Refusal {
+                subject,
+                action: "consume_batch",
+                metric: item,
+                amount: Some(q),
+                reason,
+                details,
+                idempotency_key: None,
+            })
+        };
+        let Some(r) = spi::run(client, &DIAGNOSE, &[id.into()]).next() else {
+            refusal(
+                me.as_deref(),
+                None,
+                "unknown_batch",
+                json!({"batch_id": id.to_string(), "requested": q}),
             );
-            let item = spi::get::<String>(&r, 4).expect("item");
-            if let Some(me) = me.as_ref().filter(|me| **me != owner) {
-                // Recorded under the caller, without the batch's owner or contents.
-                refusal(
-                    Some(me),
-                    None,
-                    "not_owner",
-                    json!({"batch_id": id.to_string(), "requested": q}),
-                );
-                return Err(QuotaError::NotBatchOwner {
-                    batch: id.to_string(),
-                });
-            }
-            if let Some(expected) = p_expected_version.filter(|e| *e != version) {
-                refusal(
-                    Some(&owner),
-                    Some(&item),
-                    "version_conflict",
-                    json!({"batch_id": id.to_string(), "requested": q, "available": quantity,
-                           "expected_version": expected, "version": version}),
-                );
-                return Err(refuse(QuotaError::VersionConflict {
-                    id: id.to_string(),
-                    expected,
-                    actual: version,
-                }));
-            }
+            return Err(QuotaError::UnknownBatch(id.to_string()));
+        };
+        let owner = spi::get::<String>(&r, 1).expect("owner");
+        let (quantity, version) = (
+            spi::get::<i64>(&r, 2).expect("quantity"),
+            spi::get::<i64>(&r, 3).expect("version"),
+        );
+        let item = spi::get::<String>(&r, 4).expect("item");
+        if let Some(me) = me.as_ref().filter(|me| **me != owner) {
+            // Recorded under the caller, without the batch's owner or contents.
+            refusal(
+                Some(me),
+                None,
+                "not_owner",
+                json!({"batch_id": id.to_string(), "requested": q}),
+            );
+            return Err(QuotaError::NotBatchOwner {
+                batch: id.to_string(),
+            });
+        }
+        if let Some(expected) = p_expected_version.filter(|e| *e != version) {
             refusal(
                 Some(&owner),
                 Some(&item),
-                "insufficient_quantity",
+                "version_conflict",
                 json!({"batch_id": id.to_string(), "requested": q, "available": quantity,
-                       "expected_version": p_expected_version, "version": version}),
+                       "expected_version": expected, "version": version}),
             );
-            Err(refuse(QuotaError::Insufficient {
-                what: format!("batch {id}"),
-                requested: q,
-                available: quantity,
-            }))
-        })
-    })()
-    .or_raise();
-    TableIterator::once(row)
+            return Err(refuse(QuotaError::VersionConflict {
+                id: id.to_string(),
+                expected,
+                actual: version,
+            }));
+        }
+        refusal(
+            Some(&owner),
+            Some(&item),
+            "insufficient_quantity",
+            json!({"batch_id": id.to_string(), "requested": q, "available": quantity,
+                   "expected_version": p_expected_version, "version": version}),
+        );
+        Err(refuse(QuotaError::Insufficient {
+            what: format!("batch {id}"),
+            requested: q,
+            available: quantity,
+        }))
+    })
 }
 
 static CANDIDATES: Stmt = Stmt {
@@ -352,114 +370,124 @@ fn consume_item(
     item: Option<&str>,
     quantity: Option<i64>,
     strategy: default!(Option<&str>, "'fefo'"),
-) -> TableIterator<
-    'static,
-    (
-        name!(batch_id, pgrx::Uuid),
-        name!(consumed, i64),
-        name!(remaining, i64),
-        name!(version, i64),
-    ),
+) -> std::result::Result<
+    TableIterator<
+        'static,
+        (
+            name!(batch_id, pgrx::Uuid),
+            name!(consumed, i64),
+            name!(remaining, i64),
+            name!(version, i64),
+        ),
+    >,
+    ErrorReport,
 > {
     queue::relaunch_stranded();
-    let rows = (|| -> Result<Vec<(pgrx::Uuid, i64, i64, i64)>> {
-        let owner = request::check_name("owner", owner, "Pass the owner whose batches to take from.")?;
-        let item = request::check_name("item", item, "Pass the item to take.")?;
-        let q = check_quantity("quantity", quantity)?;
-        let fifo = match strategy.unwrap_or("fefo") {
-            "fefo" => false,
-            "fifo" => true,
-            other => return Err(QuotaError::UnknownStrategy(other.to_string())),
-        };
-        check_owner(&owner)?;
-        let _owner = AsOwner::enter();
-        Spi::connect_mut(|client| {
-            let ids: Vec<pgrx::Uuid> = spi::run(client, &CANDIDATES, &[owner.into(), item.into()])
-                .map(|r| spi::get::<pgrx::Uuid>(&r, 1).expect("id"))
+    let rows = take_item(owner, item, quantity, strategy)?;
+    Ok(TableIterator::new(rows))
+}
+
+/// consume_item's checks and consumption: one (id, consumed, remaining, version) per batch.
+fn take_item(
+    owner: Option<&str>,
+    item: Option<&str>,
+    quantity: Option<i64>,
+    strategy: Option<&str>,
+) -> Result<Vec<(pgrx::Uuid, i64, i64, i64)>> {
+    let owner = request::check_name("owner", owner, "Pass the owner whose batches to take from.")?;
+    let item = request::check_name("item", item, "Pass the item to take.")?;
+    let q = check_quantity("quantity", quantity)?;
+    let fifo = match strategy.unwrap_or("fefo") {
+        "fefo" => false,
+        "fifo" => true,
+        other => return Err(QuotaError::UnknownStrategy(other.to_string())),
+    };
+    check_owner(&owner)?;
+    let _owner = AsOwner::enter();
+    Spi::connect_mut(|client| {
+        let ids: Vec<pgrx::Uuid> = spi::run(client, &CANDIDATES, &[owner.into(), item.into()])
+            .map(|r| spi::get::<pgrx::Uuid>(&r, 1).expect("id"))
+            .collect();
+        let now = crate::quota::decision::now_micros();
+        // (id, quantity, expires_at, created_at) after locking; expired or emptied
+        // meanwhile: skipped.
+        let mut locked: Vec<(pgrx::Uuid, i64, Option<i64>, i64)> =
+            spi::run(client, &LOCK_MANY, &[ids.into()])
+                .map(|r| {
+                    (
+                        spi::get::<pgrx::Uuid>(&r, 1).expect("id"),
+                        spi::get::<i64>(&r, 2).expect("quantity"),
+                        spi::get::<TimestampWithTimeZone>(&r, 3).map(|t| t.into_inner()),
+                        spi::get::<TimestampWithTimeZone>(&r, 4)
+                            .expect("created_at")
+                            .into_inner(),
+                    )
+                })
+                .filter(|b| b.1 > 0 && b.2.is_none_or(|e| e > now))
                 .collect();
-            let now = crate::quota::decision::now_micros();
-            // (id, quantity, expires_at, created_at) after locking; expired or emptied
-            // meanwhile: skipped.
-            let mut locked: Vec<(pgrx::Uuid, i64, Option<i64>, i64)> =
-                spi::run(client, &LOCK_MANY, &[ids.into()])
-                    .map(|r| {
-                        (
-                            spi::get::<pgrx::Uuid>(&r, 1).expect("id"),
-                            spi::get::<i64>(&r, 2).expect("quantity"),
-                            spi::get::<TimestampWithTimeZone>(&r, 3).map(|t| t.into_inner()),
-                            spi::get::<TimestampWithTimeZone>(&r, 4)
-                                .expect("created_at")
-                                .into_inner(),
-                        )
-                    })
-                    .filter(|b| b.1 > 0 && b.2.is_none_or(|e| e > now))
-                    .collect();
-            if fifo {
-                locked.sort_by_key(|b| (b.3, *b.0.as_bytes()));
-            } else {
-                locked.sort_by_key(|b| (b.2.is_none(), b.2, b.3, *b.0.as_bytes()));
+        if fifo {
+            locked.sort_by_key(|b| (b.3, *b.0.as_bytes()));
+        } else {
+            locked.sort_by_key(|b| (b.2.is_none(), b.2, b.3, *b.0.as_bytes()));
+        }
+        let available: i64 = locked.iter().map(|b| b.1).fold(0i64, |a, b| a.saturating_add(b));
+        if available < q {
+            queue::refusal(queue::Refusal {
+                subject: Some(&owner),
+                action: "consume_item",
+                metric: Some(&item),
+                amount: Some(q),
+                reason: "insufficient_quantity",
+                details: json!({
+                    "strategy": if fifo { "fifo" } else { "fefo" },
+                    "requested": q,
+                    "available": available,
+                    "batches": locked.len(),
+                }),
+                idempotency_key: None,
+            });
+            return Err(refuse(QuotaError::Insufficient {
+                what: format!("item \"{item}\" of owner \"{owner}\""),
+                requested: q,
+                available,
+            }));
+        }
+        let mut left = q;
+        let mut takes = Vec::new();
+        for b in &locked {
+            if left == 0 {
+                break;
             }
-            let available: i64 = locked.iter().map(|b| b.1).fold(0i64, |a, b| a.saturating_add(b));
-            if available < q {
-                queue::refusal(queue::Refusal {
+            let n = left.min(b.1);
+            takes.push((b.0, n));
+            left -= n;
+        }
+        let done = take(client, &takes);
+        crate::metrics::count_batch_consume();
+        if guc::audit_wanted(true) {
+            audit::record(
+                client,
+                audit::Entry {
                     subject: Some(&owner),
                     action: "consume_item",
                     metric: Some(&item),
                     amount: Some(q),
-                    reason: "insufficient_quantity",
+                    success: true,
+                    reason: "consumed",
                     details: json!({
                         "strategy": if fifo { "fifo" } else { "fefo" },
-                        "requested": q,
-                        "available": available,
-                        "batches": locked.len(),
+                        "batches": done.iter().map(|(id, n, rem, ver)| json!({
+                            "batch_id": id.to_string(),
+                            "consumed": n,
+                            "remaining": rem,
+                            "version_before": ver - 1,
+                            "version_after": ver,
+                        })).collect::<Vec<_>>(),
                     }),
                     idempotency_key: None,
-                });
-                return Err(refuse(QuotaError::Insufficient {
-                    what: format!("item \"{item}\" of owner \"{owner}\""),
-                    requested: q,
-                    available,
-                }));
-            }
-            let mut left = q;
-            let mut takes = Vec::new();
-            for b in &locked {
-                if left == 0 {
-                    break;
-                }
-                let n = left.min(b.1);
-                takes.push((b.0, n));
-                left -= n;
-            }
-            let done = take(client, &takes);
-            crate::metrics::count_batch_consume();
-            if guc::audit_wanted(true) {
-                audit::record(
-                    client,
-                    audit::Entry {
-                        subject: Some(&owner),
-                        action: "consume_item",
-                        metric: Some(&item),
-                        amount: Some(q),
-                        success: true,
-                        reason: "consumed",
-                        details: json!({
-                            "strategy": if fifo { "fifo" } else { "fefo" },
-                            "batches": done.iter().map(|(id, n, rem, ver)| json!({
-                                "batch_id": id.to_string(),
-                                "consumed": n,
-                                "remaining": rem,
-                                "version_before": ver - 1,
-                                "version_after": ver,
-                            })).collect::<Vec<_>>(),
-                        }),
-                        idempotency_key: None,
-                    },
-                );
-            }
-            Ok(done)
-        })
-    })()
-    .or_raise();
-    TableIterator::new(rows)
+                },
+            );
+        }
+        Ok(done)
+    })
 }

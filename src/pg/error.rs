@@ -194,8 +194,8 @@ impl QuotaError {
         })
     }
 
-    /// Raise this error as a PostgreSQL ERROR. Never returns.
-    pub fn raise(self) -> ! {
+    /// The error report PostgreSQL raises for it: its SQLSTATE, message, hint and detail.
+    pub fn report(self) -> ErrorReport {
         let mut report = ErrorReport::new(self.code(), self.to_string(), "quota_ext");
         if let Some(hint) = self.hint() {
             report = report.set_hint(hint);
@@ -206,8 +206,22 @@ impl QuotaError {
             report = report
                 .set_detail("Untrusted roles act only as their JWT subject (request.jwt.claims ->> 'sub').");
         }
-        report.report(PgLogLevel::ERROR);
+        report
+    }
+
+    /// Raise this error as a PostgreSQL ERROR. Never returns.
+    pub fn raise(self) -> ! {
+        self.report().report(PgLogLevel::ERROR);
         unreachable!("ERROR returns control to PostgreSQL")
+    }
+}
+
+/// An entry point returns `Result<T, ErrorReport>` (spelled out: pgrx reads the return type's
+/// tokens); `?` turns a QuotaError into its report, which pgrx raises as it is (SQLSTATE,
+/// hint and detail kept).
+impl From<QuotaError> for ErrorReport {
+    fn from(e: QuotaError) -> ErrorReport {
+        e.report()
     }
 }
 

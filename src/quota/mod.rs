@@ -20,6 +20,7 @@ use crate::request::{self, AsOwner};
 use decision::{latest_reset, least_remaining, Decision, DecisionRow, Window};
 use period::check_period;
 use pgrx::pg_sys;
+use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::PgBuiltInOids as T;
@@ -932,36 +933,38 @@ fn ensure_plan(client: &mut SpiClient<'_>, plan: &str) -> Result<()> {
 /// Put a subject on a plan, optionally in a time zone (NULL keeps the current one, or UTC).
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
-fn set_plan(subject: Option<&str>, plan: Option<&str>, time_zone: default!(Option<&str>, "NULL")) {
-    (|| -> Result<()> {
-        request::require_trusted("quota.set_plan")?;
-        let subject = request::check_name("subject", subject, "Pass the subject to put on a plan.")?;
-        let plan = request::check_name("plan", plan, "Pass a plan from quota.plans.")?;
+fn set_plan(
+    subject: Option<&str>,
+    plan: Option<&str>,
+    time_zone: default!(Option<&str>, "NULL"),
+) -> std::result::Result<(), ErrorReport> {
+    request::require_trusted("quota.set_plan")?;
+    let subject = request::check_name("subject", subject, "Pass the subject to put on a plan.")?;
+    let plan = request::check_name("plan", plan, "Pass a plan from quota.plans.")?;
+    if let Some(tz) = time_zone {
+        request::check_present("time_zone", tz)?;
+    }
+    let _owner = AsOwner::enter();
+    Spi::connect_mut(|client| -> Result<()> {
+        ensure_plan(client, &plan)?;
         if let Some(tz) = time_zone {
-            request::check_present("time_zone", tz)?;
+            spi::run(client, &CHECK_TZ, &[tz.into()]);
         }
-        let _owner = AsOwner::enter();
-        Spi::connect_mut(|client| {
-            ensure_plan(client, &plan)?;
-            if let Some(tz) = time_zone {
-                spi::run(client, &CHECK_TZ, &[tz.into()]);
-            }
-            spi::run(
-                client,
-                &SET_PLAN,
-                &[subject.into(), plan.into(), time_zone.into()],
-            );
-            audit::admin(
-                client,
-                &subject,
-                "set_plan",
-                None,
-                json!({"plan": plan, "time_zone": time_zone}),
-            );
-            Ok(())
-        })
-    })()
-    .or_raise()
+        spi::run(
+            client,
+            &SET_PLAN,
+            &[subject.into(), plan.into(), time_zone.into()],
+        );
+        audit::admin(
+            client,
+            &subject,
+            "set_plan",
+            None,
+            json!({"plan": plan, "time_zone": time_zone}),
+        );
+        Ok(())
+    })?;
+    Ok(())
 }
 
 static SET_LIMIT: Stmt = Stmt {
@@ -977,37 +980,41 @@ static DEL_LIMIT: Stmt = Stmt {
 /// Set a plan's limit for a metric and period; NULL deletes it.
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
-fn set_limit(plan: Option<&str>, metric: Option<&str>, period: Option<&str>, max_amount: Option<i64>) {
-    (|| -> Result<()> {
-        request::require_trusted("quota.set_limit")?;
-        let plan = request::check_name("plan", plan, "Pass a plan from quota.plans.")?;
-        let metric = check_metric(metric)?;
-        let period = check_period(period)?;
-        if let Some(m) = max_amount.filter(|m| *m < 0) {
-            return Err(QuotaError::Negative {
-                what: "max_amount",
-                value: m,
-            });
+fn set_limit(
+    plan: Option<&str>,
+    metric: Option<&str>,
+    period: Option<&str>,
+    max_amount: Option<i64>,
+) -> std::result::Result<(), ErrorReport> {
+    request::require_trusted("quota.set_limit")?;
+    let plan = request::check_name("plan", plan, "Pass a plan from quota.plans.")?;
+    let metric = check_metric(metric)?;
+    let period = check_period(period)?;
+    if let Some(m) = max_amount.filter(|m| *m < 0) {
+        return Err(QuotaError::Negative {
+            what: "max_amount",
+            value: m,
         }
-        let _owner = AsOwner::enter();
-        Spi::connect_mut(|client| {
-            ensure_plan(client, &plan)?;
-            let (p, m, pe) = (plan, metric, period.as_str());
-            match max_amount {
-                Some(max) => spi::run(client, &SET_LIMIT, &[p.into(), m.into(), pe.into(), max.into()]),
-                None => spi::run(client, &DEL_LIMIT, &[p.into(), m.into(), pe.into()]),
-            };
-            audit::admin(
-                client,
-                "",
-                "set_limit",
-                Some(m),
-                json!({"plan": p, "period": pe, "max_amount": max_amount}),
-            );
-            Ok(())
-        })
-    })()
-    .or_raise()
+        .into());
+    }
+    let _owner = AsOwner::enter();
+    Spi::connect_mut(|client| -> Result<()> {
+        ensure_plan(client, &plan)?;
+        let (p, m, pe) = (plan, metric, period.as_str());
+        match max_amount {
+            Some(max) => spi::run(client, &SET_LIMIT, &[p.into(), m.into(), pe.into(), max.into()]),
+            None => spi::run(client, &DEL_LIMIT, &[p.into(), m.into(), pe.into()]),
+        };
+        audit::admin(
+            client,
+            "",
+            "set_limit",
+            Some(m),
+            json!({"plan": p, "period": pe, "max_amount": max_amount}),
+        );
+        Ok(())
+    })?;
+    Ok(())
 }
 
 static SET_OVERRIDE: Stmt = Stmt {
@@ -1023,40 +1030,44 @@ static DEL_OVERRIDE: Stmt = Stmt {
 /// Replace the plan's limit for one subject, metric and period; NULL deletes the override.
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
-fn set_override(subject: Option<&str>, metric: Option<&str>, period: Option<&str>, max_amount: Option<i64>) {
-    (|| -> Result<()> {
-        request::require_trusted("quota.set_override")?;
-        let subject = request::check_name("subject", subject, "Pass the subject the override is for.")?;
-        let metric = check_metric(metric)?;
-        let period = check_period(period)?;
-        if let Some(m) = max_amount.filter(|m| *m < 0) {
-            return Err(QuotaError::Negative {
-                what: "max_amount",
-                value: m,
-            });
+fn set_override(
+    subject: Option<&str>,
+    metric: Option<&str>,
+    period: Option<&str>,
+    max_amount: Option<i64>,
+) -> std::result::Result<(), ErrorReport> {
+    request::require_trusted("quota.set_override")?;
+    let subject = request::check_name("subject", subject, "Pass the subject the override is for.")?;
+    let metric = check_metric(metric)?;
+    let period = check_period(period)?;
+    if let Some(m) = max_amount.filter(|m| *m < 0) {
+        return Err(QuotaError::Negative {
+            what: "max_amount",
+            value: m,
         }
-        let _owner = AsOwner::enter();
-        Spi::connect_mut(|client| {
-            let (s, m, pe) = (subject, metric, period.as_str());
-            match max_amount {
-                Some(max) => spi::run(
-                    client,
-                    &SET_OVERRIDE,
-                    &[s.into(), m.into(), pe.into(), max.into()],
-                ),
-                None => spi::run(client, &DEL_OVERRIDE, &[s.into(), m.into(), pe.into()]),
-            };
-            audit::admin(
+        .into());
+    }
+    let _owner = AsOwner::enter();
+    Spi::connect_mut(|client| -> Result<()> {
+        let (s, m, pe) = (subject, metric, period.as_str());
+        match max_amount {
+            Some(max) => spi::run(
                 client,
-                s,
-                "set_override",
-                Some(m),
-                json!({"period": pe, "max_amount": max_amount}),
-            );
-            Ok(())
-        })
-    })()
-    .or_raise()
+                &SET_OVERRIDE,
+                &[s.into(), m.into(), pe.into(), max.into()],
+            ),
+            None => spi::run(client, &DEL_OVERRIDE, &[s.into(), m.into(), pe.into()]),
+        };
+        audit::admin(
+            client,
+            s,
+            "set_override",
+            Some(m),
+            json!({"period": pe, "max_amount": max_amount}),
+        );
+        Ok(())
+    })?;
+    Ok(())
 }
 
 static RESET: Stmt = Stmt {
@@ -1067,27 +1078,27 @@ static RESET: Stmt = Stmt {
 /// Delete a subject's usage (of one metric, or all); returns the number of windows deleted.
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
-fn reset_usage(subject: Option<&str>, metric: default!(Option<&str>, "NULL")) -> i64 {
-    (|| -> Result<i64> {
-        request::require_trusted("quota.reset_usage")?;
-        let subject = request::check_name("subject", subject, "Pass the subject whose usage to reset.")?;
-        if let Some(m) = metric {
-            request::check_present("metric", m)?;
-        }
-        let _owner = AsOwner::enter();
-        Ok(Spi::connect_mut(|client| {
-            let n = spi::run(client, &RESET, &[subject.into(), metric.into()]).len() as i64;
-            audit::admin(
-                client,
-                &subject,
-                "reset_usage",
-                metric,
-                json!({"windows_deleted": n}),
-            );
-            n
-        }))
-    })()
-    .or_raise()
+fn reset_usage(
+    subject: Option<&str>,
+    metric: default!(Option<&str>, "NULL"),
+) -> std::result::Result<i64, ErrorReport> {
+    request::require_trusted("quota.reset_usage")?;
+    let subject = request::check_name("subject", subject, "Pass the subject whose usage to reset.")?;
+    if let Some(m) = metric {
+        request::check_present("metric", m)?;
+    }
+    let _owner = AsOwner::enter();
+    Ok(Spi::connect_mut(|client| {
+        let n = spi::run(client, &RESET, &[subject.into(), metric.into()]).len() as i64;
+        audit::admin(
+            client,
+            &subject,
+            "reset_usage",
+            metric,
+            json!({"windows_deleted": n}),
+        );
+        n
+    }))
 }
 
 static NEAR: Stmt = Stmt {
