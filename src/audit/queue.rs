@@ -99,7 +99,8 @@ struct Header {
     capacity: u64,
     filled: u64,
     next_seq: u64,
-    hint: u64,
+    /// Where the search for a free entry starts (the one after the last taken).
+    next_free: u64,
     writers: [Writer; MAX_WRITERS],
 }
 
@@ -227,7 +228,7 @@ pub fn refusal(r: Refusal<'_>) {
         let cap = q.header().capacity as usize;
         let mut queued = false;
         if (q.header().filled as usize) < cap {
-            let start = q.header().hint as usize % cap;
+            let start = q.header().next_free as usize % cap;
             if let Some(i) = (0..cap)
                 .map(|k| (start + k) % cap)
                 .find(|&i| q.entry(i).dboid == 0)
@@ -241,7 +242,7 @@ pub fn refusal(r: Refusal<'_>) {
                 let h = q.header();
                 h.next_seq += 1;
                 h.filled += 1;
-                h.hint = ((i + 1) % cap) as u64;
+                h.next_free = ((i + 1) % cap) as u64;
                 queued = true;
             }
         }

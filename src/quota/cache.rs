@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 const MAX_SUBJECTS: usize = 50_000;
 
 /// What the consume path needs to know about one subject and metric.
-pub struct Limits {
+pub struct SubjectLimits {
     pub plan: String,
     pub time_zone: String,
     /// (period, max_amount), shortest period first.
@@ -342,7 +342,7 @@ pub fn limits(
     metric: &str,
     default_plan: &str,
     claim: Option<&str>,
-) -> Result<Limits> {
+) -> Result<SubjectLimits> {
     follow_committed_changes();
     if WATCHED.with(|w| w.get()[0]) == 0 {
         remember_watched_tables();
@@ -365,7 +365,7 @@ pub fn limits(
         });
     }
     periods.sort_by_key(|(p, _)| crate::quota::period::rank(p));
-    Ok(Limits {
+    Ok(SubjectLimits {
         plan: plan.to_string(),
         time_zone: info.time_zone.clone(),
         periods,

@@ -48,7 +48,7 @@ fn check_amount(amount: Option<i64>) -> Result<i64> {
     Ok(a)
 }
 
-fn check_key(key: Option<&str>) -> Result<Option<String>> {
+fn check_idempotency_key(key: Option<&str>) -> Result<Option<String>> {
     match key {
         None => Ok(None),
         Some(k) => {
@@ -226,7 +226,9 @@ impl Action {
     }
 }
 
-pub(crate) struct Limits {
+/// The plan that applies to a subject and metric, and the current window of each period it
+/// limits.
+pub(crate) struct PlanWindows {
     pub plan: String,
     pub windows: Vec<Window>,
 }
@@ -240,7 +242,7 @@ pub(crate) fn load_limits(
     subject: &str,
     metric: &str,
     claim: Option<&str>,
-) -> Result<Limits> {
+) -> Result<PlanWindows> {
     let cached = cache::limits(client, subject, metric, &guc::default_plan_str(), claim)?;
     let windows: Vec<Window> = cached
         .periods
@@ -256,7 +258,7 @@ pub(crate) fn load_limits(
             }
         })
         .collect();
-    Ok(Limits {
+    Ok(PlanWindows {
         plan: cached.plan.clone(),
         windows,
     })
@@ -509,6 +511,8 @@ fn refund_grant(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decisio
     Ok(d)
 }
 
+/// One consume, refund or peek, as the caller's role may make it (see refund_grant for the
+/// untrusted refund), answered from an idempotency key when it repeats one.
 fn decide(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
     if req.action == Action::Refund && !req.trusted {
         return refund_grant(client, req);
@@ -521,195 +525,27 @@ fn decide(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
             return Ok(d);
         }
     }
-    let Limits {
+    let PlanWindows {
         plan,
         windows: mut ws,
     } = load_limits(client, req.subject, req.metric, req.claim)?;
-    let (subject, metric, amount) = (req.subject, req.metric, req.amount);
-    // Set when the grant statement wrote the audit row itself.
-    let mut audited = false;
-
-    let (decision, reason) = match req.action {
-        Action::Refund => {
-            if amount > 0 {
-                let refs: Vec<&Window> = ws.iter().collect();
-                let (periods, starts) = window_args(&refs);
-                let rows = spi::run(
-                    client,
-                    &REFUND,
-                    &[
-                        subject.into(),
-                        metric.into(),
-                        amount.into(),
-                        periods.into(),
-                        starts.into(),
-                    ],
-                );
-                apply_returned(rows, &mut ws);
-            }
-            // Windows without a row have nothing to give back: used stays 0.
-            (
-                Decision::from_window(subject, metric, least_remaining(&ws), true, false),
-                "refunded",
-            )
-        }
-        Action::Consume if amount == 0 => {
-            // A peek: no write, no audit row. Allowed when one more unit would fit everywhere.
-            read_used(client, subject, metric, &mut ws);
-            let full: Vec<&Window> = ws.iter().filter(|w| w.remaining() == 0).collect();
-            let d = if full.is_empty() {
-                Decision::from_window(subject, metric, least_remaining(&ws), true, false)
-            } else {
-                Decision::from_window(subject, metric, latest_reset(full.into_iter()), false, false)
-            };
+    let outcome = match req.action {
+        Action::Refund => refund_current(client, req, &mut ws),
+        Action::Consume if req.amount == 0 => {
+            let d = peek(client, req, &mut ws);
             store_key(client, req, &d, &[]);
             return Ok(d);
         }
-        Action::Consume => {
-            if let Some(w) = ws
-                .iter()
-                .filter(|w| amount > w.limit)
-                .min_by_key(|w| w.limit)
-                .cloned()
-            {
-                // Can never fit: deny without touching usage.
-                read_used(client, subject, metric, &mut ws);
-                let w = ws.iter().find(|x| x.period == w.period).unwrap();
-                (
-                    Decision::from_window(subject, metric, w, false, true),
-                    "exceeds_limit",
-                )
-            } else {
-                let rows = if let [w] = ws.as_slice() {
-                    let start = TimestampWithTimeZone::try_from(w.start).expect("window start");
-                    let mut args = vec![
-                        subject.into(),
-                        metric.into(),
-                        w.period.as_str().into(),
-                        start.into(),
-                        amount.into(),
-                        w.limit.into(),
-                    ];
-                    if guc::audit_wanted(true) {
-                        audited = true;
-                        // The details object but for its last member, `used`, which the statement
-                        // appends: cheaper than jsonb_build_object's per-call type look-ups.
-                        let mut prefix =
-                            json!({"plan": plan, "period": w.period, "limit": w.limit}).to_string();
-                        prefix.pop();
-                        prefix.push_str(",\"used\":");
-                        args.push(prefix.into());
-                        args.push(req.key.into());
-                        args.push(request::actor().into());
-                        let stmt = if crate::pg::catalog::audit_has_actor() {
-                            &UPSERT_ONE_AUDITED
-                        } else {
-                            &UPSERT_ONE_AUDITED_0_5
-                        };
-                        spi::run(client, stmt, &args)
-                    } else {
-                        spi::run(client, &UPSERT_ONE, &args)
-                    }
-                } else {
-                    let refs: Vec<&Window> = ws.iter().collect();
-                    let (periods, starts) = window_args(&refs);
-                    let limits: Vec<i64> = ws.iter().map(|w| w.limit).collect();
-                    spi::run(
-                        client,
-                        &UPSERT,
-                        &[
-                            subject.into(),
-                            metric.into(),
-                            amount.into(),
-                            periods.into(),
-                            starts.into(),
-                            limits.into(),
-                        ],
-                    )
-                };
-                let granted = apply_returned(rows, &mut ws);
-                if granted.len() == ws.len() {
-                    (
-                        Decision::from_window(subject, metric, least_remaining(&ws), true, false),
-                        "granted",
-                    )
-                } else {
-                    if !granted.is_empty() {
-                        let undo: Vec<&Window> = ws.iter().filter(|w| granted.contains(&w.period)).collect();
-                        let (periods, starts) = window_args(&undo);
-                        spi::run(
-                            client,
-                            &UNDO,
-                            &[
-                                subject.into(),
-                                metric.into(),
-                                amount.into(),
-                                periods.into(),
-                                starts.into(),
-                            ],
-                        );
-                    }
-                    read_used(client, subject, metric, &mut ws);
-                    let denying: Vec<&Window> = ws.iter().filter(|w| !granted.contains(&w.period)).collect();
-                    if let Some(w) = denying.iter().find(|w| w.used > i64::MAX - amount) {
-                        return Err(QuotaError::UsageOverflow {
-                            metric: metric.into(),
-                            period: w.period.clone(),
-                            used: w.used,
-                            amount,
-                        });
-                    }
-                    (
-                        Decision::from_window(
-                            subject,
-                            metric,
-                            latest_reset(denying.into_iter()),
-                            false,
-                            false,
-                        ),
-                        "limit_reached",
-                    )
-                }
-            }
-        }
+        Action::Consume => charge(client, req, &plan, &mut ws)?,
     };
-
+    let decision = outcome.decision;
     metrics::count(match (req.action, decision.allowed) {
         (Action::Refund, _) => Counter::Refunds,
         (Action::Consume, true) => Counter::Consumes,
         (Action::Consume, false) => Counter::Denials,
     });
-    if guc::audit_wanted(decision.allowed) && !(audited && decision.allowed) {
-        let binding = ws
-            .iter()
-            .find(|w| Some(&w.period) == decision.period.as_ref())
-            .unwrap_or(&ws[0]);
-        let details = details_json(&plan, binding, &ws);
-        if req.queue_denial && !decision.allowed {
-            queue::refusal(queue::Refusal {
-                subject: Some(subject),
-                action: req.action.name(),
-                metric: Some(metric),
-                amount: Some(amount),
-                reason,
-                details,
-                idempotency_key: req.key,
-            });
-        } else {
-            audit::record(
-                client,
-                audit::Entry {
-                    subject: Some(subject),
-                    action: req.action.name(),
-                    metric: Some(metric),
-                    amount: Some(amount),
-                    success: decision.allowed,
-                    reason,
-                    details,
-                    idempotency_key: req.key,
-                },
-            );
-        }
+    if guc::audit_wanted(decision.allowed) && !(outcome.audited && decision.allowed) {
+        audit_decision(client, req, &plan, &ws, &decision, outcome.reason);
     }
     let charged: &[Window] = if req.action == Action::Consume && decision.allowed {
         &ws
@@ -718,6 +554,217 @@ fn decide(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
     };
     store_key(client, req, &decision, charged);
     Ok(decision)
+}
+
+/// What a consume or refund decided, why (the audit row's reason), and whether the statement
+/// that granted wrote the audit row itself.
+struct Outcome {
+    decision: Decision,
+    reason: &'static str,
+    audited: bool,
+}
+
+/// A trusted refund: usage given back in the current windows, never below 0 (windows without a
+/// row have nothing to give back: used stays 0).
+fn refund_current(client: &mut SpiClient<'_>, req: &Request<'_>, ws: &mut [Window]) -> Outcome {
+    if req.amount > 0 {
+        let refs: Vec<&Window> = ws.iter().collect();
+        let (periods, starts) = window_args(&refs);
+        let rows = spi::run(
+            client,
+            &REFUND,
+            &[
+                req.subject.into(),
+                req.metric.into(),
+                req.amount.into(),
+                periods.into(),
+                starts.into(),
+            ],
+        );
+        apply_returned(rows, ws);
+    }
+    Outcome {
+        decision: Decision::from_window(req.subject, req.metric, least_remaining(ws), true, false),
+        reason: "refunded",
+        audited: false,
+    }
+}
+
+/// A peek: no write, no audit row. Allowed when one more unit would fit everywhere.
+fn peek(client: &mut SpiClient<'_>, req: &Request<'_>, ws: &mut [Window]) -> Decision {
+    read_used(client, req.subject, req.metric, ws);
+    let full: Vec<&Window> = ws.iter().filter(|w| w.remaining() == 0).collect();
+    if full.is_empty() {
+        Decision::from_window(req.subject, req.metric, least_remaining(ws), true, false)
+    } else {
+        Decision::from_window(
+            req.subject,
+            req.metric,
+            latest_reset(full.into_iter()),
+            false,
+            false,
+        )
+    }
+}
+
+/// A consume of at least one unit: every window incremented, or none.
+fn charge(client: &mut SpiClient<'_>, req: &Request<'_>, plan: &str, ws: &mut [Window]) -> Result<Outcome> {
+    let (subject, metric, amount) = (req.subject, req.metric, req.amount);
+    if let Some(period) = ws
+        .iter()
+        .filter(|w| amount > w.limit)
+        .min_by_key(|w| w.limit)
+        .map(|w| w.period.clone())
+    {
+        // Can never fit: deny without touching usage.
+        read_used(client, subject, metric, ws);
+        let w = ws
+            .iter()
+            .find(|x| x.period == period)
+            .expect("the window just found");
+        return Ok(Outcome {
+            decision: Decision::from_window(subject, metric, w, false, true),
+            reason: "exceeds_limit",
+            audited: false,
+        });
+    }
+    let (rows, audited) = increment(client, req, plan, ws);
+    let granted = apply_returned(rows, ws);
+    if granted.len() == ws.len() {
+        return Ok(Outcome {
+            decision: Decision::from_window(subject, metric, least_remaining(ws), true, false),
+            reason: "granted",
+            audited,
+        });
+    }
+    // Some period denied: take back what the others were given (their rows are still locked by
+    // this call), then answer with the windows that denied.
+    if !granted.is_empty() {
+        let undo: Vec<&Window> = ws.iter().filter(|w| granted.contains(&w.period)).collect();
+        let (periods, starts) = window_args(&undo);
+        spi::run(
+            client,
+            &UNDO,
+            &[
+                subject.into(),
+                metric.into(),
+                amount.into(),
+                periods.into(),
+                starts.into(),
+            ],
+        );
+    }
+    read_used(client, subject, metric, ws);
+    let denying: Vec<&Window> = ws.iter().filter(|w| !granted.contains(&w.period)).collect();
+    if let Some(w) = denying.iter().find(|w| w.used > i64::MAX - amount) {
+        return Err(QuotaError::UsageOverflow {
+            metric: metric.into(),
+            period: w.period.clone(),
+            used: w.used,
+            amount,
+        });
+    }
+    Ok(Outcome {
+        decision: Decision::from_window(subject, metric, latest_reset(denying.into_iter()), false, false),
+        reason: "limit_reached",
+        audited: false,
+    })
+}
+
+/// The increment itself: the windows it granted, and whether the statement also wrote the grant's
+/// audit row (the common case of one period, with auditing on, takes one statement).
+fn increment<'conn>(
+    client: &mut SpiClient<'conn>,
+    req: &Request<'_>,
+    plan: &str,
+    ws: &[Window],
+) -> (pgrx::spi::SpiTupleTable<'conn>, bool) {
+    let (subject, metric, amount) = (req.subject, req.metric, req.amount);
+    if let [w] = ws {
+        let start = TimestampWithTimeZone::try_from(w.start).expect("window start");
+        let mut args = vec![
+            subject.into(),
+            metric.into(),
+            w.period.as_str().into(),
+            start.into(),
+            amount.into(),
+            w.limit.into(),
+        ];
+        if !guc::audit_wanted(true) {
+            return (spi::run(client, &UPSERT_ONE, &args), false);
+        }
+        // The details object but for its last member, `used`, which the statement appends.
+        let mut prefix = json!({"plan": plan, "period": w.period, "limit": w.limit}).to_string();
+        prefix.pop();
+        prefix.push_str(",\"used\":");
+        args.push(prefix.into());
+        args.push(req.key.into());
+        args.push(request::actor().into());
+        let stmt = if crate::pg::catalog::audit_has_actor() {
+            &UPSERT_ONE_AUDITED
+        } else {
+            &UPSERT_ONE_AUDITED_0_5
+        };
+        return (spi::run(client, stmt, &args), true);
+    }
+    let refs: Vec<&Window> = ws.iter().collect();
+    let (periods, starts) = window_args(&refs);
+    let limits: Vec<i64> = ws.iter().map(|w| w.limit).collect();
+    let rows = spi::run(
+        client,
+        &UPSERT,
+        &[
+            subject.into(),
+            metric.into(),
+            amount.into(),
+            periods.into(),
+            starts.into(),
+            limits.into(),
+        ],
+    );
+    (rows, false)
+}
+
+/// The decision's audit row: in the caller's transaction, or, for a denial that require is
+/// about to raise, through the audit writer.
+fn audit_decision(
+    client: &mut SpiClient<'_>,
+    req: &Request<'_>,
+    plan: &str,
+    ws: &[Window],
+    decision: &Decision,
+    reason: &'static str,
+) {
+    let binding = ws
+        .iter()
+        .find(|w| Some(&w.period) == decision.period.as_ref())
+        .unwrap_or(&ws[0]);
+    let details = details_json(plan, binding, ws);
+    if req.queue_denial && !decision.allowed {
+        queue::refusal(queue::Refusal {
+            subject: Some(req.subject),
+            action: req.action.name(),
+            metric: Some(req.metric),
+            amount: Some(req.amount),
+            reason,
+            details,
+            idempotency_key: req.key,
+        });
+    } else {
+        audit::record(
+            client,
+            audit::Entry {
+                subject: Some(req.subject),
+                action: req.action.name(),
+                metric: Some(req.metric),
+                amount: Some(req.amount),
+                success: decision.allowed,
+                reason,
+                details,
+                idempotency_key: req.key,
+            },
+        );
+    }
 }
 
 /// A window as kept in an idempotency key's response: what a refund of that grant gives back to.
@@ -774,7 +821,7 @@ fn run_request(
     queue::relaunch_stranded();
     let metric = check_metric(metric)?;
     let amount = check_amount(amount)?;
-    let key = check_key(idempotency_key)?;
+    let key = check_idempotency_key(idempotency_key)?;
     let subject = request::resolve_subject(subject)?;
     let trusted = request::is_trusted();
     let claim = own_plan_claim(&subject);

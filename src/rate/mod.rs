@@ -521,7 +521,7 @@ pub fn decision_row(fcinfo: pg_sys::FunctionCallInfo, key: &str, burst: i64, g: 
     }
 }
 
-pub fn check_key(key: Option<&str>) -> Result<&str, QuotaError> {
+pub fn check_rate_key(key: Option<&str>) -> Result<&str, QuotaError> {
     let key = key.ok_or(QuotaError::NullArgument {
         what: "key",
         hint: "Pass the key to limit, e.g. 'user:42'.",
@@ -551,7 +551,7 @@ fn rate_check(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> RateDecision {
     require_ready();
-    let key = check_key(key).or_raise();
+    let key = check_rate_key(key).or_raise();
     let (t, burst) = crate::rate::policy::rate_params(rate, per, burst).or_raise();
     let cost = cost.unwrap_or(1);
     if cost < 0 {
@@ -575,7 +575,7 @@ fn rate_check(
 fn rate_reset(key: Option<&str>) -> bool {
     request::require_trusted("quota.rate_reset").or_raise();
     require_ready();
-    let key = check_key(key).or_raise();
+    let key = check_rate_key(key).or_raise();
     reset(key.as_bytes())
 }
 
@@ -644,7 +644,7 @@ fn resolve<'a>(
     };
     let key = match key {
         None => own_key(),
-        Some(k) if trusted || *k == *own_key() => Cow::Borrowed(check_key(Some(k))?),
+        Some(k) if trusted || *k == *own_key() => Cow::Borrowed(check_rate_key(Some(k))?),
         Some(k) => {
             return Err(QuotaError::OtherSubject {
                 requested: k.to_string(),

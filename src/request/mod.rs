@@ -364,16 +364,16 @@ thread_local! {
 /// Where a setting read on every call was last found in PostgreSQL's array of settings (kept
 /// sorted by name), or between which two records it would sort when absent.
 #[derive(Clone, Copy)]
-enum Spot {
+enum SettingPosition {
     Unknown,
     At(usize, *mut pg_sys::config_generic),
     Absent(usize, *mut pg_sys::config_generic, *mut pg_sys::config_generic),
 }
 
 thread_local! {
-    static CLAIMS_SPOT: Cell<Spot> = const { Cell::new(Spot::Unknown) };
-    static LEGACY_SUB_SPOT: Cell<Spot> = const { Cell::new(Spot::Unknown) };
-    static HEADERS_SPOT: Cell<Spot> = const { Cell::new(Spot::Unknown) };
+    static CLAIMS_SPOT: Cell<SettingPosition> = const { Cell::new(SettingPosition::Unknown) };
+    static LEGACY_SUB_SPOT: Cell<SettingPosition> = const { Cell::new(SettingPosition::Unknown) };
+    static HEADERS_SPOT: Cell<SettingPosition> = const { Cell::new(SettingPosition::Unknown) };
 }
 
 /// Setting names compare as guc.c's guc_name_compare does: ASCII letters downcased, then as
@@ -401,14 +401,14 @@ unsafe fn record_order(record: *mut pg_sys::config_generic, name: &[u8]) -> Orde
 /// sorting around the name (so nothing, the setting included, was added between them). Any
 /// change of the array (a new placeholder, one removed by MarkGUCPrefixReserved, a reordering)
 /// fails the check and the setting is looked up again.
-fn config_bytes(name: &CStr, spot: &'static LocalKey<Cell<Spot>>) -> &'static [u8] {
+fn config_bytes(name: &CStr, spot: &'static LocalKey<Cell<SettingPosition>>) -> &'static [u8] {
     config_setting(name, spot).0
 }
 
 /// A setting's current text (as config_bytes) and whether that value was set for the current
 /// transaction only (`SET LOCAL`, `set_config(..., true)`), as PostgREST sets its request
 /// settings, rather than for the session.
-fn config_setting(name: &CStr, spot: &'static LocalKey<Cell<Spot>>) -> (&'static [u8], bool) {
+fn config_setting(name: &CStr, spot: &'static LocalKey<Cell<SettingPosition>>) -> (&'static [u8], bool) {
     let wanted = name.to_bytes();
     // SAFETY: the settings array and its length are read together, with nothing in between that
     // could change them; indexes are checked against the length before use, and a record is only
@@ -420,10 +420,10 @@ fn config_setting(name: &CStr, spot: &'static LocalKey<Cell<Spot>>) -> (&'static
         let n = pg_sys::GetNumConfigOptions().max(0) as usize;
         let at = |i: usize| *vars.add(i);
         let known = match spot.get() {
-            Spot::At(i, rec) => {
+            SettingPosition::At(i, rec) => {
                 (i < n && at(i) == rec && record_order(rec, wanted).is_eq()).then_some(Some(rec))
             }
-            Spot::Absent(i, lo, hi) => {
+            SettingPosition::Absent(i, lo, hi) => {
                 let lo_ok = if i == 0 {
                     lo.is_null()
                 } else {
@@ -436,7 +436,7 @@ fn config_setting(name: &CStr, spot: &'static LocalKey<Cell<Spot>>) -> (&'static
                 };
                 (lo_ok && hi_ok).then_some(None)
             }
-            Spot::Unknown => None,
+            SettingPosition::Unknown => None,
         };
         let record = match known {
             Some(r) => r,
@@ -444,13 +444,13 @@ fn config_setting(name: &CStr, spot: &'static LocalKey<Cell<Spot>>) -> (&'static
                 let all = std::slice::from_raw_parts(vars, n);
                 match all.binary_search_by(|&r| record_order(r, wanted)) {
                     Ok(i) => {
-                        spot.set(Spot::At(i, all[i]));
+                        spot.set(SettingPosition::At(i, all[i]));
                         Some(all[i])
                     }
                     Err(i) => {
                         let lo = if i == 0 { std::ptr::null_mut() } else { all[i - 1] };
                         let hi = if i == n { std::ptr::null_mut() } else { all[i] };
-                        spot.set(Spot::Absent(i, lo, hi));
+                        spot.set(SettingPosition::Absent(i, lo, hi));
                         None
                     }
                 }
