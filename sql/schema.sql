@@ -52,7 +52,7 @@ CREATE TABLE quota.subjects (
     plan       text        NOT NULL REFERENCES quota.plans (plan) ON UPDATE CASCADE,
     time_zone  text        NOT NULL DEFAULT 'UTC',
     created_at timestamptz NOT NULL DEFAULT now(),
-    -- 0.2.0: whatever the application keeps about a subject (billing ids, ...).
+    -- Whatever the application keeps about a subject (billing ids, ...).
     metadata   jsonb       NOT NULL DEFAULT '{}'
 );
 CREATE INDEX subjects_plan_idx ON quota.subjects (plan);
@@ -102,8 +102,8 @@ CREATE TABLE quota.audit_log (
     reason          text,
     details         jsonb,
     idempotency_key text,
-    -- 0.6.0: the role that acted, when it was a trusted one (an administrator, or a service
-    -- acting for the subject); NULL when the subject acted as itself.
+    -- The role that acted, when it was a trusted one (an administrator, or a service acting
+    -- for the subject); NULL when the subject acted as itself.
     actor           text
 );
 -- audit_page: one subject, newest first, keyset on (created_at, id).

@@ -389,13 +389,12 @@ static GRANT_LOCK: Stmt = Stmt {
 /// 42501 and changes nothing (the refusal is audited by the caller's transaction, which the
 /// error rolls back, so it goes to the audit writer).
 fn refund_grant(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
-    let (subject, metric, amount) = (req.subject, req.metric, req.amount);
     let refused = |why: &'static str| {
         queue::refusal(queue::Refusal {
-            subject: Some(subject),
+            subject: Some(req.subject),
             action: "refund",
-            metric: Some(metric),
-            amount: Some(amount),
+            metric: Some(req.metric),
+            amount: Some(req.amount),
             reason: "not_a_grant",
             details: json!({"why": why}),
             idempotency_key: req.key,
@@ -410,57 +409,84 @@ fn refund_grant(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decisio
     let Some(key) = req.key else {
         return Err(refused("no idempotency_key names the grant to refund"));
     };
-    if amount == 0 {
+    if req.amount == 0 {
         return Err(refused("a refund of nothing refunds no grant"));
     }
-    let response = spi::run(client, &GRANT_LOCK, &[subject.into(), key.into()])
+    let response = spi::run(client, &GRANT_LOCK, &[req.subject.into(), key.into()])
         .next()
         .and_then(|row| spi::get::<pgrx::JsonB>(&row, 1))
         .map(|j| j.0);
     let Some(mut response) = response else {
         return Err(refused("no consume of this subject has that idempotency key"));
     };
+    match refundable(&response, req) {
+        Refundable::No(why) => Err(refused(why)),
+        Refundable::Refunded(ws) => {
+            metrics::count(Counter::Replays);
+            let mut d = Decision::from_window(req.subject, req.metric, least_remaining(&ws), true, false);
+            d.replayed = true;
+            Ok(d)
+        }
+        Refundable::Yes(ws) => Ok(give_back(client, req, key, &mut response, ws)),
+    }
+}
+
+/// What a key's stored response allows an untrusted refund of `req`.
+enum Refundable {
+    No(&'static str),
+    /// Refunded already, by this amount: the windows as that refund left them.
+    Refunded(Vec<Window>),
+    /// The windows the grant charged.
+    Yes(Vec<Window>),
+}
+
+fn windows_in(v: &serde_json::Value) -> Vec<Window> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(window_from_json).collect())
+        .unwrap_or_default()
+}
+
+fn refundable(response: &serde_json::Value, req: &Request<'_>) -> Refundable {
     let request = &response["request"];
-    if request["action"] != "consume" || request["metric"] != metric {
-        return Err(refused("that idempotency key names no consume of this metric"));
+    if request["action"] != "consume" || request["metric"] != req.metric {
+        return Refundable::No("that idempotency key names no consume of this metric");
     }
     let granted = request["amount"].as_i64().unwrap_or(0);
     if response["decision"]["allowed"] != true || granted == 0 {
-        return Err(refused("that consume granted nothing"));
+        return Refundable::No("that consume granted nothing");
     }
     if response["trusted"] == true {
-        return Err(refused(
-            "that grant was made by a trusted role, which alone can refund it",
-        ));
+        return Refundable::No("that grant was made by a trusted role, which alone can refund it");
     }
     if let Some(first) = response.get("refund") {
-        if first["amount"].as_i64() != Some(amount) {
-            return Err(refused("that grant was refunded already"));
+        let ws = windows_in(&first["windows"]);
+        if first["amount"].as_i64() != Some(req.amount) || ws.is_empty() {
+            return Refundable::No("that grant was refunded already");
         }
-        let ws: Vec<Window> = first["windows"]
-            .as_array()
-            .map(|a| a.iter().filter_map(window_from_json).collect())
-            .unwrap_or_default();
-        if ws.is_empty() {
-            return Err(refused("that grant was refunded already"));
-        }
-        metrics::count(Counter::Replays);
-        let mut d = Decision::from_window(subject, metric, least_remaining(&ws), true, false);
-        d.replayed = true;
-        return Ok(d);
+        return Refundable::Refunded(ws);
     }
-    if amount > granted {
-        return Err(refused("a refund may not exceed the grant"));
+    if req.amount > granted {
+        return Refundable::No("a refund may not exceed the grant");
     }
-    let mut ws: Vec<Window> = response["windows"]
-        .as_array()
-        .map(|a| a.iter().filter_map(window_from_json).collect())
-        .unwrap_or_default();
+    let ws = windows_in(&response["windows"]);
     if ws.is_empty() {
-        return Err(refused(
+        return Refundable::No(
             "the grant was made before quota_ext 0.6.0, which does not know the windows it charged; a trusted caller can refund it",
-        ));
+        );
     }
+    Refundable::Yes(ws)
+}
+
+/// The refund itself: the amount given back to the windows the grant charged, audited, and
+/// recorded in the key's response so that a repeat replays it.
+fn give_back(
+    client: &mut SpiClient<'_>,
+    req: &Request<'_>,
+    key: &str,
+    response: &mut serde_json::Value,
+    mut ws: Vec<Window>,
+) -> Decision {
+    let (subject, metric, amount) = (req.subject, req.metric, req.amount);
     for w in &mut ws {
         w.used = 0;
     }
@@ -506,9 +532,9 @@ fn refund_grant(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decisio
     spi::run(
         client,
         &KEY_SET,
-        &[subject.into(), key.into(), pgrx::JsonB(response).into()],
+        &[subject.into(), key.into(), pgrx::JsonB(response.clone()).into()],
     );
-    Ok(d)
+    d
 }
 
 /// One consume, refund or peek, as the caller's role may make it (see refund_grant for the

@@ -471,8 +471,7 @@ pub fn now_ns() -> i64 {
 
 /// A `quota.rate_decision` formed in one step and handed to PostgreSQL as it is. pgrx's
 /// composite return (`PgHeapTuple`) collects the values into two vectors, forms the tuple and
-/// then copies it once more into the result datum; on the rate path, where the whole call costs
-/// well under a microsecond, that was a fifth of it.
+/// then copies it once more into the result datum: work of the size of the whole rate check.
 pub struct RateDecision(pg_sys::Datum);
 
 // SAFETY: the datum is a composite of the function's declared result type, formed in the
