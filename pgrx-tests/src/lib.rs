@@ -231,3 +231,29 @@ pub fn goes_on(c: &mut Client, batch: &str) {
     );
     assert_eq!(version, 3, "the batch's version continues");
 }
+
+/// Run `n` sessions at once, each on a connection of its own to `db`, and collect what each
+/// returns (in session order). `session(i, client, start)` gets its number and its connection,
+/// prepares what it needs, and calls `start()` when ready: every session waits there until all
+/// are, so that the work itself overlaps as much as possible.
+pub fn in_parallel<T, F>(db: &TestDb, n: usize, session: F) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Fn(usize, &mut Client, &dyn Fn()) -> T + Send + Sync + 'static,
+{
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(n));
+    let session = std::sync::Arc::new(session);
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let mut c = db.connect();
+            let (barrier, session) = (barrier.clone(), session.clone());
+            std::thread::spawn(move || {
+                let start = || {
+                    barrier.wait();
+                };
+                session(i, &mut c, &start)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}

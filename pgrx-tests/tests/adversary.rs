@@ -8,7 +8,13 @@ use quota_ext_itests::{code, one_i64, one_text, settles_at, TestDb};
 
 /// One request as PostgREST makes it: a transaction that switches to `role` and sets the JWT
 /// claims (and, when given, the request headers) for itself only; Err is the SQLSTATE.
-fn request(c: &mut Client, role: &str, claims: &str, headers: Option<&str>, sql: &str) -> Result<String, String> {
+fn request(
+    c: &mut Client,
+    role: &str,
+    claims: &str,
+    headers: Option<&str>,
+    sql: &str,
+) -> Result<String, String> {
     let mut tx = c.transaction().unwrap();
     tx.batch_execute(&format!(
         "SET LOCAL ROLE {role}; SELECT set_config('request.jwt.claims', $${claims}$$, true);"
@@ -29,7 +35,13 @@ fn request(c: &mut Client, role: &str, claims: &str, headers: Option<&str>, sql:
 }
 
 fn user(c: &mut Client, sub: &str, sql: &str) -> Result<String, String> {
-    request(c, "authenticated", &format!(r#"{{"sub":"{sub}","role":"authenticated"}}"#), None, sql)
+    request(
+        c,
+        "authenticated",
+        &format!(r#"{{"sub":"{sub}","role":"authenticated"}}"#),
+        None,
+        sql,
+    )
 }
 
 fn used(c: &mut Client, subject: &str) -> i64 {
@@ -44,7 +56,8 @@ fn used(c: &mut Client, subject: &str) -> i64 {
 fn an_untrusted_refund_gives_back_only_a_grant_it_received_once() {
     let db = TestDb::new("adv_refund");
     let mut c = db.connect();
-    c.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 3)").unwrap();
+    c.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 3)")
+        .unwrap();
     for k in ["k1", "k2", "k3"] {
         user(&mut c, "eve", &format!("quota.consume(NULL, 'api', 1, '{k}')")).unwrap();
     }
@@ -62,19 +75,37 @@ fn an_untrusted_refund_gives_back_only_a_grant_it_received_once() {
         assert_eq!(used(&mut c, "eve"), 3, "{attack} changed usage");
     }
     // Another subject's key is not ours.
-    assert_eq!(user(&mut c, "mallory", "quota.refund(NULL, 'api', 1, 'k1')"), Err("42501".into()));
+    assert_eq!(
+        user(&mut c, "mallory", "quota.refund(NULL, 'api', 1, 'k1')"),
+        Err("42501".into())
+    );
     // The grant's own refund works, once; a repeat replays it.
-    assert_eq!(user(&mut c, "eve", "(quota.refund(NULL, 'api', 1, 'k1')).used").unwrap(), "2");
+    assert_eq!(
+        user(&mut c, "eve", "(quota.refund(NULL, 'api', 1, 'k1')).used").unwrap(),
+        "2"
+    );
     assert_eq!(
         user(&mut c, "eve", "(quota.refund(NULL, 'api', 1, 'k1')).replayed").unwrap(),
         "true"
     );
-    assert_eq!(user(&mut c, "eve", "quota.refund(NULL, 'api', 1, 'k1')").is_ok(), true);
+    assert_eq!(
+        user(&mut c, "eve", "quota.refund(NULL, 'api', 1, 'k1')").is_ok(),
+        true
+    );
     assert_eq!(used(&mut c, "eve"), 2, "a replay gives nothing back");
-    assert_eq!(user(&mut c, "eve", "quota.refund(NULL, 'api', 0, 'k2')"), Err("42501".into()));
+    assert_eq!(
+        user(&mut c, "eve", "quota.refund(NULL, 'api', 0, 'k2')"),
+        Err("42501".into())
+    );
     // So exactly one more unit fits.
-    assert_eq!(user(&mut c, "eve", "(quota.consume(NULL, 'api')).allowed").unwrap(), "true");
-    assert_eq!(user(&mut c, "eve", "(quota.consume(NULL, 'api')).allowed").unwrap(), "false");
+    assert_eq!(
+        user(&mut c, "eve", "(quota.consume(NULL, 'api')).allowed").unwrap(),
+        "true"
+    );
+    assert_eq!(
+        user(&mut c, "eve", "(quota.consume(NULL, 'api')).allowed").unwrap(),
+        "false"
+    );
     // Every refused refund is audited (by the audit writer: the error rolls the caller back).
     assert_eq!(
         settles_at(
@@ -85,7 +116,10 @@ fn an_untrusted_refund_gives_back_only_a_grant_it_received_once() {
         8
     );
     // Trusted callers keep the old refund.
-    assert_eq!(one_i64(&mut c, "SELECT used FROM quota.refund('eve', 'api', 100)"), 0);
+    assert_eq!(
+        one_i64(&mut c, "SELECT used FROM quota.refund('eve', 'api', 100)"),
+        0
+    );
 }
 
 // 1b. Two refunds of one grant at once: the key's row lock makes the second a replay.
@@ -93,7 +127,8 @@ fn an_untrusted_refund_gives_back_only_a_grant_it_received_once() {
 fn concurrent_refunds_of_one_grant_give_it_back_once() {
     let db = TestDb::new("adv_refund_race");
     let mut c = db.connect();
-    c.batch_execute("SELECT quota.set_limit('free', 'api', 'total', 100)").unwrap();
+    c.batch_execute("SELECT quota.set_limit('free', 'api', 'total', 100)")
+        .unwrap();
     for i in 0..20 {
         user(&mut c, "eve", &format!("quota.consume(NULL, 'api', 5, 'g{i}')")).unwrap();
     }
@@ -103,8 +138,12 @@ fn concurrent_refunds_of_one_grant_give_it_back_once() {
             std::thread::spawn(move || {
                 (0..20)
                     .filter(|i| {
-                        user(&mut c, "eve", &format!("(quota.refund(NULL, 'api', 5, 'g{i}')).replayed"))
-                            .unwrap()
+                        user(
+                            &mut c,
+                            "eve",
+                            &format!("(quota.refund(NULL, 'api', 5, 'g{i}')).replayed"),
+                        )
+                        .unwrap()
                             == "false"
                     })
                     .count()
@@ -146,7 +185,9 @@ fn no_cache_outlives_the_snapshot_transaction_that_filled_it() {
             n += 1;
             let s = format!("s{n}");
             let change = change.replace("{s}", &s).replace("{n}", &n.to_string());
-            admin.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 1000)").unwrap();
+            admin
+                .batch_execute("SELECT quota.set_limit('free', 'api', 'day', 1000)")
+                .unwrap();
             let mut a = db.connect();
             let claims = format!(r#"{{"sub":"{s}","app_metadata":{{"plan":"gold{n}"}}}}"#);
             a.batch_execute(&format!(
@@ -163,7 +204,8 @@ fn no_cache_outlives_the_snapshot_transaction_that_filled_it() {
                 _ => format!("SELECT quota.consume('{s}', 'api', 0)"),
             };
             let _ = a.batch_execute(&peek);
-            a.batch_execute(&format!("BEGIN ISOLATION LEVEL {level}; SELECT 1")).unwrap();
+            a.batch_execute(&format!("BEGIN ISOLATION LEVEL {level}; SELECT 1"))
+                .unwrap();
             admin.batch_execute(&change).unwrap();
             // Inside, the cache refills from the old snapshot (where the new policy does not
             // exist yet, the peek fails and the transaction rolls back: the fill is the same)...
@@ -172,7 +214,10 @@ fn no_cache_outlives_the_snapshot_transaction_that_filled_it() {
             // ...and after it the change applies.
             let first: bool = a.query_one(&call, &[]).unwrap().get(0);
             let second: bool = a.query_one(&call, &[]).unwrap().get(0);
-            assert!(first && !second, "{level}, {table}: after commit the limit of 1 must apply");
+            assert!(
+                first && !second,
+                "{level}, {table}: after commit the limit of 1 must apply"
+            );
         }
     }
 }
@@ -182,11 +227,20 @@ fn no_cache_outlives_the_snapshot_transaction_that_filled_it() {
 fn a_client_cannot_choose_its_address() {
     let db = TestDb::new("adv_ip");
     let mut c = db.connect();
-    c.batch_execute("INSERT INTO quota.rate_policies VALUES ('ipcheck', 'anonymous', 3, '1 hour', NULL, false)")
-        .unwrap();
+    c.batch_execute(
+        "INSERT INTO quota.rate_policies VALUES ('ipcheck', 'anonymous', 3, '1 hour', NULL, false)",
+    )
+    .unwrap();
     let anon = |c: &mut Client, xff: &str| -> (String, bool) {
         let h = format!(r#"{{"x-forwarded-for":"{xff}"}}"#);
-        let out = request(c, "anon", r#"{"role":"anon"}"#, Some(&h), "quota.rate_limit('ipcheck')").unwrap();
+        let out = request(
+            c,
+            "anon",
+            r#"{"role":"anon"}"#,
+            Some(&h),
+            "quota.rate_limit('ipcheck')",
+        )
+        .unwrap();
         let allowed = out.starts_with("(t,");
         let key = out.split(',').nth(1).unwrap_or_default().to_string();
         (key, allowed)
@@ -207,21 +261,43 @@ fn a_client_cannot_choose_its_address() {
     let mut c2 = db.connect();
     c2.batch_execute("SET quota_ext.trusted_proxy_hops = 2").unwrap();
     assert_eq!(anon(&mut c2, "1.1.1.1, 192.0.2.5, 10.0.0.1").0, "ip:192.0.2.5");
-    assert_eq!(anon(&mut c2, "192.0.2.9").0, "ip:192.0.2.9", "a shorter list gives its leftmost");
+    assert_eq!(
+        anon(&mut c2, "192.0.2.9").0,
+        "ip:192.0.2.9",
+        "a shorter list gives its leftmost"
+    );
     // A single-value header (Cloudflare's CF-Connecting-IP).
-    c2.batch_execute("SET quota_ext.client_ip_header = 'CF-Connecting-IP'; SET quota_ext.trusted_proxy_hops = 1")
-        .unwrap();
+    c2.batch_execute(
+        "SET quota_ext.client_ip_header = 'CF-Connecting-IP'; SET quota_ext.trusted_proxy_hops = 1",
+    )
+    .unwrap();
     let h = r#"{"cf-connecting-ip":"192.0.2.77","x-forwarded-for":"6.6.6.6"}"#;
-    let out = request(&mut c2, "anon", r#"{"role":"anon"}"#, Some(h), "(quota.rate_limit('ipcheck')).key").unwrap();
+    let out = request(
+        &mut c2,
+        "anon",
+        r#"{"role":"anon"}"#,
+        Some(h),
+        "(quota.rate_limit('ipcheck')).key",
+    )
+    .unwrap();
     assert_eq!(out, "ip:192.0.2.77");
     // A bare PostgREST: no header can be trusted.
     c2.batch_execute("SET quota_ext.trusted_proxy_hops = 0").unwrap();
-    let out = request(&mut c2, "anon", r#"{"role":"anon"}"#, Some(h), "(quota.rate_limit('ipcheck')).key").unwrap();
+    let out = request(
+        &mut c2,
+        "anon",
+        r#"{"role":"anon"}"#,
+        Some(h),
+        "(quota.rate_limit('ipcheck')).key",
+    )
+    .unwrap();
     assert_eq!(out, "ip:unknown");
     // The settings are the administrator's: a client cannot change them.
     let mut tx = c.transaction().unwrap();
     tx.batch_execute("SET LOCAL ROLE anon").unwrap();
-    let e = tx.batch_execute("SET quota_ext.trusted_proxy_hops = 5").unwrap_err();
+    let e = tx
+        .batch_execute("SET quota_ext.trusted_proxy_hops = 5")
+        .unwrap_err();
     assert_eq!(code(&e), "42501");
 }
 
@@ -230,7 +306,8 @@ fn a_client_cannot_choose_its_address() {
 fn every_refusal_of_a_valid_call_is_audited_whatever_its_strings() {
     let db = TestDb::new("adv_audit_big");
     let mut c = db.connect();
-    c.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 0)").unwrap();
+    c.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 0)")
+        .unwrap();
     // 256 control characters each: six bytes apiece once JSON escapes them.
     let ctl: String = "\u{1}".repeat(256);
     let sub: String = "\u{2}".repeat(256);
@@ -238,7 +315,8 @@ fn every_refusal_of_a_valid_call_is_audited_whatever_its_strings() {
     let before = one_i64(&mut c, "SELECT count(*) FROM quota.audit_log WHERE NOT success");
     let mut tx = c.transaction().unwrap();
     tx.batch_execute("SET LOCAL ROLE authenticated").unwrap();
-    tx.execute("SELECT set_config('request.jwt.claims', $1, true)", &[&claims]).unwrap();
+    tx.execute("SELECT set_config('request.jwt.claims', $1, true)", &[&claims])
+        .unwrap();
     let e = tx
         .query_one("SELECT quota.require(NULL, 'api', 1, $1)", &[&ctl])
         .unwrap_err();
@@ -252,21 +330,37 @@ fn every_refusal_of_a_valid_call_is_audited_whatever_its_strings() {
         ),
         1
     );
-    assert_eq!(one_i64(&mut c, "SELECT count(*) FROM quota.audit_log WHERE NOT success") - before, 1);
+    assert_eq!(
+        one_i64(&mut c, "SELECT count(*) FROM quota.audit_log WHERE NOT success") - before,
+        1
+    );
     // A JWT subject longer than a subject may be: 22001, like a subject argument.
     let long = format!(r#"{{"sub":"{}"}}"#, "x".repeat(257));
-    for f in ["quota.consume(NULL, 'api')", "quota.status()", "quota.rate_limit('default')"] {
-        assert_eq!(request(&mut c, "authenticated", &long, None, f), Err("22001".into()), "{f}");
+    for f in [
+        "quota.consume(NULL, 'api')",
+        "quota.status()",
+        "quota.rate_limit('default')",
+    ] {
+        assert_eq!(
+            request(&mut c, "authenticated", &long, None, f),
+            Err("22001".into()),
+            "{f}"
+        );
     }
 }
 
 fn metric(c: &mut Client, name: &str) -> i64 {
-    one_i64(c, &format!("SELECT value FROM quota.metrics() WHERE name = '{name}'"))
+    one_i64(
+        c,
+        &format!("SELECT value FROM quota.metrics() WHERE name = '{name}'"),
+    )
 }
 
 /// Queue one refusal in `db` (a require that is denied: its audit row goes to the writer).
 fn queue_refusal(c: &mut Client) {
-    let e = c.batch_execute("SELECT quota.require('nobody', 'zero')").unwrap_err();
+    let e = c
+        .batch_execute("SELECT quota.require('nobody', 'zero')")
+        .unwrap_err();
     assert_eq!(code(&e), "PT429");
 }
 
@@ -277,16 +371,22 @@ fn rows_of_more_databases_than_writer_slots_all_arrive() {
     // their rows queued until the next quota_ext call on the server; on this server of its
     // own none comes).
     let port = quota_ext_itests::env_port("QUOTA_EXT_WRITERS_PORT");
-    let dbs: Vec<TestDb> = (0..10).map(|i| TestDb::on(port, &format!("adv_slots{i}"))).collect();
+    let dbs: Vec<TestDb> = (0..10)
+        .map(|i| TestDb::on(port, &format!("adv_slots{i}")))
+        .collect();
     let mut cs: Vec<Client> = dbs.iter().map(|d| d.connect()).collect();
     for c in cs.iter_mut() {
-        c.batch_execute("SELECT quota.set_limit('free', 'zero', 'day', 0)").unwrap();
+        c.batch_execute("SELECT quota.set_limit('free', 'zero', 'day', 0)")
+            .unwrap();
     }
     for c in cs.iter_mut() {
         queue_refusal(c);
     }
     for c in cs.iter_mut() {
-        assert_eq!(settles_at(c, "SELECT count(*) FROM quota.audit_log WHERE NOT success", 1), 1);
+        assert_eq!(
+            settles_at(c, "SELECT count(*) FROM quota.audit_log WHERE NOT success", 1),
+            1
+        );
     }
 }
 
@@ -294,15 +394,21 @@ fn rows_of_more_databases_than_writer_slots_all_arrive() {
 fn queued_rows_are_written_dropped_or_still_queued_with_one_worker_slot() {
     let port = quota_ext_itests::env_port("QUOTA_EXT_SCARCE_PORT");
     // On the server with one background worker slot: every database's writer needs that slot.
-    let dbs: Vec<TestDb> = (0..3).map(|i| TestDb::on(port, &format!("adv_strand{i}"))).collect();
+    let dbs: Vec<TestDb> = (0..3)
+        .map(|i| TestDb::on(port, &format!("adv_strand{i}")))
+        .collect();
     let mut cs: Vec<Client> = dbs.iter().map(|d| d.connect()).collect();
     for c in cs.iter_mut() {
-        c.batch_execute("SELECT quota.set_limit('free', 'zero', 'day', 0)").unwrap();
+        c.batch_execute("SELECT quota.set_limit('free', 'zero', 'day', 0)")
+            .unwrap();
     }
     // The counters are the server's; any database with the extension reads them.
     let mut admin = dbs[0].connect();
     let queued0 = metric(&mut admin, "audit_queued");
-    let (written0, dropped0) = (metric(&mut admin, "audit_written"), metric(&mut admin, "audit_dropped"));
+    let (written0, dropped0) = (
+        metric(&mut admin, "audit_written"),
+        metric(&mut admin, "audit_dropped"),
+    );
     for round in 0..3 {
         for c in cs.iter_mut() {
             queue_refusal(c);
@@ -327,7 +433,8 @@ fn queued_rows_are_written_dropped_or_still_queued_with_one_worker_slot() {
 fn rows_a_terminated_writer_leaves_behind_are_written() {
     let db = TestDb::new("adv_terminated");
     let mut c = db.connect();
-    c.batch_execute("SELECT quota.set_limit('free', 'zero', 'day', 0)").unwrap();
+    c.batch_execute("SELECT quota.set_limit('free', 'zero', 'day', 0)")
+        .unwrap();
     // Catch the database's writer while it runs (it exits about a second after its last row).
     let mut queued = 0;
     let pid = loop {
@@ -352,18 +459,28 @@ fn rows_a_terminated_writer_leaves_behind_are_written() {
     // Stopped, it cannot scan; a row queued now only sets its latch; terminated, it wakes to
     // the signal and exits without scanning again: the row is left behind.
     let signal = |sig: &str| {
-        assert!(std::process::Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success())
+        assert!(std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success())
     };
     signal("-STOP");
     queue_refusal(&mut c);
     queued += 1;
-    c.batch_execute(&format!("SELECT pg_terminate_backend({pid})")).unwrap();
+    c.batch_execute(&format!("SELECT pg_terminate_backend({pid})"))
+        .unwrap();
     signal("-CONT");
     std::thread::sleep(std::time::Duration::from_millis(300));
     // Any quota_ext call of the server (here a peek) starts a writer for it.
-    c.batch_execute("SELECT quota.consume('someone', 'zero', 0)").unwrap();
+    c.batch_execute("SELECT quota.consume('someone', 'zero', 0)")
+        .unwrap();
     assert_eq!(
-        settles_at(&mut c, "SELECT count(*) FROM quota.audit_log WHERE NOT success", queued),
+        settles_at(
+            &mut c,
+            "SELECT count(*) FROM quota.audit_log WHERE NOT success",
+            queued
+        ),
         queued
     );
 }
@@ -448,11 +565,18 @@ fn an_existing_schema_of_another_role_is_refused() {
     let e = c.batch_execute("CREATE EXTENSION quota_ext").unwrap_err();
     assert_eq!(code(&e), "42P06");
     assert!(e.as_db_error().unwrap().message().contains("squatter"), "{e:?}");
-    assert_eq!(one_i64(&mut c, "SELECT count(*) FROM pg_extension WHERE extname = 'quota_ext'"), 0);
+    assert_eq!(
+        one_i64(
+            &mut c,
+            "SELECT count(*) FROM pg_extension WHERE extname = 'quota_ext'"
+        ),
+        0
+    );
     // The owner's own schema made beforehand is fine.
     c.batch_execute("DROP SCHEMA quota; CREATE SCHEMA quota; CREATE EXTENSION quota_ext; SELECT quota.set_limit('free', 'api', 'day', 1)")
         .unwrap();
-    c.batch_execute(&format!("REVOKE CREATE ON DATABASE {} FROM squatter", db.name)).unwrap();
+    c.batch_execute(&format!("REVOKE CREATE ON DATABASE {} FROM squatter", db.name))
+        .unwrap();
 }
 
 // 9. The smaller findings.
@@ -460,16 +584,25 @@ fn an_existing_schema_of_another_role_is_refused() {
 fn refusals_reveal_nothing_of_other_subjects() {
     let db = TestDb::new("adv_leaks");
     let mut c = db.connect();
-    let theirs = one_text(&mut c, "SELECT id::text FROM quota.create_batch('alice-secret-owner', 'milk', 5)");
-    c.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 5)").unwrap();
+    let theirs = one_text(
+        &mut c,
+        "SELECT id::text FROM quota.create_batch('alice-secret-owner', 'milk', 5)",
+    );
+    c.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 5)")
+        .unwrap();
     // Bob's row is older than Alice's: a before_id of hers would page it in 0.5.0.
     user(&mut c, "bob", "quota.consume(NULL, 'api')").unwrap();
     c.batch_execute("SELECT quota.consume('alice', 'api')").unwrap();
-    let alice_id = one_i64(&mut c, "SELECT max(id) FROM quota.audit_log WHERE subject = 'alice'");
+    let alice_id = one_i64(
+        &mut c,
+        "SELECT max(id) FROM quota.audit_log WHERE subject = 'alice'",
+    );
     // The not-owner error names no owner.
     let mut tx = c.transaction().unwrap();
-    tx.batch_execute(r#"SET LOCAL ROLE authenticated; SELECT set_config('request.jwt.claims', '{"sub":"bob"}', true)"#)
-        .unwrap();
+    tx.batch_execute(
+        r#"SET LOCAL ROLE authenticated; SELECT set_config('request.jwt.claims', '{"sub":"bob"}', true)"#,
+    )
+    .unwrap();
     let e = tx
         .batch_execute(&format!("SELECT quota.consume_batch_quantity('{theirs}', 1)"))
         .unwrap_err();
@@ -480,7 +613,12 @@ fn refusals_reveal_nothing_of_other_subjects() {
     drop(tx);
     // before_id of another subject's row pages like an id that does not exist.
     let page = |c: &mut Client, before: i64| {
-        user(c, "bob", &format!("(SELECT count(*) FROM quota.audit_page(NULL, {before}))")).unwrap()
+        user(
+            c,
+            "bob",
+            &format!("(SELECT count(*) FROM quota.audit_page(NULL, {before}))"),
+        )
+        .unwrap()
     };
     assert_eq!(page(&mut c, alice_id), page(&mut c, -1));
     assert_eq!(page(&mut c, -1), "0");
@@ -502,7 +640,8 @@ fn the_audit_trail_records_who_acted_and_the_writer_acts_as_the_extension_owner(
          SELECT quota.set_limit('free', 'api', 'day', 1);",
     )
     .unwrap();
-    c.batch_execute("SET ROLE service_role; SELECT quota.consume('carol', 'api'); RESET ROLE").unwrap();
+    c.batch_execute("SET ROLE service_role; SELECT quota.consume('carol', 'api'); RESET ROLE")
+        .unwrap();
     user(&mut c, "dan", "quota.consume(NULL, 'api')").unwrap();
     let actors = one_text(
         &mut c,
@@ -511,10 +650,18 @@ fn the_audit_trail_records_who_acted_and_the_writer_acts_as_the_extension_owner(
     assert_eq!(actors, "set_limit:postgres,consume:service_role,consume:-");
     // A refusal that raises is written by the audit writer, as the extension's owner.
     c.batch_execute("TRUNCATE public.writer_roles").unwrap();
-    let e = c.batch_execute("SELECT quota.require('carol', 'api')").unwrap_err();
+    let e = c
+        .batch_execute("SELECT quota.require('carol', 'api')")
+        .unwrap_err();
     assert_eq!(code(&e), "PT429");
-    assert_eq!(settles_at(&mut c, "SELECT count(*) FROM public.writer_roles", 1), 1);
-    assert_eq!(one_text(&mut c, "SELECT r FROM public.writer_roles"), "quota_admin_owner");
+    assert_eq!(
+        settles_at(&mut c, "SELECT count(*) FROM public.writer_roles", 1),
+        1
+    );
+    assert_eq!(
+        one_text(&mut c, "SELECT r FROM public.writer_roles"),
+        "quota_admin_owner"
+    );
     assert_eq!(
         one_text(&mut c, "SELECT actor FROM quota.audit_log WHERE NOT success"),
         "postgres"
@@ -525,11 +672,18 @@ fn the_audit_trail_records_who_acted_and_the_writer_acts_as_the_extension_owner(
 fn a_session_level_legacy_subject_left_on_a_pooled_connection_is_not_honoured() {
     let db = TestDb::new("adv_legacy");
     let mut c = db.connect();
-    c.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 5)").unwrap();
+    c.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 5)")
+        .unwrap();
     // A previous client of the pooled connection left a session-level setting behind.
     c.batch_execute("SET request.jwt.claim.sub = 'victim'").unwrap();
     assert_eq!(
-        request(&mut c, "authenticated", r#"{"role":"authenticated"}"#, None, "quota.consume(NULL, 'api')"),
+        request(
+            &mut c,
+            "authenticated",
+            r#"{"role":"authenticated"}"#,
+            None,
+            "quota.consume(NULL, 'api')"
+        ),
         Err("42501".into())
     );
     // Set for the request itself (as old PostgREST versions did), it counts.
@@ -539,7 +693,10 @@ fn a_session_level_legacy_subject_left_on_a_pooled_connection_is_not_honoured() 
          SELECT set_config('request.jwt.claims', '', true)",
     )
     .unwrap();
-    let s: String = tx.query_one("SELECT subject FROM quota.consume(NULL, 'api')", &[]).unwrap().get(0);
+    let s: String = tx
+        .query_one("SELECT subject FROM quota.consume(NULL, 'api')", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(s, "victim");
 }
 
@@ -552,7 +709,10 @@ fn settings_with_high_bit_names_do_not_hide_the_claims() {
          SELECT set_config('request.é' || i, 'x', false) FROM generate_series(1, 1500) i;",
     )
     .unwrap();
-    assert_eq!(user(&mut c, "zoe", "(quota.consume(NULL, 'api')).subject").unwrap(), "zoe");
+    assert_eq!(
+        user(&mut c, "zoe", "(quota.consume(NULL, 'api')).subject").unwrap(),
+        "zoe"
+    );
 }
 
 // 11. One plan rule for quotas and rate limits.
@@ -567,30 +727,66 @@ fn quotas_and_rate_limits_take_the_plan_by_one_rule() {
     )
     .unwrap();
     let as_pro = |c: &mut Client, sub: &str, sql: &str| {
-        request(c, "authenticated", &format!(r#"{{"sub":"{sub}","app_metadata":{{"plan":"pro"}}}}"#), None, sql)
+        request(
+            c,
+            "authenticated",
+            &format!(r#"{{"sub":"{sub}","app_metadata":{{"plan":"pro"}}}}"#),
+            None,
+            sql,
+        )
     };
     // The plan of record wins over the claim, for quotas and rate limits alike.
-    assert_eq!(as_pro(&mut c, "recorded", "(quota.consume(NULL, 'api')).quota_limit").unwrap(), "1");
-    assert_eq!(as_pro(&mut c, "recorded", "(quota.rate_limit('default')).rate_limit").unwrap(), "100");
-    // Without a row, the claim applies to both.
-    assert_eq!(as_pro(&mut c, "claimed", "(quota.consume(NULL, 'api')).quota_limit").unwrap(), "100");
-    assert_eq!(as_pro(&mut c, "claimed", "(quota.rate_limit('default')).rate_limit").unwrap(), "1000");
     assert_eq!(
-        as_pro(&mut c, "claimed", "(SELECT quota_limit FROM quota.status() LIMIT 1)").unwrap(),
+        as_pro(&mut c, "recorded", "(quota.consume(NULL, 'api')).quota_limit").unwrap(),
+        "1"
+    );
+    assert_eq!(
+        as_pro(&mut c, "recorded", "(quota.rate_limit('default')).rate_limit").unwrap(),
+        "100"
+    );
+    // Without a row, the claim applies to both.
+    assert_eq!(
+        as_pro(&mut c, "claimed", "(quota.consume(NULL, 'api')).quota_limit").unwrap(),
+        "100"
+    );
+    assert_eq!(
+        as_pro(&mut c, "claimed", "(quota.rate_limit('default')).rate_limit").unwrap(),
+        "1000"
+    );
+    assert_eq!(
+        as_pro(
+            &mut c,
+            "claimed",
+            "(SELECT quota_limit FROM quota.status() LIMIT 1)"
+        )
+        .unwrap(),
         "100"
     );
     // A claim naming no plan: the default plan.
     let fake = r#"{"sub":"faker","app_metadata":{"plan":"platinum"}}"#;
     assert_eq!(
-        request(&mut c, "authenticated", fake, None, "(quota.consume(NULL, 'api')).quota_limit").unwrap(),
+        request(
+            &mut c,
+            "authenticated",
+            fake,
+            None,
+            "(quota.consume(NULL, 'api')).quota_limit"
+        )
+        .unwrap(),
         "1"
     );
     assert_eq!(
-        request(&mut c, "authenticated", fake, None, "(quota.rate_limit('default')).rate_limit").unwrap(),
+        request(
+            &mut c,
+            "authenticated",
+            fake,
+            None,
+            "(quota.rate_limit('default')).rate_limit"
+        )
+        .unwrap(),
         "100"
     );
 }
-
 
 // 1c. A service's grant is the service's to refund, and a key the subject claimed and refunded
 // first hands the service no free grant; refunds by clients can be switched off.
@@ -598,10 +794,15 @@ fn quotas_and_rate_limits_take_the_plan_by_one_rule() {
 fn a_subject_can_neither_refund_nor_preempt_a_services_grant() {
     let db = TestDb::new("adv_refund_service");
     let mut c = db.connect();
-    c.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 10)").unwrap();
+    c.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 10)")
+        .unwrap();
     // The service charges the subject (a trusted caller, with its own key).
-    c.batch_execute("SELECT quota.consume('zed', 'api', 1, 'order-1')").unwrap();
-    assert_eq!(user(&mut c, "zed", "quota.refund(NULL, 'api', 1, 'order-1')"), Err("42501".into()));
+    c.batch_execute("SELECT quota.consume('zed', 'api', 1, 'order-1')")
+        .unwrap();
+    assert_eq!(
+        user(&mut c, "zed", "quota.refund(NULL, 'api', 1, 'order-1')"),
+        Err("42501".into())
+    );
     assert_eq!(used(&mut c, "zed"), 1);
     // The subject guesses the service's next key, consumes and refunds it first...
     user(&mut c, "zed", "quota.consume(NULL, 'api', 1, 'order-2')").unwrap();
@@ -609,15 +810,27 @@ fn a_subject_can_neither_refund_nor_preempt_a_services_grant() {
     assert_eq!(used(&mut c, "zed"), 1);
     // ...then the service's consume with that key is a replay of a grant that no longer stands.
     let r = c
-        .query_one("SELECT allowed, replayed FROM quota.consume('zed', 'api', 1, 'order-2')", &[])
+        .query_one(
+            "SELECT allowed, replayed FROM quota.consume('zed', 'api', 1, 'order-2')",
+            &[],
+        )
         .unwrap();
     assert_eq!((r.get::<_, bool>(0), r.get::<_, bool>(1)), (false, true));
     // With quota_ext.untrusted_refunds off, only trusted roles refund.
     c.batch_execute("SET quota_ext.untrusted_refunds = off").unwrap();
     user(&mut c, "zed", "quota.consume(NULL, 'api', 1, 'k-off')").unwrap();
-    assert_eq!(user(&mut c, "zed", "quota.refund(NULL, 'api', 1, 'k-off')"), Err("42501".into()));
+    assert_eq!(
+        user(&mut c, "zed", "quota.refund(NULL, 'api', 1, 'k-off')"),
+        Err("42501".into())
+    );
     assert_eq!(used(&mut c, "zed"), 2);
-    assert_eq!(one_i64(&mut c, "SELECT used FROM quota.refund('zed', 'api', 1, 'svc-refund')"), 1);
+    assert_eq!(
+        one_i64(
+            &mut c,
+            "SELECT used FROM quota.refund('zed', 'api', 1, 'svc-refund')"
+        ),
+        1
+    );
 }
 
 // 3b. One client, one key, whatever the proxy's notation; rate_check keys never name a
@@ -628,7 +841,14 @@ fn addresses_are_normalized_and_rate_check_keys_stay_apart_from_policy_buckets()
     let mut c = db.connect();
     let key = |c: &mut Client, xff: &str| {
         let h = format!(r#"{{"x-forwarded-for":"{xff}"}}"#);
-        request(c, "anon", r#"{"role":"anon"}"#, Some(&h), "(quota.rate_limit('default')).key").unwrap()
+        request(
+            c,
+            "anon",
+            r#"{"role":"anon"}"#,
+            Some(&h),
+            "(quota.rate_limit('default')).key",
+        )
+        .unwrap()
     };
     assert_eq!(key(&mut c, "2001:db8:1:2::5"), "ip:2001:db8:1:2::/64");
     assert_eq!(key(&mut c, "[2001:db8:1:2:ffff::6]:443"), "ip:2001:db8:1:2::/64");
@@ -636,8 +856,12 @@ fn addresses_are_normalized_and_rate_check_keys_stay_apart_from_policy_buckets()
     assert_eq!(key(&mut c, "::ffff:192.0.2.1"), "ip:192.0.2.1");
     // A rate_check key spelled like the bucket of policy 'default' for subject 'victim'
     // (policy, 0x1f, key) drains nothing of it.
-    c.batch_execute("SELECT quota.rate_check(E'default\\x1fvictim', 1, '1 day', 1)").unwrap();
-    assert_eq!(user(&mut c, "victim", "(quota.rate_limit('default')).remaining").unwrap(), "99");
+    c.batch_execute("SELECT quota.rate_check(E'default\\x1fvictim', 1, '1 day', 1)")
+        .unwrap();
+    assert_eq!(
+        user(&mut c, "victim", "(quota.rate_limit('default')).remaining").unwrap(),
+        "99"
+    );
 }
 
 // 8b. An installation of 0.5.0 into a squatted schema is not upgraded, and not served.
@@ -645,13 +869,15 @@ fn addresses_are_normalized_and_rate_check_keys_stay_apart_from_policy_buckets()
 fn a_squatted_installation_is_neither_upgraded_nor_served() {
     let db = quota_ext_itests::TestDb::bare("adv_squat_upgrade");
     let mut c = squatted(&db);
-    c.batch_execute("CREATE EXTENSION quota_ext VERSION '0.5.0'").unwrap();
+    c.batch_execute("CREATE EXTENSION quota_ext VERSION '0.5.0'")
+        .unwrap();
     let e = c.batch_execute("ALTER EXTENSION quota_ext UPDATE").unwrap_err();
     assert_eq!(code(&e), "42P06");
     // Nothing switches to the superuser owner while the schema is another role's.
     let e = c.batch_execute("SELECT quota.status('anyone')").unwrap_err();
     assert_eq!(code(&e), "42501", "{e:?}");
-    c.batch_execute(&format!("REVOKE CREATE ON DATABASE {} FROM squatter", db.name)).unwrap();
+    c.batch_execute(&format!("REVOKE CREATE ON DATABASE {} FROM squatter", db.name))
+        .unwrap();
 }
 
 #[test]

@@ -2,9 +2,8 @@
 //! no deadlock between callers whose batch sets overlap.
 
 use postgres::Client;
-use quota_ext_itests::{code, connect_on, one_i64, settles_at, sqlstate, TestDb};
+use quota_ext_itests::{code, connect_on, in_parallel, one_i64, settles_at, sqlstate, TestDb};
 use rand::Rng;
-use std::sync::{Arc, Barrier};
 use std::thread;
 
 const SESSIONS: usize = 8;
@@ -20,34 +19,30 @@ fn eight_sessions_drain_a_batch_exactly() {
         )
         .unwrap()
         .get(0);
-    let barrier = Arc::new(Barrier::new(SESSIONS));
-    let handles: Vec<_> = (0..SESSIONS)
-        .map(|_| {
-            let mut c = db.connect();
-            let (barrier, id) = (barrier.clone(), id.clone());
-            thread::spawn(move || {
-                let stmt = c
-                    .prepare("SELECT consumed FROM quota.consume_batch_quantity($1::text::uuid, 1)")
-                    .unwrap();
-                barrier.wait();
-                let (mut taken, mut other) = (0i64, Vec::new());
-                loop {
-                    match c.query_one(&stmt, &[&id]) {
-                        Ok(row) => taken += row.get::<_, i64>(0),
-                        Err(e) if code(&e) == "23514" => break,
-                        Err(e) => {
-                            other.push(code(&e));
-                            break;
-                        }
+    let handles = {
+        let id = id.clone();
+        in_parallel(&db, SESSIONS, move |_, c, start| {
+            let stmt = c
+                .prepare("SELECT consumed FROM quota.consume_batch_quantity($1::text::uuid, 1)")
+                .unwrap();
+            start();
+            let (mut taken, mut other) = (0i64, Vec::new());
+            loop {
+                match c.query_one(&stmt, &[&id]) {
+                    Ok(row) => taken += row.get::<_, i64>(0),
+                    Err(e) if code(&e) == "23514" => break,
+                    Err(e) => {
+                        other.push(code(&e));
+                        break;
                     }
                 }
-                (taken, other)
-            })
+            }
+            (taken, other)
         })
-        .collect();
+    };
     let mut total = 0;
     for h in handles {
-        let (taken, other) = h.join().unwrap();
+        let (taken, other) = h;
         assert!(
             other.is_empty(),
             "errors other than insufficient quantity: {other:?}"
@@ -94,23 +89,19 @@ fn one_expected_version_has_one_winner() {
         )
         .unwrap()
         .get(0);
-    let barrier = Arc::new(Barrier::new(SESSIONS));
-    let handles: Vec<_> = (0..SESSIONS)
-        .map(|_| {
-            let mut c = db.connect();
-            let (barrier, id) = (barrier.clone(), id.clone());
-            thread::spawn(move || {
-                barrier.wait();
-                c.query_one(
-                    "SELECT version FROM quota.consume_batch_quantity($1::text::uuid, 1, 1)",
-                    &[&id],
-                )
-                .map(|r| r.get::<_, i64>(0))
-                .map_err(|e| code(&e))
-            })
+    let handles = {
+        let id = id.clone();
+        in_parallel(&db, SESSIONS, move |_, c, start| {
+            start();
+            c.query_one(
+                "SELECT version FROM quota.consume_batch_quantity($1::text::uuid, 1, 1)",
+                &[&id],
+            )
+            .map(|r| r.get::<_, i64>(0))
+            .map_err(|e| code(&e))
         })
-        .collect();
-    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    };
+    let results: Vec<_> = handles.into_iter().collect();
     assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "{results:?}");
     assert!(
         results
@@ -169,41 +160,34 @@ fn overlapping_consume_item_callers_never_deadlock_and_stay_exact() {
         .get(0);
     assert_eq!(fefo_first, last_fifo);
     assert_ne!(fefo_first, fifo_first);
-    let barrier = Arc::new(Barrier::new(SESSIONS));
-    let handles: Vec<_> = (0..SESSIONS)
-        .map(|i| {
-            let mut c = db.connect();
-            let barrier = barrier.clone();
-            thread::spawn(move || {
-                let (mut flour, mut milk, mut refused, mut other) = (0i64, 0i64, 0i64, Vec::new());
-                let strategy = if i % 2 == 0 { "fefo" } else { "fifo" };
-                barrier.wait();
-                for _ in 0..40 {
-                    let n: i64 = rand::thread_rng().gen_range(1..=5);
-                    match c.query_one(
-                        "SELECT sum(consumed)::bigint FROM quota.consume_item('shop', 'flour', $1, $2)",
-                        &[&n, &strategy],
-                    ) {
-                        Ok(r) => flour += r.get::<_, i64>(0),
-                        Err(e) if code(&e) == "23514" => refused += 1,
-                        Err(e) => other.push(code(&e)),
-                    }
-                    match c.query_one(
-                        "SELECT sum(consumed)::bigint FROM quota.consume_item('shop', 'milk', $1)",
-                        &[&n],
-                    ) {
-                        Ok(r) => milk += r.get::<_, i64>(0),
-                        Err(e) if code(&e) == "23514" => refused += 1,
-                        Err(e) => other.push(code(&e)),
-                    }
-                }
-                (flour, milk, refused, other)
-            })
-        })
-        .collect();
+    let handles = in_parallel(&db, SESSIONS, move |i, c, start| {
+        let (mut flour, mut milk, mut refused, mut other) = (0i64, 0i64, 0i64, Vec::new());
+        let strategy = if i % 2 == 0 { "fefo" } else { "fifo" };
+        start();
+        for _ in 0..40 {
+            let n: i64 = rand::thread_rng().gen_range(1..=5);
+            match c.query_one(
+                "SELECT sum(consumed)::bigint FROM quota.consume_item('shop', 'flour', $1, $2)",
+                &[&n, &strategy],
+            ) {
+                Ok(r) => flour += r.get::<_, i64>(0),
+                Err(e) if code(&e) == "23514" => refused += 1,
+                Err(e) => other.push(code(&e)),
+            }
+            match c.query_one(
+                "SELECT sum(consumed)::bigint FROM quota.consume_item('shop', 'milk', $1)",
+                &[&n],
+            ) {
+                Ok(r) => milk += r.get::<_, i64>(0),
+                Err(e) if code(&e) == "23514" => refused += 1,
+                Err(e) => other.push(code(&e)),
+            }
+        }
+        (flour, milk, refused, other)
+    });
     let (mut flour, mut milk, mut refusals) = (0, 0, 0);
     for h in handles {
-        let (f, m, r, other) = h.join().unwrap();
+        let (f, m, r, other) = h;
         refusals += r;
         assert!(
             other.is_empty(),
@@ -463,7 +447,11 @@ fn a_full_audit_queue_counts_what_it_drops() {
     };
     assert_eq!(metric(&mut c, "insufficient_quantity"), 40);
     assert_eq!(metric(&mut c, "audit_queued"), 16);
-    assert_eq!(metric(&mut c, "audit_rejected"), 24, "the rest found the queue full");
+    assert_eq!(
+        metric(&mut c, "audit_rejected"),
+        24,
+        "the rest found the queue full"
+    );
     assert_eq!(metric(&mut c, "audit_dropped"), 0);
     assert_eq!(metric(&mut c, "audit_written"), 0);
     assert_eq!(
@@ -558,28 +546,24 @@ fn a_burst_of_refusals_is_written_or_counted() {
         )
     };
     let dropped_before = dropped(&mut c);
-    let barrier = Arc::new(Barrier::new(SESSIONS));
-    let handles: Vec<_> = (0..SESSIONS)
-        .map(|_| {
-            let mut c = db.connect();
-            let (barrier, id) = (barrier.clone(), id.clone());
-            thread::spawn(move || {
-                let stmt = c
-                    .prepare("SELECT quota.consume_batch_quantity($1::text::uuid, 2)")
-                    .unwrap();
-                barrier.wait();
-                let mut refused = 0i64;
-                for _ in 0..300 {
-                    match c.query_one(&stmt, &[&id]) {
-                        Err(e) if code(&e) == "23514" => refused += 1,
-                        other => panic!("expected 23514, got {other:?}"),
-                    }
+    let handles = {
+        let id = id.clone();
+        in_parallel(&db, SESSIONS, move |_, c, start| {
+            let stmt = c
+                .prepare("SELECT quota.consume_batch_quantity($1::text::uuid, 2)")
+                .unwrap();
+            start();
+            let mut refused = 0i64;
+            for _ in 0..300 {
+                match c.query_one(&stmt, &[&id]) {
+                    Err(e) if code(&e) == "23514" => refused += 1,
+                    other => panic!("expected 23514, got {other:?}"),
                 }
-                refused
-            })
+            }
+            refused
         })
-        .collect();
-    let refusals: i64 = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    };
+    let refusals: i64 = handles.into_iter().sum();
     assert_eq!(refusals, SESSIONS as i64 * 300);
     // Drops are counted cluster-wide; no other test on this server fills its queue.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);

@@ -1,10 +1,8 @@
 //! Many real sessions at once against one subject and metric: the sum granted is exactly what
 //! the limit allows, usage and audit agree with what the clients saw, all-or-nothing holds.
 
-use quota_ext_itests::{one_i64, TestDb};
+use quota_ext_itests::{in_parallel, one_i64, TestDb};
 use rand::Rng;
-use std::sync::{Arc, Barrier};
-use std::thread;
 
 const SESSIONS: usize = 8;
 
@@ -16,37 +14,30 @@ struct Outcome {
 }
 
 fn hammer(db: &TestDb, calls: usize, amount: impl Fn() -> i64 + Send + Sync + Copy + 'static) -> Outcome {
-    let barrier = Arc::new(Barrier::new(SESSIONS));
-    let handles: Vec<_> = (0..SESSIONS)
-        .map(|_| {
-            let mut c = db.connect();
-            let barrier = barrier.clone();
-            thread::spawn(move || {
-                let stmt = c
-                    .prepare("SELECT allowed FROM quota.consume('hot', 'api', $1)")
-                    .unwrap();
-                let mut out = Outcome {
-                    granted_calls: 0,
-                    granted_amount: 0,
-                    denied_calls: 0,
-                    errors: vec![],
-                };
-                barrier.wait();
-                for _ in 0..calls {
-                    let a = amount();
-                    match c.query_one(&stmt, &[&a]) {
-                        Ok(row) if row.get::<_, bool>(0) => {
-                            out.granted_calls += 1;
-                            out.granted_amount += a;
-                        }
-                        Ok(_) => out.denied_calls += 1,
-                        Err(e) => out.errors.push(e.to_string()),
-                    }
+    let handles = in_parallel(&db, SESSIONS, move |_, c, start| {
+        let stmt = c
+            .prepare("SELECT allowed FROM quota.consume('hot', 'api', $1)")
+            .unwrap();
+        let mut out = Outcome {
+            granted_calls: 0,
+            granted_amount: 0,
+            denied_calls: 0,
+            errors: vec![],
+        };
+        start();
+        for _ in 0..calls {
+            let a = amount();
+            match c.query_one(&stmt, &[&a]) {
+                Ok(row) if row.get::<_, bool>(0) => {
+                    out.granted_calls += 1;
+                    out.granted_amount += a;
                 }
-                out
-            })
-        })
-        .collect();
+                Ok(_) => out.denied_calls += 1,
+                Err(e) => out.errors.push(e.to_string()),
+            }
+        }
+        out
+    });
     let mut total = Outcome {
         granted_calls: 0,
         granted_amount: 0,
@@ -54,7 +45,7 @@ fn hammer(db: &TestDb, calls: usize, amount: impl Fn() -> i64 + Send + Sync + Co
         errors: vec![],
     };
     for h in handles {
-        let o = h.join().unwrap();
+        let o = h;
         total.granted_calls += o.granted_calls;
         total.granted_amount += o.granted_amount;
         total.denied_calls += o.denied_calls;
@@ -154,24 +145,17 @@ fn concurrent_replays_of_one_key_grant_once() {
     let mut c = db.connect();
     c.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 100)")
         .unwrap();
-    let barrier = Arc::new(Barrier::new(SESSIONS));
-    let handles: Vec<_> = (0..SESSIONS)
-        .map(|_| {
-            let mut c = db.connect();
-            let barrier = barrier.clone();
-            thread::spawn(move || {
-                barrier.wait();
-                let row = c
-                    .query_one(
-                        "SELECT allowed, replayed, used FROM quota.consume('hot', 'api', 5, 'order-42')",
-                        &[],
-                    )
-                    .unwrap();
-                (row.get::<_, bool>(0), row.get::<_, bool>(1), row.get::<_, i64>(2))
-            })
-        })
-        .collect();
-    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let handles = in_parallel(&db, SESSIONS, move |_, c, start| {
+        start();
+        let row = c
+            .query_one(
+                "SELECT allowed, replayed, used FROM quota.consume('hot', 'api', 5, 'order-42')",
+                &[],
+            )
+            .unwrap();
+        (row.get::<_, bool>(0), row.get::<_, bool>(1), row.get::<_, i64>(2))
+    });
+    let results: Vec<_> = handles.into_iter().collect();
     assert_eq!(
         results.iter().filter(|r| !r.1).count(),
         1,

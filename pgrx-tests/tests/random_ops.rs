@@ -66,10 +66,12 @@ fn session(mut c: Client, seed: u64, me: u64) -> Tally {
             let r = if g.3 {
                 tx.query_one("SELECT replayed FROM quota.refund($2, 'm', $1)", &[&amount, &g.0])
             } else {
-                tx.query_one("SELECT replayed FROM quota.refund(NULL, 'm', $1, $2)", &[&amount, &g.1])
+                tx.query_one(
+                    "SELECT replayed FROM quota.refund(NULL, 'm', $1, $2)",
+                    &[&amount, &g.1],
+                )
             };
-            r
-            .map(|r| {
+            r.map(|r| {
                 assert!(!r.get::<_, bool>(0), "a grant's first refund is no replay");
                 Done::Refund(g.0.clone(), amount, g)
             })
@@ -168,16 +170,25 @@ fn a_random_storm_of_calls_leaves_the_books_exact() {
     let decisions: i64 = tallies.iter().map(|t| t.consume_decisions).sum();
     let refunds: i64 = tallies.iter().map(|t| t.refunds).sum();
     assert_eq!(
-        one_i64(&mut c, "SELECT count(*) FROM quota.audit_log WHERE action = 'consume'"),
+        one_i64(
+            &mut c,
+            "SELECT count(*) FROM quota.audit_log WHERE action = 'consume'"
+        ),
         decisions,
         "seed {seed}: one audit row per committed decision"
     );
     assert_eq!(
-        one_i64(&mut c, "SELECT count(*) FROM quota.audit_log WHERE action = 'refund' AND success"),
+        one_i64(
+            &mut c,
+            "SELECT count(*) FROM quota.audit_log WHERE action = 'refund' AND success"
+        ),
         refunds,
         "seed {seed}: one audit row per committed refund"
     );
-    assert!(decisions > 100, "seed {seed}: the storm decided something ({decisions})");
+    assert!(
+        decisions > 100,
+        "seed {seed}: the storm decided something ({decisions})"
+    );
     for s in 0..SUBJECTS {
         let subject = format!("r{s}");
         let seen: i64 = tallies.iter().filter_map(|t| t.net.get(&subject)).sum();
@@ -196,8 +207,14 @@ fn a_random_storm_of_calls_leaves_the_books_exact() {
                        FROM quota.audit_log WHERE subject = '{subject}' AND success AND action IN ('consume', 'refund')"
                 ),
             );
-            assert_eq!(used, audited, "seed {seed}: {subject} {period}: usage = grants - refunds in the audit log");
-            assert_eq!(used, seen, "seed {seed}: {subject} {period}: usage = what the clients saw committed");
+            assert_eq!(
+                used, audited,
+                "seed {seed}: {subject} {period}: usage = grants - refunds in the audit log"
+            );
+            assert_eq!(
+                used, seen,
+                "seed {seed}: {subject} {period}: usage = what the clients saw committed"
+            );
         }
     }
     // Every grant was checked against a limit that was set, and fit it in every window.

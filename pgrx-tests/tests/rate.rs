@@ -3,31 +3,22 @@
 //! quota_ext.rate_when_full.
 
 use postgres::{Client, NoTls};
-use quota_ext_itests::{one_i64, TestDb};
-use std::sync::{Arc, Barrier};
-use std::thread;
+use quota_ext_itests::{in_parallel, one_i64, TestDb};
 
 #[test]
 fn eight_sessions_share_one_bucket_exactly() {
     let db = TestDb::new("rate_hot");
     const SESSIONS: usize = 8;
-    let barrier = Arc::new(Barrier::new(SESSIONS));
-    let handles: Vec<_> = (0..SESSIONS)
-        .map(|_| {
-            let mut c = db.connect();
-            let barrier = barrier.clone();
-            thread::spawn(move || {
-                let stmt = c
-                    .prepare("SELECT allowed FROM quota.rate_check('itest:hot', 1, '1 hour', 100)")
-                    .unwrap();
-                barrier.wait();
-                (0..50)
-                    .filter(|_| c.query_one(&stmt, &[]).unwrap().get::<_, bool>(0))
-                    .count()
-            })
-        })
-        .collect();
-    let allowed: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    let handles = in_parallel(&db, SESSIONS, move |_, c, start| {
+        let stmt = c
+            .prepare("SELECT allowed FROM quota.rate_check('itest:hot', 1, '1 hour', 100)")
+            .unwrap();
+        start();
+        (0..50)
+            .filter(|_| c.query_one(&stmt, &[]).unwrap().get::<_, bool>(0))
+            .count()
+    });
+    let allowed: usize = handles.into_iter().sum();
     assert_eq!(allowed, 100, "exactly the burst passes");
 }
 
@@ -91,7 +82,10 @@ fn a_full_table_evicts_refilled_then_least_owing_buckets_and_a_flood_passes_no_k
         ))
         .unwrap();
     }
-    assert_eq!(passed, 5, "a flood of new keys lets the newcomer pass only its burst");
+    assert_eq!(
+        passed, 5,
+        "a flood of new keys lets the newcomer pass only its burst"
+    );
 
     // Buckets that refilled lose nothing by going: new keys evict them before any in debt.
     let reset = one_i64(
@@ -114,8 +108,16 @@ fn a_full_table_evicts_refilled_then_least_owing_buckets_and_a_flood_passes_no_k
                 LATERAL quota.rate_check('next:' || i, 1, '1 hour', 10)",
     );
     assert_eq!(allowed, 256);
-    assert_eq!(metric(&mut c, "evictions") - evictions_before, 256, "each took a refilled bucket's place");
-    assert_eq!(metric(&mut c, "full_table_events"), full_before, "no bucket in debt was evicted");
+    assert_eq!(
+        metric(&mut c, "evictions") - evictions_before,
+        256,
+        "each took a refilled bucket's place"
+    );
+    assert_eq!(
+        metric(&mut c, "full_table_events"),
+        full_before,
+        "no bucket in debt was evicted"
+    );
 
     // Keys that an unseeded hash puts all in one partition (as 0.5.0 placed them): 48 of them
     // there would evict 32; under the secret seed they spread and nothing is evicted.
@@ -136,7 +138,10 @@ fn a_full_table_evicts_refilled_then_least_owing_buckets_and_a_flood_passes_no_k
         c.batch_execute(&format!("SELECT quota.rate_check('{k}', 1, '1 hour', 10)"))
             .unwrap();
     }
-    assert_eq!(metric(&mut c, "keys_in_use") - in_use, 48 - (metric(&mut c, "evictions") - before));
+    assert_eq!(
+        metric(&mut c, "keys_in_use") - in_use,
+        48 - (metric(&mut c, "evictions") - before)
+    );
     assert_eq!(
         metric(&mut c, "evictions") - before,
         0,

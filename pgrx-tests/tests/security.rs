@@ -702,7 +702,11 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
         "authenticated",
         "user-1",
         "refund",
-        &[("metric", "text"), ("amount", "bigint"), ("idempotency_key", "text")],
+        &[
+            ("metric", "text"),
+            ("amount", "bigint"),
+            ("idempotency_key", "text"),
+        ],
         r#"{"metric":"api","amount":1,"idempotency_key":"k-1"}"#,
     );
     assert!(out.has("\"used\":2"), "{}", out.0);

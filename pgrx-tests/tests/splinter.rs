@@ -36,5 +36,8 @@ fn supabase_advisors_find_no_error_or_warning() {
         }
     }
     assert_eq!(statements, 28, "all 28 lints ran");
-    assert!(findings.is_empty(), "Supabase's advisors would show: {findings:#?}");
+    assert!(
+        findings.is_empty(),
+        "Supabase's advisors would show: {findings:#?}"
+    );
 }
