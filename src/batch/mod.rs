@@ -279,70 +279,82 @@ fn take_batch(
                 spi::get::<i64>(&r, 2).expect("version"),
             ));
         }
-        let refusal = |subject: Option<&str>, item: Option<&str>, reason: &str, details| {
-            queue::refusal(queue::Refusal {
-                subject,
-                action: "consume_batch",
-                metric: item,
-                amount: Some(q),
-                reason,
-                details,
-                idempotency_key: None,
-            })
-        };
-        let Some(r) = spi::run(client, &DIAGNOSE, &[id.into()]).next() else {
-            refusal(
-                me.as_deref(),
-                None,
-                "unknown_batch",
-                json!({"batch_id": id.to_string(), "requested": q}),
-            );
-            return Err(QuotaError::UnknownBatch(id.to_string()));
-        };
-        let owner = spi::get::<String>(&r, 1).expect("owner");
-        let (quantity, version) = (
-            spi::get::<i64>(&r, 2).expect("quantity"),
-            spi::get::<i64>(&r, 3).expect("version"),
+        Err(why_refused(client, id, q, me.as_deref(), p_expected_version))
+    })
+}
+
+/// Why the consumption was refused, read after the fact (see DIAGNOSE), with its audit row
+/// queued (the error rolls the caller's transaction back).
+fn why_refused(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    id: pgrx::Uuid,
+    q: i64,
+    me: Option<&str>,
+    expected_version: Option<i64>,
+) -> QuotaError {
+    let refusal = |subject: Option<&str>, item: Option<&str>, reason: &str, details| {
+        queue::refusal(queue::Refusal {
+            subject,
+            action: "consume_batch",
+            metric: item,
+            amount: Some(q),
+            reason,
+            details,
+            idempotency_key: None,
+        })
+    };
+    let Some(r) = spi::run(client, &DIAGNOSE, &[id.into()]).next() else {
+        refusal(
+            me,
+            None,
+            "unknown_batch",
+            json!({"batch_id": id.to_string(), "requested": q}),
         );
-        let item = spi::get::<String>(&r, 4).expect("item");
-        if let Some(me) = me.as_ref().filter(|me| **me != owner) {
-            // Recorded under the caller, without the batch's owner or contents.
-            refusal(
-                Some(me),
-                None,
-                "not_owner",
-                json!({"batch_id": id.to_string(), "requested": q}),
-            );
-            return Err(QuotaError::NotBatchOwner {
-                batch: id.to_string(),
-            });
-        }
-        if let Some(expected) = p_expected_version.filter(|e| *e != version) {
-            refusal(
-                Some(&owner),
-                Some(&item),
-                "version_conflict",
-                json!({"batch_id": id.to_string(), "requested": q, "available": quantity,
-                       "expected_version": expected, "version": version}),
-            );
-            return Err(refuse(QuotaError::VersionConflict {
-                id: id.to_string(),
-                expected,
-                actual: version,
-            }));
-        }
+        return QuotaError::UnknownBatch(id.to_string());
+    };
+    let owner = spi::get::<String>(&r, 1).expect("owner");
+    let (quantity, version) = (
+        spi::get::<i64>(&r, 2).expect("quantity"),
+        spi::get::<i64>(&r, 3).expect("version"),
+    );
+    let item = spi::get::<String>(&r, 4).expect("item");
+    if let Some(me) = me.filter(|me| *me != owner) {
+        // Recorded under the caller, without the batch's owner or contents.
+        refusal(
+            Some(me),
+            None,
+            "not_owner",
+            json!({"batch_id": id.to_string(), "requested": q}),
+        );
+        return QuotaError::NotBatchOwner {
+            batch: id.to_string(),
+        };
+    }
+    if let Some(expected) = expected_version.filter(|e| *e != version) {
         refusal(
             Some(&owner),
             Some(&item),
-            "insufficient_quantity",
+            "version_conflict",
             json!({"batch_id": id.to_string(), "requested": q, "available": quantity,
-                   "expected_version": p_expected_version, "version": version}),
+                   "expected_version": expected, "version": version}),
         );
-        Err(refuse(QuotaError::Insufficient {
-            what: format!("batch {id}"),
-            requested: q,
-            available: quantity,
-        }))
+        return refuse(QuotaError::VersionConflict {
+            id: id.to_string(),
+            expected,
+            actual: version,
+        });
+    }
+    refusal(
+        Some(&owner),
+        Some(&item),
+        "insufficient_quantity",
+        json!({"batch_id": id.to_string(), "requested": q, "available": quantity,
+               "expected_version": expected_version, "version": version}),
+    );
+    refuse(QuotaError::Insufficient {
+        what: format!("batch {id}"),
+        requested: q,
+        available: quantity,
     })
 }
 
@@ -387,6 +399,54 @@ fn consume_item(
     Ok(TableIterator::new(rows))
 }
 
+/// A batch of the owner's item, locked, with what the order of consumption needs.
+struct LockedBatch {
+    id: pgrx::Uuid,
+    quantity: i64,
+    expires_at: Option<i64>,
+    created_at: i64,
+}
+
+/// The owner's batches of the item that still hold something and have not expired, locked (in
+/// one global order, see LOCK_MANY) and then put in the order they are taken: earliest expiry
+/// first (no expiry last, then oldest), or oldest first for fifo. Expired or emptied while the
+/// lock was awaited: skipped.
+fn lock_in_order(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    owner: &str,
+    item: &str,
+    fifo: bool,
+) -> Vec<LockedBatch> {
+    let ids: Vec<pgrx::Uuid> = spi::run(client, &CANDIDATES, &[owner.into(), item.into()])
+        .map(|r| spi::get::<pgrx::Uuid>(&r, 1).expect("id"))
+        .collect();
+    let now = crate::quota::decision::now_micros();
+    let mut locked: Vec<LockedBatch> = spi::run(client, &LOCK_MANY, &[ids.into()])
+        .map(|r| LockedBatch {
+            id: spi::get::<pgrx::Uuid>(&r, 1).expect("id"),
+            quantity: spi::get::<i64>(&r, 2).expect("quantity"),
+            expires_at: spi::get::<TimestampWithTimeZone>(&r, 3).map(|t| t.into_inner()),
+            created_at: spi::get::<TimestampWithTimeZone>(&r, 4)
+                .expect("created_at")
+                .into_inner(),
+        })
+        .filter(|b| b.quantity > 0 && b.expires_at.is_none_or(|e| e > now))
+        .collect();
+    if fifo {
+        locked.sort_by_key(|b| (b.created_at, *b.id.as_bytes()));
+    } else {
+        locked.sort_by_key(|b| {
+            (
+                b.expires_at.is_none(),
+                b.expires_at,
+                b.created_at,
+                *b.id.as_bytes(),
+            )
+        });
+    }
+    locked
+}
+
 /// consume_item's checks and consumption: one (id, consumed, remaining, version) per batch.
 fn take_item(
     owner: Option<&str>,
@@ -405,32 +465,11 @@ fn take_item(
     check_owner(&owner)?;
     let _owner = AsOwner::enter();
     Spi::connect_mut(|client| {
-        let ids: Vec<pgrx::Uuid> = spi::run(client, &CANDIDATES, &[owner.into(), item.into()])
-            .map(|r| spi::get::<pgrx::Uuid>(&r, 1).expect("id"))
-            .collect();
-        let now = crate::quota::decision::now_micros();
-        // (id, quantity, expires_at, created_at) after locking; expired or emptied
-        // meanwhile: skipped.
-        let mut locked: Vec<(pgrx::Uuid, i64, Option<i64>, i64)> =
-            spi::run(client, &LOCK_MANY, &[ids.into()])
-                .map(|r| {
-                    (
-                        spi::get::<pgrx::Uuid>(&r, 1).expect("id"),
-                        spi::get::<i64>(&r, 2).expect("quantity"),
-                        spi::get::<TimestampWithTimeZone>(&r, 3).map(|t| t.into_inner()),
-                        spi::get::<TimestampWithTimeZone>(&r, 4)
-                            .expect("created_at")
-                            .into_inner(),
-                    )
-                })
-                .filter(|b| b.1 > 0 && b.2.is_none_or(|e| e > now))
-                .collect();
-        if fifo {
-            locked.sort_by_key(|b| (b.3, *b.0.as_bytes()));
-        } else {
-            locked.sort_by_key(|b| (b.2.is_none(), b.2, b.3, *b.0.as_bytes()));
-        }
-        let available: i64 = locked.iter().map(|b| b.1).fold(0i64, |a, b| a.saturating_add(b));
+        let locked = lock_in_order(client, owner, item, fifo);
+        let available: i64 = locked
+            .iter()
+            .map(|b| b.quantity)
+            .fold(0i64, |a, b| a.saturating_add(b));
         if available < q {
             queue::refusal(queue::Refusal {
                 subject: Some(&owner),
@@ -458,8 +497,8 @@ fn take_item(
             if left == 0 {
                 break;
             }
-            let n = left.min(b.1);
-            takes.push((b.0, n));
+            let n = left.min(b.quantity);
+            takes.push((b.id, n));
             left -= n;
         }
         let done = take(client, &takes);
