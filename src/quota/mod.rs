@@ -1050,6 +1050,24 @@ static DEL_LIMIT: Stmt = Stmt {
     args: &[T::TEXTOID, T::TEXTOID, T::TEXTOID],
 };
 
+/// The arguments set_limit and set_override share: a metric, a period, and a max_amount that
+/// is not negative (NULL deletes).
+fn check_limit<'a>(
+    metric: Option<&'a str>,
+    period: Option<&str>,
+    max_amount: Option<i64>,
+) -> Result<(&'a str, String)> {
+    let metric = check_metric(metric)?;
+    let period = check_period(period)?;
+    if let Some(m) = max_amount.filter(|m| *m < 0) {
+        return Err(QuotaError::Negative {
+            what: "max_amount",
+            value: m,
+        });
+    }
+    Ok((metric, period))
+}
+
 /// Set a plan's limit for a metric and period; NULL deletes it.
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
@@ -1061,15 +1079,7 @@ fn set_limit(
 ) -> std::result::Result<(), ErrorReport> {
     request::require_trusted("quota.set_limit")?;
     let plan = request::check_name("plan", plan, "Pass a plan from quota.plans.")?;
-    let metric = check_metric(metric)?;
-    let period = check_period(period)?;
-    if let Some(m) = max_amount.filter(|m| *m < 0) {
-        return Err(QuotaError::Negative {
-            what: "max_amount",
-            value: m,
-        }
-        .into());
-    }
+    let (metric, period) = check_limit(metric, period, max_amount)?;
     let _owner = AsOwner::enter();
     Spi::connect_mut(|client| -> Result<()> {
         ensure_plan(client, &plan)?;
@@ -1111,15 +1121,7 @@ fn set_override(
 ) -> std::result::Result<(), ErrorReport> {
     request::require_trusted("quota.set_override")?;
     let subject = request::check_name("subject", subject, "Pass the subject the override is for.")?;
-    let metric = check_metric(metric)?;
-    let period = check_period(period)?;
-    if let Some(m) = max_amount.filter(|m| *m < 0) {
-        return Err(QuotaError::Negative {
-            what: "max_amount",
-            value: m,
-        }
-        .into());
-    }
+    let (metric, period) = check_limit(metric, period, max_amount)?;
     let _owner = AsOwner::enter();
     Spi::connect_mut(|client| -> Result<()> {
         let (s, m, pe) = (subject, metric, period.as_str());
