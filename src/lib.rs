@@ -38,8 +38,8 @@ pub extern "C-unwind" fn _PG_init() {
 /// What lives in shared memory besides pgrx's own atomics.
 static SHARED_STRUCTURES: [pg::shmem::Structure; 2] = [
     pg::shmem::Structure {
-        request: rate::shmem_request,
-        startup: rate::shmem_startup,
+        request: rate::table::shmem_request,
+        startup: rate::table::shmem_startup,
     },
     pg::shmem::Structure {
         request: audit::queue::shmem_request,
@@ -52,7 +52,7 @@ static GAUGES: [metrics::Gauge; 3] = [
     metrics::Gauge {
         name: "keys_in_use",
         description: "rate-limit buckets in shared memory now",
-        read: || rate::keys_in_use().unwrap_or(0),
+        read: || rate::table::keys_in_use().unwrap_or(0),
     },
     metrics::Gauge {
         name: "audit_queue_depth",
@@ -62,7 +62,7 @@ static GAUGES: [metrics::Gauge; 3] = [
     metrics::Gauge {
         name: "key_capacity",
         description: "rate-limit buckets that fit (quota_ext.rate_max_keys, rounded up per partition)",
-        read: rate::key_capacity,
+        read: rate::table::key_capacity,
     },
 ];
 

@@ -20,61 +20,60 @@
 //! in quota.metrics() (audit_dropped), beside audit_queued and audit_written.
 
 use crate::metrics::{self, Counter};
-use crate::pg::spi::{self, Stmt};
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::pg_sys;
-use pgrx::prelude::*;
-use pgrx::PgBuiltInOids as T;
 use std::ffi::CStr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicPtr, Ordering};
 use std::time::Duration;
+
+use super::writer::relaunch_stranded;
+use super::writer::start_writer;
 
 const TRANCHE: &CStr = c"quota_ext_audit_queue";
 const SHMEM_NAME: &CStr = c"quota_ext_audit_queue";
 /// Bytes of one queued row (its encoded form, see encode). Room for the longest valid call:
 /// subject, metric and idempotency key of 256 bytes each, a role name of 64, and details whose
 /// strings (a plan name of 256 bytes) may be six times as long once JSON escapes them.
-const ENTRY_DATA: usize = 3056;
+pub(super) const ENTRY_DATA: usize = 3056;
 /// Databases whose writers may run at the same time.
-const MAX_WRITERS: usize = 8;
+pub(super) const MAX_WRITERS: usize = 8;
 /// A writer that was asked for but never reported in after this long is asked for again.
 const STALE_LAUNCH_MICROS: i64 = 10_000_000;
 /// A writer with nothing to do for this many consecutive waits exits.
-const IDLE_WAITS: u32 = 2;
-const WAIT: Duration = Duration::from_millis(500);
+pub(super) const IDLE_WAITS: u32 = 2;
+pub(super) const WAIT: Duration = Duration::from_millis(500);
 /// How soon the postmaster starts a writer again that exited to hand its slot on.
-const RESTART: Duration = Duration::from_secs(1);
+pub(super) const RESTART: Duration = Duration::from_secs(1);
 /// Rows a writer copies out and writes per transaction.
-const DRAIN_BATCH: usize = 1024;
+pub(super) const DRAIN_BATCH: usize = 1024;
 /// Rows left without a writer (no free background worker slot) are asked for again after this
 /// long, by the next call of a quota or batch function in any database.
-const RETRY_MICROS: i64 = 1_000_000;
+pub(super) const RETRY_MICROS: i64 = 1_000_000;
 
 #[repr(C)]
-struct Entry {
+pub(super) struct Entry {
     /// Database of the row; 0 marks a free entry.
-    dboid: u32,
-    len: u32,
-    seq: u64,
-    data: [u8; ENTRY_DATA],
+    pub(super) dboid: u32,
+    pub(super) len: u32,
+    pub(super) seq: u64,
+    pub(super) data: [u8; ENTRY_DATA],
 }
 
-const FREE: u32 = 0;
-const STARTING: u32 = 1;
-const RUNNING: u32 = 2;
+pub(super) const FREE: u32 = 0;
+pub(super) const STARTING: u32 = 1;
+pub(super) const RUNNING: u32 = 2;
 
 #[repr(C)]
-struct Writer {
-    dboid: u32,
-    state: u32,
-    pid: i32,
-    asked_at: i64,
-    latch: *mut pg_sys::Latch,
+pub(super) struct Writer {
+    pub(super) dboid: u32,
+    pub(super) state: u32,
+    pub(super) pid: i32,
+    pub(super) asked_at: i64,
+    pub(super) latch: *mut pg_sys::Latch,
 }
 
 impl Writer {
     /// Take the slot for `dboid`'s writer, about to be started (under the queue's lock).
-    fn claim(&mut self, dboid: u32, now: i64) {
+    pub(super) fn claim(&mut self, dboid: u32, now: i64) {
         self.dboid = dboid;
         self.state = STARTING;
         self.pid = 0;
@@ -82,7 +81,7 @@ impl Writer {
         self.latch = std::ptr::null_mut();
     }
     /// Give the slot back (under the queue's lock).
-    fn free(&mut self) {
+    pub(super) fn free(&mut self) {
         self.state = FREE;
         self.dboid = 0;
         self.pid = 0;
@@ -91,24 +90,65 @@ impl Writer {
 }
 
 #[repr(C)]
-struct Header {
+pub(super) struct Header {
     /// When a writer could not be started for lack of a background worker slot (0: no row is
     /// waiting for one). Atomic, read without the lock by every call that may retry.
-    stranded_at: AtomicI64,
+    pub(super) stranded_at: AtomicI64,
     // Everything below is read and written only under the queue's LWLock.
-    capacity: u64,
-    filled: u64,
-    next_seq: u64,
+    pub(super) capacity: u64,
+    pub(super) filled: u64,
+    pub(super) next_seq: u64,
     /// Where the search for a free entry starts (the one after the last taken).
-    next_free: u64,
-    writers: [Writer; MAX_WRITERS],
+    pub(super) next_free: u64,
+    pub(super) writers: [Writer; MAX_WRITERS],
 }
 
-static HEADER: AtomicPtr<Header> = AtomicPtr::new(std::ptr::null_mut());
+impl Header {
+    /// The writer of the database after a row was queued (or refused, `queued` false): the
+    /// latch of the one running, to wake it, or the slot whose writer is to be started (a free
+    /// one claimed, or one asked for long ago without a process showing up).
+    fn writer_for(&mut self, dboid: u32, now: i64, queued: bool) -> (*mut pg_sys::Latch, Option<usize>) {
+        let mut wake = std::ptr::null_mut();
+        let mut ask = None;
+        match self
+            .writers
+            .iter()
+            .position(|w| w.state != FREE && w.dboid == dboid)
+        {
+            Some(i) if self.writers[i].state == RUNNING => wake = self.writers[i].latch,
+            Some(i) if now - self.writers[i].asked_at > STALE_LAUNCH_MICROS => {
+                self.writers[i].asked_at = now;
+                ask = Some(i);
+            }
+            Some(_) => {}
+            None => match self.writers.iter().position(|w| w.state == FREE) {
+                Some(i) => {
+                    self.writers[i].claim(dboid, now);
+                    ask = Some(i);
+                }
+                // Every writer slot is busy with another database: the row waits, and the
+                // first slot to free up takes it (a writer that goes idle hands its slot on,
+                // relaunch_stranded asks again).
+                None if queued => {
+                    let _ = self.stranded_at.compare_exchange(
+                        0,
+                        now.max(1),
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                }
+                None => {}
+            },
+        }
+        (wake, ask)
+    }
+}
+
+pub(super) static HEADER: AtomicPtr<Header> = AtomicPtr::new(std::ptr::null_mut());
 static ENTRIES: AtomicPtr<Entry> = AtomicPtr::new(std::ptr::null_mut());
 static LOCK: AtomicPtr<pg_sys::LWLock> = AtomicPtr::new(std::ptr::null_mut());
 
-fn capacity() -> usize {
+pub(super) fn capacity() -> usize {
     crate::pg::guc::audit_queue_size()
 }
 
@@ -149,14 +189,14 @@ pub unsafe fn shmem_startup() {
 
 /// The queue under its lock: released when dropped. Only memory reads and writes happen while
 /// it lives.
-struct Locked {
+pub(super) struct Locked {
     h: *mut Header,
     entries: *mut Entry,
     lock: *mut pg_sys::LWLock,
 }
 
 impl Locked {
-    fn acquire() -> Option<Locked> {
+    pub(super) fn acquire() -> Option<Locked> {
         let h = HEADER.load(Ordering::Acquire);
         if h.is_null() {
             return None;
@@ -170,13 +210,39 @@ impl Locked {
             lock,
         })
     }
-    fn header(&mut self) -> &mut Header {
+    pub(super) fn header(&mut self) -> &mut Header {
         // SAFETY: exclusive lock held.
         unsafe { &mut *self.h }
     }
-    fn entry(&mut self, i: usize) -> &mut Entry {
+    pub(super) fn entry(&mut self, i: usize) -> &mut Entry {
         // SAFETY: exclusive lock held; i < capacity.
         unsafe { &mut *self.entries.add(i) }
+    }
+
+    /// Put a row of the database into a free entry; false when the queue is full.
+    pub(super) fn push(&mut self, payload: &[u8], dboid: u32) -> bool {
+        let cap = self.header().capacity as usize;
+        if (self.header().filled as usize) >= cap {
+            return false;
+        }
+        let start = self.header().next_free as usize % cap;
+        let Some(i) = (0..cap)
+            .map(|k| (start + k) % cap)
+            .find(|&i| self.entry(i).dboid == 0)
+        else {
+            return false;
+        };
+        let seq = self.header().next_seq;
+        let e = self.entry(i);
+        e.data[..payload.len()].copy_from_slice(payload);
+        e.len = payload.len() as u32;
+        e.seq = seq;
+        e.dboid = dboid;
+        let h = self.header();
+        h.next_seq += 1;
+        h.filled += 1;
+        h.next_free = ((i + 1) % cap) as u64;
+        true
     }
 }
 
@@ -225,53 +291,8 @@ pub fn refusal(r: Refusal<'_>) {
     });
     let (queued, wake, ask) = {
         let Some(mut q) = Locked::acquire() else { return };
-        let cap = q.header().capacity as usize;
-        let mut queued = false;
-        if (q.header().filled as usize) < cap {
-            let start = q.header().next_free as usize % cap;
-            if let Some(i) = (0..cap)
-                .map(|k| (start + k) % cap)
-                .find(|&i| q.entry(i).dboid == 0)
-            {
-                let seq = q.header().next_seq;
-                let e = q.entry(i);
-                e.data[..payload.len()].copy_from_slice(&payload);
-                e.len = payload.len() as u32;
-                e.seq = seq;
-                e.dboid = dboid;
-                let h = q.header();
-                h.next_seq += 1;
-                h.filled += 1;
-                h.next_free = ((i + 1) % cap) as u64;
-                queued = true;
-            }
-        }
-        let h = q.header();
-        let mut wake = std::ptr::null_mut();
-        let mut ask = None;
-        match h.writers.iter().position(|w| w.state != FREE && w.dboid == dboid) {
-            Some(i) if h.writers[i].state == RUNNING => wake = h.writers[i].latch,
-            Some(i) if now - h.writers[i].asked_at > STALE_LAUNCH_MICROS => {
-                h.writers[i].asked_at = now;
-                ask = Some(i);
-            }
-            Some(_) => {}
-            None => match h.writers.iter().position(|w| w.state == FREE) {
-                Some(i) => {
-                    h.writers[i].claim(dboid, now);
-                    ask = Some(i);
-                }
-                // Every writer slot is busy with another database: the row waits, and the
-                // first slot to free up takes it (a writer that goes idle hands its slot on,
-                // relaunch_stranded asks again).
-                None if queued => {
-                    let _ =
-                        h.stranded_at
-                            .compare_exchange(0, now.max(1), Ordering::Relaxed, Ordering::Relaxed);
-                }
-                None => {}
-            },
-        }
+        let queued = q.push(&payload, dboid);
+        let (wake, ask) = q.header().writer_for(dboid, now, queued);
         (queued, wake, ask)
     };
     metrics::count(if queued {
@@ -332,13 +353,13 @@ fn encode(r: &Refusal<'_>, actor: Option<&str>) -> Vec<u8> {
 }
 
 /// One decoded row, as the writer inserts it.
-struct Decoded {
-    t: i64,
-    amount: Option<i64>,
-    texts: [Option<String>; 7],
+pub(super) struct Decoded {
+    pub(super) t: i64,
+    pub(super) amount: Option<i64>,
+    pub(super) texts: [Option<String>; 7],
 }
 
-fn decode(mut b: &[u8]) -> Option<Decoded> {
+pub(super) fn decode(mut b: &[u8]) -> Option<Decoded> {
     let mut take = |n: usize| -> Option<&[u8]> {
         let (head, rest) = (b.get(..n)?, b.get(n..)?);
         b = rest;
@@ -357,378 +378,4 @@ fn decode(mut b: &[u8]) -> Option<Decoded> {
         }
     }
     Some(Decoded { t, amount, texts })
-}
-
-thread_local! {
-    static LAST_LAUNCH_FAILURE_LOG: std::cell::Cell<i64> = const { std::cell::Cell::new(i64::MIN / 2) };
-}
-
-fn start_writer(slot: usize) {
-    let started = BackgroundWorkerBuilder::new("quota_ext audit writer")
-        .set_type("quota_ext audit writer")
-        .set_library("quota_ext")
-        .set_function("quota_ext_audit_writer_main")
-        .enable_spi_access()
-        // Restarted by the postmaster a second after it exits with code 1, which it does to
-        // hand its slot on or to come back for rows left behind (see carry_on); an exit with
-        // code 0 (idle) unregisters it.
-        .set_restart_time(Some(RESTART))
-        .set_argument(Some(pg_sys::Datum::from(slot)))
-        .load_dynamic()
-        .is_ok();
-    if !started {
-        // No free background worker slot (max_worker_processes, shared with parallel query):
-        // the rows stay queued, and relaunch_stranded() asks again a second later.
-        // SAFETY: reads the backend's clock.
-        let now = unsafe { pg_sys::GetCurrentTimestamp() };
-        if let Some(mut q) = Locked::acquire() {
-            let w = &mut q.header().writers[slot];
-            if w.state == STARTING && w.pid == 0 {
-                w.free();
-            }
-            q.header().stranded_at.store(now.max(1), Ordering::Relaxed);
-        }
-        // Once a minute per backend at most: every refusal would otherwise log it.
-        if now - LAST_LAUNCH_FAILURE_LOG.get() > 60_000_000 {
-            LAST_LAUNCH_FAILURE_LOG.set(now);
-            pgrx::log!(
-                "quota_ext: could not start the audit writer (no free background worker slot, see max_worker_processes); refusal audit rows stay queued and it is asked for again"
-            );
-        }
-    }
-}
-
-/// Start writers for queued rows that have none because an earlier start found no free
-/// background worker slot. Called by every quota and batch function: when nothing is stranded
-/// it is one relaxed atomic load; otherwise one call a second in the whole server looks.
-pub fn relaunch_stranded() {
-    let h = HEADER.load(Ordering::Acquire);
-    if h.is_null() {
-        return;
-    }
-    // SAFETY: the header lives as long as shared memory; the field is atomic.
-    let stranded = unsafe { &(*h).stranded_at };
-    let since = stranded.load(Ordering::Relaxed);
-    if since == 0 {
-        return;
-    }
-    // SAFETY: reads the backend's clock.
-    let now = unsafe { pg_sys::GetCurrentTimestamp() };
-    if now - since < RETRY_MICROS
-        || stranded
-            .compare_exchange(since, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_err()
-    {
-        return; // too soon, or another backend is looking
-    }
-    let mut ask = [0usize; MAX_WRITERS];
-    let mut n = 0;
-    let mut served = true;
-    {
-        let Some(mut q) = Locked::acquire() else { return };
-        let cap = q.header().capacity as usize;
-        for i in 0..cap {
-            let db = q.entry(i).dboid;
-            let h = q.header();
-            if db == 0 || h.writers.iter().any(|w| w.state != FREE && w.dboid == db) {
-                continue;
-            }
-            let Some(s) = h.writers.iter().position(|w| w.state == FREE) else {
-                served = false; // all writer slots busy: look again later
-                break;
-            };
-            h.writers[s].claim(db, now);
-            ask[n] = s;
-            n += 1;
-        }
-        if served {
-            // Cleared before the starts below: one that fails sets it again.
-            let _ = stranded.compare_exchange(now, 0, Ordering::Relaxed, Ordering::Relaxed);
-        }
-    }
-    for &s in &ask[..n] {
-        start_writer(s);
-    }
-}
-
-static CONNECTED: AtomicBool = AtomicBool::new(false);
-
-/// On exit (idle, SIGTERM, an error, or a database that could not be connected to): give the
-/// writer slot back if it is still ours, and drop the rows of a database that is gone.
-#[pg_guard]
-unsafe extern "C-unwind" fn writer_exit(_code: i32, arg: pg_sys::Datum) {
-    let slot = arg.value();
-    // SAFETY: backend global.
-    let me = unsafe { pg_sys::MyProcPid };
-    let Some(mut q) = Locked::acquire() else { return };
-    let w = &q.header().writers[slot];
-    if w.pid != me {
-        return;
-    }
-    let dboid = w.dboid;
-    let mut dropped = 0;
-    if !CONNECTED.load(Ordering::Relaxed) {
-        let cap = q.header().capacity as usize;
-        for i in 0..cap {
-            if q.entry(i).dboid == dboid {
-                q.entry(i).dboid = 0;
-                dropped += 1;
-            }
-        }
-        q.header().filled -= dropped;
-    }
-    q.header().writers[slot].free();
-    // Terminated (pg_terminate_backend, DROP DATABASE ... FORCE, an error) with rows still
-    // queued, of this database or of one that waited for a slot: the next quota_ext call of any
-    // backend, or a running writer, starts writers for them at once.
-    if q.header().filled > 0 {
-        q.header().stranded_at.store(1, Ordering::Relaxed);
-    }
-    drop(q);
-    metrics::count_n(Counter::AuditDropped, dropped);
-}
-
-static WRITE: Stmt = Stmt {
-    sql: "INSERT INTO quota.audit_log
-                 (created_at, subject, action, metric, amount, success, reason, details, idempotency_key, actor)
-          SELECT t, s, a, m, n, false, r, d::jsonb, k, w
-            FROM ROWS FROM (pg_catalog.unnest($1::timestamptz[]), pg_catalog.unnest($2::text[]),
-                            pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::text[]),
-                            pg_catalog.unnest($5::bigint[]), pg_catalog.unnest($6::text[]),
-                            pg_catalog.unnest($7::text[]), pg_catalog.unnest($8::text[]),
-                            pg_catalog.unnest($9::text[]))
-                 AS q(t, s, a, m, n, r, d, k, w)",
-    args: &[
-        T::TIMESTAMPTZARRAYOID,
-        T::TEXTARRAYOID,
-        T::TEXTARRAYOID,
-        T::TEXTARRAYOID,
-        T::INT8ARRAYOID,
-        T::TEXTARRAYOID,
-        T::TEXTARRAYOID,
-        T::TEXTARRAYOID,
-        T::TEXTARRAYOID,
-    ],
-};
-
-/// WRITE on the tables of a version before 0.6.0 (see catalog::audit_has_actor).
-static WRITE_0_5: Stmt = Stmt {
-    sql: "INSERT INTO quota.audit_log
-                 (created_at, subject, action, metric, amount, success, reason, details, idempotency_key)
-          SELECT t, s, a, m, n, false, r, d::jsonb, k
-            FROM ROWS FROM (pg_catalog.unnest($1::timestamptz[]), pg_catalog.unnest($2::text[]),
-                            pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::text[]),
-                            pg_catalog.unnest($5::bigint[]), pg_catalog.unnest($6::text[]),
-                            pg_catalog.unnest($7::text[]), pg_catalog.unnest($8::text[]))
-                 AS q(t, s, a, m, n, r, d, k)",
-    args: WRITE.args,
-};
-
-/// The background worker: one per database with queued rows.
-#[pg_guard]
-#[no_mangle]
-pub extern "C-unwind" fn quota_ext_audit_writer_main(arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let slot = arg.value();
-    if slot >= MAX_WRITERS {
-        return;
-    }
-    // SAFETY: backend globals of this worker process.
-    let (me, latch) = unsafe { (pg_sys::MyProcPid, &raw mut (*pg_sys::MyProc).procLatch) };
-    let dboid = {
-        let Some(mut q) = Locked::acquire() else { return };
-        let w = &mut q.header().writers[slot];
-        if w.state != STARTING || w.pid != 0 {
-            return; // given up on as stale and taken over meanwhile
-        }
-        w.state = RUNNING;
-        w.pid = me;
-        w.latch = latch;
-        w.dboid
-    };
-    // SAFETY: registers a callback of this process, run on its exit.
-    unsafe { pg_sys::on_shmem_exit(Some(writer_exit), pg_sys::Datum::from(slot)) };
-    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(dboid)), None);
-    CONNECTED.store(true, Ordering::Relaxed);
-    // The writer runs as the bootstrap superuser: resolve nothing through a schema others can
-    // create objects in.
-    // SAFETY: plain setting of this process.
-    unsafe {
-        pg_sys::SetConfigOption(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-        );
-    }
-
-    let cap = HEADER.load(Ordering::Acquire);
-    // SAFETY: capacity is set once at start-up and never changes.
-    let cap = unsafe { (*cap).capacity } as usize;
-    // Copied out under the lock, at most DRAIN_BATCH rows at a time, into memory reserved
-    // beforehand: no allocation under it.
-    let batch = cap.min(DRAIN_BATCH);
-    let mut bytes: Vec<u8> = Vec::with_capacity(batch * ENTRY_DATA);
-    let mut found: Vec<(u64, usize, usize)> = Vec::with_capacity(batch);
-    let mut idle = 0;
-    loop {
-        bytes.clear();
-        found.clear();
-        let exit: Option<bool> = {
-            let Some(mut q) = Locked::acquire() else { return };
-            for i in 0..cap {
-                if found.len() == batch {
-                    break;
-                }
-                let e = q.entry(i);
-                if e.dboid == dboid {
-                    let len = e.len as usize;
-                    found.push((e.seq, bytes.len(), len));
-                    bytes.extend_from_slice(&e.data[..len]);
-                    e.dboid = 0;
-                }
-            }
-            q.header().filled -= found.len() as u64;
-            if found.is_empty() && idle >= IDLE_WAITS {
-                // Give the slot back under the same lock a backend queues under: a row queued
-                // after this starts a new writer. Rows of a database that found every slot busy
-                // get it instead, with a writer started for them below.
-                let mut waiting = None;
-                for i in 0..cap {
-                    let db = q.entry(i).dboid;
-                    if db != 0
-                        && !q
-                            .header()
-                            .writers
-                            .iter()
-                            .any(|w| w.state != FREE && w.dboid == db)
-                    {
-                        waiting = Some(db);
-                        break;
-                    }
-                }
-                // SAFETY: reads the backend's clock.
-                let now = unsafe { pg_sys::GetCurrentTimestamp() };
-                match waiting {
-                    Some(db) => q.header().writers[slot].claim(db, now),
-                    None => q.header().writers[slot].free(),
-                }
-                Some(waiting.is_some())
-            } else {
-                None
-            }
-        };
-        match exit {
-            // The slot now names a database whose rows found every slot busy. This process
-            // still holds its background worker slot, so it cannot start another writer
-            // (with max_worker_processes small there may be no other): it exits with code 1,
-            // and the postmaster starts it again, for the slot's new database.
-            Some(true) => carry_on(),
-            Some(false) => return,
-            None => {}
-        }
-        // A slot a terminated writer left, or rows that waited for one: started from here too.
-        relaunch_stranded();
-        if found.is_empty() {
-            idle += 1;
-        } else {
-            idle = 0;
-            found.sort_unstable_by_key(|f| f.0);
-            write(&bytes, &found);
-            if found.len() == batch {
-                if BackgroundWorker::sigterm_received() {
-                    return;
-                }
-                continue; // more may be waiting
-            }
-        }
-        if !BackgroundWorker::wait_latch(Some(WAIT)) {
-            // SIGTERM (pg_terminate_backend, DROP DATABASE ... FORCE elsewhere, shutdown) or
-            // postmaster death. Rows of this database still queued: come back for them (the
-            // postmaster restarts no worker while it shuts down; a database being dropped
-            // fails the restart's connection, which drops its rows, see writer_exit).
-            let left = {
-                let Some(mut q) = Locked::acquire() else { return };
-                let mut left = false;
-                for i in 0..cap {
-                    left |= q.entry(i).dboid == dboid;
-                }
-                if left {
-                    // SAFETY: reads the backend's clock.
-                    let now = unsafe { pg_sys::GetCurrentTimestamp() };
-                    q.header().writers[slot].claim(dboid, now);
-                }
-                left
-            };
-            if left {
-                carry_on();
-            }
-            return;
-        }
-    }
-}
-
-/// Exit so that the postmaster starts this worker again for its slot (see start_writer). The
-/// slot says STARTING with no process, so writer_exit leaves it alone and the new process
-/// takes it.
-fn carry_on() -> ! {
-    // SAFETY: ends this background worker process, running its exit callbacks.
-    unsafe { pg_sys::proc_exit(1) }
-}
-
-fn write(bytes: &[u8], found: &[(u64, usize, usize)]) {
-    let mut t = Vec::with_capacity(found.len());
-    let mut n = Vec::with_capacity(found.len());
-    let mut cols: [Vec<Option<String>>; 7] = Default::default();
-    for &(_, off, len) in found {
-        let Some(row) = decode(&bytes[off..off + len]) else {
-            metrics::count(Counter::AuditDropped);
-            continue;
-        };
-        t.push(TimestampWithTimeZone::try_from(row.t).ok());
-        n.push(row.amount);
-        for (col, v) in cols.iter_mut().zip(row.texts) {
-            col.push(v);
-        }
-    }
-    // subject, action, metric, reason, key, actor, details (encode's order)
-    let [s, a, m, r, k, w, d] = cols;
-    let rows = t.len();
-    // An error (the extension dropped meanwhile, say) ends the writer; its rows are counted
-    // as lost first.
-    PgTryBuilder::new(move || {
-        BackgroundWorker::transaction(move || {
-            // As the extension owner, as the functions that queued the rows would have written
-            // them (the worker itself connects as the bootstrap superuser).
-            let _owner = crate::request::AsOwner::enter();
-            Spi::connect_mut(|client| {
-                let stmt = if crate::pg::catalog::audit_has_actor() {
-                    &WRITE
-                } else {
-                    &WRITE_0_5
-                };
-                spi::run(
-                    client,
-                    stmt,
-                    &[
-                        t.into(),
-                        s.into(),
-                        a.into(),
-                        m.into(),
-                        n.into(),
-                        r.into(),
-                        d.into(),
-                        k.into(),
-                        w.into(),
-                    ],
-                );
-            })
-        })
-    })
-    .catch_others(|e| {
-        metrics::count_n(Counter::AuditDropped, rows as u64);
-        e.rethrow()
-    })
-    .execute();
-    metrics::count_n(Counter::AuditWritten, rows as u64);
 }

@@ -228,7 +228,7 @@ fn consume_batch_quantity(
     >,
     ErrorReport,
 > {
-    queue::relaunch_stranded();
+    crate::audit::writer::relaunch_stranded();
     let row = take_batch(p_batch_id, p_quantity_to_consume, p_expected_version)?;
     Ok(TableIterator::once(row))
 }
@@ -283,6 +283,25 @@ fn take_batch(
     })
 }
 
+/// Queue the audit row of a refused consume_batch_quantity.
+fn batch_refusal(
+    subject: Option<&str>,
+    item: Option<&str>,
+    q: i64,
+    reason: &str,
+    details: serde_json::Value,
+) {
+    queue::refusal(queue::Refusal {
+        subject,
+        action: "consume_batch",
+        metric: item,
+        amount: Some(q),
+        reason,
+        details,
+        idempotency_key: None,
+    })
+}
+
 /// Why the consumption was refused, read after the fact (see DIAGNOSE), with its audit row
 /// queued (the error rolls the caller's transaction back).
 fn why_refused(
@@ -292,17 +311,7 @@ fn why_refused(
     me: Option<&str>,
     expected_version: Option<i64>,
 ) -> QuotaError {
-    let refusal = |subject: Option<&str>, item: Option<&str>, reason: &str, details| {
-        queue::refusal(queue::Refusal {
-            subject,
-            action: "consume_batch",
-            metric: item,
-            amount: Some(q),
-            reason,
-            details,
-            idempotency_key: None,
-        })
-    };
+    let refusal = |subject, item, reason, details| batch_refusal(subject, item, q, reason, details);
     let Some(r) = spi::run(client, &DIAGNOSE, &[id.into()]).next() else {
         refusal(
             me,
@@ -394,7 +403,7 @@ fn consume_item(
     >,
     ErrorReport,
 > {
-    queue::relaunch_stranded();
+    crate::audit::writer::relaunch_stranded();
     let rows = take_item(owner, item, quantity, strategy)?;
     Ok(TableIterator::new(rows))
 }
@@ -471,62 +480,91 @@ fn take_item(
             .map(|b| b.quantity)
             .fold(0i64, |a, b| a.saturating_add(b));
         if available < q {
-            queue::refusal(queue::Refusal {
-                subject: Some(&owner),
-                action: "consume_item",
-                metric: Some(&item),
-                amount: Some(q),
-                reason: "insufficient_quantity",
-                details: json!({
-                    "strategy": if fifo { "fifo" } else { "fefo" },
-                    "requested": q,
-                    "available": available,
-                    "batches": locked.len(),
-                }),
-                idempotency_key: None,
-            });
-            return Err(refuse(QuotaError::Insufficient {
-                what: format!("item \"{item}\" of owner \"{owner}\""),
-                requested: q,
-                available,
-            }));
+            return Err(item_short(owner, item, q, fifo, available, locked.len()));
         }
-        let mut left = q;
-        let mut takes = Vec::new();
-        for b in &locked {
-            if left == 0 {
-                break;
-            }
-            let n = left.min(b.quantity);
-            takes.push((b.id, n));
-            left -= n;
-        }
-        let done = take(client, &takes);
+        let done = take(client, &takes_in_order(&locked, q));
         crate::metrics::count_batch_consume();
         if guc::audit_wanted(true) {
-            audit::record(
-                client,
-                audit::Entry {
-                    subject: Some(&owner),
-                    action: "consume_item",
-                    metric: Some(&item),
-                    amount: Some(q),
-                    success: true,
-                    reason: "consumed",
-                    details: json!({
-                        "strategy": if fifo { "fifo" } else { "fefo" },
-                        "batches": done.iter().map(|(id, n, rem, ver)| json!({
-                            "batch_id": id.to_string(),
-                            "consumed": n,
-                            "remaining": rem,
-                            "version_before": ver - 1,
-                            "version_after": ver,
-                        })).collect::<Vec<_>>(),
-                    }),
-                    idempotency_key: None,
-                },
-            );
+            audit_item_taken(client, owner, item, q, fifo, &done);
         }
         Ok(done)
     })
+}
+
+/// How much each batch gives, in order, until `q` is reached (the batches hold at least `q`).
+fn takes_in_order(locked: &[LockedBatch], q: i64) -> Vec<(pgrx::Uuid, i64)> {
+    let mut left = q;
+    let mut takes = Vec::new();
+    for b in locked {
+        if left == 0 {
+            break;
+        }
+        let n = left.min(b.quantity);
+        takes.push((b.id, n));
+        left -= n;
+    }
+    takes
+}
+
+fn strategy_name(fifo: bool) -> &'static str {
+    if fifo {
+        "fifo"
+    } else {
+        "fefo"
+    }
+}
+
+/// The refusal of an item the owner's batches hold too little of, its audit row queued.
+fn item_short(owner: &str, item: &str, q: i64, fifo: bool, available: i64, batches: usize) -> QuotaError {
+    queue::refusal(queue::Refusal {
+        subject: Some(owner),
+        action: "consume_item",
+        metric: Some(item),
+        amount: Some(q),
+        reason: "insufficient_quantity",
+        details: json!({
+            "strategy": strategy_name(fifo),
+            "requested": q,
+            "available": available,
+            "batches": batches,
+        }),
+        idempotency_key: None,
+    });
+    refuse(QuotaError::Insufficient {
+        what: format!("item \"{item}\" of owner \"{owner}\""),
+        requested: q,
+        available,
+    })
+}
+
+fn audit_item_taken(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    owner: &str,
+    item: &str,
+    q: i64,
+    fifo: bool,
+    done: &[(pgrx::Uuid, i64, i64, i64)],
+) {
+    audit::record(
+        client,
+        audit::Entry {
+            subject: Some(owner),
+            action: "consume_item",
+            metric: Some(item),
+            amount: Some(q),
+            success: true,
+            reason: "consumed",
+            details: json!({
+                "strategy": strategy_name(fifo),
+                "batches": done.iter().map(|(id, n, rem, ver)| json!({
+                    "batch_id": id.to_string(),
+                    "consumed": n,
+                    "remaining": rem,
+                    "version_before": ver - 1,
+                    "version_after": ver,
+                })).collect::<Vec<_>>(),
+            }),
+            idempotency_key: None,
+        },
+    );
 }

@@ -46,9 +46,18 @@ pub fn audit_queue_size() -> usize {
     AUDIT_QUEUE_SIZE.get().max(16) as usize
 }
 
+/// Define every setting; from _PG_init.
 pub fn init() {
-    // SUSET: an ordinary role must not raise its own limits (default_plan), widen its own trust
-    // (trusted_roles) or hide its own decisions (audit).
+    define_quota_settings();
+    define_request_settings();
+    define_shared_memory_settings();
+}
+
+// SUSET throughout: an ordinary role must not raise its own limits (default_plan), widen its own
+// trust (trusted_roles), hide its own decisions (audit) or choose its own address
+// (client_ip_header, trusted_proxy_hops).
+
+fn define_quota_settings() {
     GucRegistry::define_enum_guc(
         c"quota_ext.audit",
         c"Which quota decisions are written to quota.audit_log: all, denials or off.",
@@ -62,23 +71,6 @@ pub fn init() {
         c"Plan of a subject that has no row in quota.subjects.",
         c"",
         &DEFAULT_PLAN,
-        GucContext::Suset,
-        GucFlags::default(),
-    );
-    GucRegistry::define_string_guc(
-        c"quota_ext.trusted_roles",
-        c"Comma-separated roles whose members may act on any subject and call admin functions.",
-        c"Superusers, the extension owner and members of service_role are always trusted. Roles that do not exist are ignored.",
-        &TRUSTED_ROLES,
-        GucContext::Suset,
-        GucFlags::default(),
-    );
-    // SUSET: a client that could change them would choose its own address.
-    GucRegistry::define_string_guc(
-        c"quota_ext.client_ip_header",
-        c"Request header whose address list keys anonymous callers ('' for none).",
-        c"Read from request.headers, as PostgREST sets it; see quota_ext.trusted_proxy_hops.",
-        &CLIENT_IP_HEADER,
         GucContext::Suset,
         GucFlags::default(),
     );
@@ -98,6 +90,38 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
+}
+
+fn define_request_settings() {
+    GucRegistry::define_string_guc(
+        c"quota_ext.trusted_roles",
+        c"Comma-separated roles whose members may act on any subject and call admin functions.",
+        c"Superusers, the extension owner and members of service_role are always trusted. Roles that do not exist are ignored.",
+        &TRUSTED_ROLES,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"quota_ext.client_ip_header",
+        c"Request header whose address list keys anonymous callers ('' for none).",
+        c"Read from request.headers, as PostgREST sets it; see quota_ext.trusted_proxy_hops.",
+        &CLIENT_IP_HEADER,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"quota_ext.trusted_proxy_hops",
+        c"Proxies in front of PostgREST that append the client address to quota_ext.client_ip_header.",
+        c"The client address is the entry this many places from the right (1: the rightmost, written by the nearest proxy); 0 trusts no header.",
+        &TRUSTED_PROXY_HOPS,
+        0,
+        64,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+}
+
+fn define_shared_memory_settings() {
     // SAFETY: reads a flag that is set while shared_preload_libraries is processed.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         // A postmaster setting can only be created at server start (PostgreSQL refuses it
@@ -123,16 +147,6 @@ pub fn init() {
             GucFlags::default(),
         );
     }
-    GucRegistry::define_int_guc(
-        c"quota_ext.trusted_proxy_hops",
-        c"Proxies in front of PostgREST that append the client address to quota_ext.client_ip_header.",
-        c"The client address is the entry this many places from the right (1: the rightmost, written by the nearest proxy); 0 trusts no header.",
-        &TRUSTED_PROXY_HOPS,
-        0,
-        64,
-        GucContext::Suset,
-        GucFlags::default(),
-    );
 }
 
 /// quota_ext.client_ip_header, lower-cased as PostgREST names headers ('' when unset).

@@ -1,0 +1,215 @@
+//! The trusted callers' functions that change the configuration: plans, limits, overrides, and
+//! resetting usage.
+
+use super::check_metric;
+use super::period::check_period;
+use crate::audit;
+use crate::pg::error::{QuotaError, Result};
+use crate::pg::spi::{self, Stmt};
+use crate::request::{self, AsOwner};
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use pgrx::PgBuiltInOids as T;
+use serde_json::json;
+
+// ---------------------------------------------------------------------------------------------
+// Administration (trusted callers only)
+
+static PLAN_EXISTS: Stmt = Stmt {
+    sql: "SELECT FROM quota.plans WHERE plan = $1",
+    args: &[T::TEXTOID],
+};
+
+static CHECK_TZ: Stmt = Stmt {
+    // Raises 22023 "time zone ... not recognized" for a bad name, before anything is written.
+    sql: "SELECT pg_catalog.timezone($1, pg_catalog.now())",
+    args: &[T::TEXTOID],
+};
+
+static SET_PLAN: Stmt = Stmt {
+    sql: "
+INSERT INTO quota.subjects AS s (subject, plan, time_zone) VALUES ($1, $2, coalesce($3, 'UTC'))
+    ON CONFLICT (subject) DO UPDATE SET plan = excluded.plan, time_zone = coalesce($3, s.time_zone)",
+    args: &[T::TEXTOID, T::TEXTOID, T::TEXTOID],
+};
+
+fn ensure_plan(client: &mut SpiClient<'_>, plan: &str) -> Result<()> {
+    if spi::run(client, &PLAN_EXISTS, &[plan.into()]).is_empty() {
+        return Err(QuotaError::UnknownPlan(plan.to_string()));
+    }
+    Ok(())
+}
+
+/// Put a subject on a plan, optionally in a time zone (NULL keeps the current one, or UTC).
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn set_plan(
+    subject: Option<&str>,
+    plan: Option<&str>,
+    time_zone: default!(Option<&str>, "NULL"),
+) -> std::result::Result<(), ErrorReport> {
+    request::require_trusted("quota.set_plan")?;
+    let subject = request::check_name("subject", subject, "Pass the subject to put on a plan.")?;
+    let plan = request::check_name("plan", plan, "Pass a plan from quota.plans.")?;
+    if let Some(tz) = time_zone {
+        request::check_present("time_zone", tz)?;
+    }
+    let _owner = AsOwner::enter();
+    Spi::connect_mut(|client| -> Result<()> {
+        ensure_plan(client, &plan)?;
+        if let Some(tz) = time_zone {
+            spi::run(client, &CHECK_TZ, &[tz.into()]);
+        }
+        spi::run(
+            client,
+            &SET_PLAN,
+            &[subject.into(), plan.into(), time_zone.into()],
+        );
+        audit::admin(
+            client,
+            &subject,
+            "set_plan",
+            None,
+            json!({"plan": plan, "time_zone": time_zone}),
+        );
+        Ok(())
+    })?;
+    Ok(())
+}
+
+static SET_LIMIT: Stmt = Stmt {
+    sql: "INSERT INTO quota.limits (plan, metric, period, max_amount) VALUES ($1, $2, $3, $4)
+          ON CONFLICT (plan, metric, period) DO UPDATE SET max_amount = excluded.max_amount",
+    args: &[T::TEXTOID, T::TEXTOID, T::TEXTOID, T::INT8OID],
+};
+static DEL_LIMIT: Stmt = Stmt {
+    sql: "DELETE FROM quota.limits WHERE plan = $1 AND metric = $2 AND period = $3",
+    args: &[T::TEXTOID, T::TEXTOID, T::TEXTOID],
+};
+
+/// The arguments set_limit and set_override share: a metric, a period, and a max_amount that
+/// is not negative (NULL deletes).
+fn check_limit<'a>(
+    metric: Option<&'a str>,
+    period: Option<&str>,
+    max_amount: Option<i64>,
+) -> Result<(&'a str, String)> {
+    let metric = check_metric(metric)?;
+    let period = check_period(period)?;
+    if let Some(m) = max_amount.filter(|m| *m < 0) {
+        return Err(QuotaError::Negative {
+            what: "max_amount",
+            value: m,
+        });
+    }
+    Ok((metric, period))
+}
+
+/// Set a plan's limit for a metric and period; NULL deletes it.
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn set_limit(
+    plan: Option<&str>,
+    metric: Option<&str>,
+    period: Option<&str>,
+    max_amount: Option<i64>,
+) -> std::result::Result<(), ErrorReport> {
+    request::require_trusted("quota.set_limit")?;
+    let plan = request::check_name("plan", plan, "Pass a plan from quota.plans.")?;
+    let (metric, period) = check_limit(metric, period, max_amount)?;
+    let _owner = AsOwner::enter();
+    Spi::connect_mut(|client| -> Result<()> {
+        ensure_plan(client, &plan)?;
+        let (p, m, pe) = (plan, metric, period.as_str());
+        match max_amount {
+            Some(max) => spi::run(client, &SET_LIMIT, &[p.into(), m.into(), pe.into(), max.into()]),
+            None => spi::run(client, &DEL_LIMIT, &[p.into(), m.into(), pe.into()]),
+        };
+        audit::admin(
+            client,
+            "",
+            "set_limit",
+            Some(m),
+            json!({"plan": p, "period": pe, "max_amount": max_amount}),
+        );
+        Ok(())
+    })?;
+    Ok(())
+}
+
+static SET_OVERRIDE: Stmt = Stmt {
+    sql: "INSERT INTO quota.overrides (subject, metric, period, max_amount) VALUES ($1, $2, $3, $4)
+          ON CONFLICT (subject, metric, period) DO UPDATE SET max_amount = excluded.max_amount",
+    args: &[T::TEXTOID, T::TEXTOID, T::TEXTOID, T::INT8OID],
+};
+static DEL_OVERRIDE: Stmt = Stmt {
+    sql: "DELETE FROM quota.overrides WHERE subject = $1 AND metric = $2 AND period = $3",
+    args: &[T::TEXTOID, T::TEXTOID, T::TEXTOID],
+};
+
+/// Replace the plan's limit for one subject, metric and period; NULL deletes the override.
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn set_override(
+    subject: Option<&str>,
+    metric: Option<&str>,
+    period: Option<&str>,
+    max_amount: Option<i64>,
+) -> std::result::Result<(), ErrorReport> {
+    request::require_trusted("quota.set_override")?;
+    let subject = request::check_name("subject", subject, "Pass the subject the override is for.")?;
+    let (metric, period) = check_limit(metric, period, max_amount)?;
+    let _owner = AsOwner::enter();
+    Spi::connect_mut(|client| -> Result<()> {
+        let (s, m, pe) = (subject, metric, period.as_str());
+        match max_amount {
+            Some(max) => spi::run(
+                client,
+                &SET_OVERRIDE,
+                &[s.into(), m.into(), pe.into(), max.into()],
+            ),
+            None => spi::run(client, &DEL_OVERRIDE, &[s.into(), m.into(), pe.into()]),
+        };
+        audit::admin(
+            client,
+            s,
+            "set_override",
+            Some(m),
+            json!({"period": pe, "max_amount": max_amount}),
+        );
+        Ok(())
+    })?;
+    Ok(())
+}
+
+static RESET: Stmt = Stmt {
+    sql: "DELETE FROM quota.usage WHERE subject = $1 AND ($2::text IS NULL OR metric = $2)",
+    args: &[T::TEXTOID, T::TEXTOID],
+};
+
+/// Delete a subject's usage (of one metric, or all); returns the number of windows deleted.
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn reset_usage(
+    subject: Option<&str>,
+    metric: default!(Option<&str>, "NULL"),
+) -> std::result::Result<i64, ErrorReport> {
+    request::require_trusted("quota.reset_usage")?;
+    let subject = request::check_name("subject", subject, "Pass the subject whose usage to reset.")?;
+    if let Some(m) = metric {
+        request::check_present("metric", m)?;
+    }
+    let _owner = AsOwner::enter();
+    Ok(Spi::connect_mut(|client| {
+        let n = spi::run(client, &RESET, &[subject.into(), metric.into()]).len() as i64;
+        audit::admin(
+            client,
+            &subject,
+            "reset_usage",
+            metric,
+            json!({"windows_deleted": n}),
+        );
+        n
+    }))
+}
