@@ -487,8 +487,14 @@ fn a_refusal_row_stranded_without_a_worker_slot_is_written_once_one_frees() {
 
     // A parallel query takes the one slot for a few seconds.
     let mut busy = db.connect();
+    // The setting's name since PostgreSQL 16; force_parallel_mode before.
+    let force = if one_i64(&mut admin, "SELECT current_setting('server_version_num')::bigint") >= 160000 {
+        "debug_parallel_query"
+    } else {
+        "force_parallel_mode"
+    };
     let sleeper = thread::spawn(move || {
-        busy.batch_execute("SET force_parallel_mode = on; SELECT pg_sleep(4)")
+        busy.batch_execute(&format!("SET {force} = on; SELECT pg_sleep(4)"))
             .unwrap();
     });
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

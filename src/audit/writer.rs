@@ -152,16 +152,30 @@ unsafe extern "C-unwind" fn writer_exit(_code: i32, arg: pg_sys::Datum) {
     metrics::count_n(Counter::AuditDropped, dropped);
 }
 
-static WRITE: Stmt = Stmt {
-    sql: "INSERT INTO quota.audit_log
-                 (created_at, subject, action, metric, amount, success, reason, details, idempotency_key, actor)
-          SELECT t, s, a, m, n, false, r, d::jsonb, k, w
+/// The queued rows, one array per column. `$actor_column` and `$actor_value` name the actor (none
+/// on the tables of a version before 0.6.0, see catalog::audit_has_actor).
+macro_rules! write_rows {
+    ($actor_column:literal, $actor_value:literal) => {
+        concat!(
+            "INSERT INTO quota.audit_log
+                 (created_at, subject, action, metric, amount, success, reason, details, idempotency_key",
+            $actor_column,
+            ")
+          SELECT t, s, a, m, n, false, r, d::jsonb, k",
+            $actor_value,
+            "
             FROM ROWS FROM (pg_catalog.unnest($1::timestamptz[]), pg_catalog.unnest($2::text[]),
                             pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::text[]),
                             pg_catalog.unnest($5::bigint[]), pg_catalog.unnest($6::text[]),
                             pg_catalog.unnest($7::text[]), pg_catalog.unnest($8::text[]),
                             pg_catalog.unnest($9::text[]))
-                 AS q(t, s, a, m, n, r, d, k, w)",
+                 AS q(t, s, a, m, n, r, d, k, w)"
+        )
+    };
+}
+
+static WRITE: Stmt = Stmt {
+    sql: write_rows!(", actor", ", w"),
     args: &[
         T::TIMESTAMPTZARRAYOID,
         T::TEXTARRAYOID,
@@ -175,16 +189,8 @@ static WRITE: Stmt = Stmt {
     ],
 };
 
-/// WRITE on the tables of a version before 0.6.0 (see catalog::audit_has_actor).
 static WRITE_0_5: Stmt = Stmt {
-    sql: "INSERT INTO quota.audit_log
-                 (created_at, subject, action, metric, amount, success, reason, details, idempotency_key)
-          SELECT t, s, a, m, n, false, r, d::jsonb, k
-            FROM ROWS FROM (pg_catalog.unnest($1::timestamptz[]), pg_catalog.unnest($2::text[]),
-                            pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::text[]),
-                            pg_catalog.unnest($5::bigint[]), pg_catalog.unnest($6::text[]),
-                            pg_catalog.unnest($7::text[]), pg_catalog.unnest($8::text[]))
-                 AS q(t, s, a, m, n, r, d, k)",
+    sql: write_rows!("", ""),
     args: WRITE.args,
 };
 
@@ -378,9 +384,11 @@ fn rows_left(slot: usize, dboid: u32, cap: usize) -> bool {
 /// Exit so that the postmaster starts this worker again for its slot (see start_writer). The
 /// slot says STARTING with no process, so writer_exit leaves it alone and the new process
 /// takes it.
+#[allow(unreachable_code)] // proc_exit is declared noreturn in some versions' bindings only
 fn carry_on() -> ! {
     // SAFETY: ends this background worker process, running its exit callbacks.
-    unsafe { pg_sys::proc_exit(1) }
+    unsafe { pg_sys::proc_exit(1) };
+    unreachable!("proc_exit returned")
 }
 
 fn write(bytes: &[u8], found: &[(u64, usize, usize)]) {

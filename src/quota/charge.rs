@@ -36,15 +36,44 @@ RETURNING u.period, u.used",
     ],
 };
 
-/// The same for the common case of one period: a single-row statement is cheaper to execute.
-static UPSERT_ONE: Stmt = Stmt {
-    sql: "
+/// The single-row upsert: UPSERT for the common case of one period (a single-row statement is
+/// cheaper to execute), also the first part of the statements that audit the grant.
+macro_rules! upsert_one {
+    () => {
+        "
 INSERT INTO quota.usage AS u (subject, metric, period, window_start, used)
 VALUES ($1, $2, $3, $4, $5)
     ON CONFLICT (subject, metric, period, window_start) DO UPDATE
    SET used = u.used + excluded.used
  WHERE u.used <= $6 - excluded.used
-RETURNING u.period, u.used",
+RETURNING u.period, u.used"
+    };
+}
+
+/// The grant path in one statement: the single-row upsert and, when it granted, its audit row,
+/// whose details are $7 with the new usage added. `$actor_column` and `$actor_value` name the
+/// audit row's actor (none on the tables of a version before 0.6.0).
+macro_rules! upsert_one_audited {
+    ($actor_column:literal, $actor_value:literal) => {
+        concat!(
+            "WITH u AS (",
+            upsert_one!(),
+            "),
+a AS (
+    INSERT INTO quota.audit_log (subject, action, metric, amount, success, reason, details, idempotency_key",
+            $actor_column,
+            ")
+    SELECT $1, 'consume', $2, $5, true, 'granted', $7 || pg_catalog.jsonb_build_object('used', u.used), $8",
+            $actor_value,
+            "
+      FROM u)
+SELECT period, used FROM u"
+        )
+    };
+}
+
+static UPSERT_ONE: Stmt = Stmt {
+    sql: upsert_one!(),
     args: &[
         T::TEXTOID,
         T::TEXTOID,
@@ -55,23 +84,8 @@ RETURNING u.period, u.used",
     ],
 };
 
-/// The grant path in one statement: the single-row upsert and, when it granted, its audit row.
 static UPSERT_ONE_AUDITED: Stmt = Stmt {
-    sql: "
-WITH u AS (
-    INSERT INTO quota.usage AS u (subject, metric, period, window_start, used)
-    VALUES ($1, $2, $3, $4, $5)
-        ON CONFLICT (subject, metric, period, window_start) DO UPDATE
-       SET used = u.used + excluded.used
-     WHERE u.used <= $6 - excluded.used
-    RETURNING u.period, u.used),
-a AS (
-    INSERT INTO quota.audit_log (subject, action, metric, amount, success, reason, details, idempotency_key, actor)
-    SELECT $1, 'consume', $2, $5, true, 'granted',
-           ($7 || u.used::text || '}')::jsonb,
-           $8, $9
-      FROM u)
-SELECT period, used FROM u",
+    sql: upsert_one_audited!(", actor", ", $9"),
     args: &[
         T::TEXTOID,
         T::TEXTOID,
@@ -79,7 +93,7 @@ SELECT period, used FROM u",
         T::TIMESTAMPTZOID,
         T::INT8OID,
         T::INT8OID,
-        T::TEXTOID,
+        T::JSONBOID,
         T::TEXTOID,
         T::TEXTOID,
     ],
@@ -87,21 +101,7 @@ SELECT period, used FROM u",
 
 /// UPSERT_ONE_AUDITED on the tables of a version before 0.6.0 (see catalog::audit_has_actor).
 static UPSERT_ONE_AUDITED_0_5: Stmt = Stmt {
-    sql: "
-WITH u AS (
-    INSERT INTO quota.usage AS u (subject, metric, period, window_start, used)
-    VALUES ($1, $2, $3, $4, $5)
-        ON CONFLICT (subject, metric, period, window_start) DO UPDATE
-       SET used = u.used + excluded.used
-     WHERE u.used <= $6 - excluded.used
-    RETURNING u.period, u.used),
-a AS (
-    INSERT INTO quota.audit_log (subject, action, metric, amount, success, reason, details, idempotency_key)
-    SELECT $1, 'consume', $2, $5, true, 'granted',
-           ($7 || u.used::text || '}')::jsonb,
-           $8
-      FROM u)
-SELECT period, used FROM u",
+    sql: upsert_one_audited!("", ""),
     args: UPSERT_ONE_AUDITED.args,
 };
 
@@ -352,11 +352,8 @@ fn increment<'conn>(
         if !guc::audit_wanted(true) {
             return (spi::run(client, &UPSERT_ONE, &args), false);
         }
-        // The details object but for its last member, `used`, which the statement appends.
-        let mut prefix = json!({"plan": plan, "period": w.period, "limit": w.limit}).to_string();
-        prefix.pop();
-        prefix.push_str(",\"used\":");
-        args.push(prefix.into());
+        // The details but for `used`, which the statement adds.
+        args.push(pgrx::JsonB(json!({"plan": plan, "period": w.period, "limit": w.limit})).into());
         args.push(req.key.into());
         args.push(request::actor().into());
         let stmt = if crate::pg::catalog::audit_has_actor() {

@@ -129,38 +129,21 @@ pub fn latest_reset<'a>(ws: impl Iterator<Item = &'a Window>) -> &'a Window {
         .expect("at least one window")
 }
 
-/// PostgreSQL timestamptz (microseconds since 2000-01-01 UTC) as ISO 8601 in UTC.
+/// A timestamptz (microseconds since 2000-01-01 UTC) as PostgreSQL writes it in JSON, in UTC:
+/// `2026-12-01T00:00:00+00:00`, `infinity`.
 pub fn iso8601(micros: i64) -> String {
-    if micros == i64::MIN {
-        return "-infinity".into();
+    let utc: std::ffi::c_int = 0;
+    // SAFETY: JsonEncodeDateTime formats a timestamptz datum into a palloc'd NUL-terminated
+    // string (no buffer given), at the offset given; it is copied and freed at once.
+    unsafe {
+        let p = pg_sys::JsonEncodeDateTime(
+            std::ptr::null_mut(),
+            pg_sys::Datum::from(micros),
+            pg_sys::TIMESTAMPTZOID,
+            &utc,
+        );
+        let s = std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
+        pg_sys::pfree(p.cast());
+        s
     }
-    if micros == i64::MAX {
-        return "infinity".into();
-    }
-    const PG_EPOCH_UNIX_SECS: i64 = 946_684_800;
-    let secs = micros.div_euclid(1_000_000) + PG_EPOCH_UNIX_SECS;
-    let frac = micros.rem_euclid(1_000_000);
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    // Howard Hinnant's days-to-civil.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    let mut s = format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
-        sod / 3600,
-        (sod / 60) % 60,
-        sod % 60
-    );
-    if frac != 0 {
-        s.push_str(&format!(".{frac:06}"));
-    }
-    s.push_str("+00:00");
-    s
 }

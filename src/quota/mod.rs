@@ -193,7 +193,7 @@ fn run_request(
 
 /// Check and count `amount` units of `metric` for `subject` in every period that limits it.
 #[pg_extern(volatile, parallel_unsafe)]
-pub(super) fn consume(
+fn consume(
     subject: default!(Option<&str>, "NULL"),
     metric: default!(Option<&str>, "NULL"),
     amount: default!(Option<i64>, 1),
@@ -224,7 +224,7 @@ fn require_decision(
 
 /// Give usage back in the current windows (never below zero).
 #[pg_extern(volatile, parallel_unsafe)]
-pub(super) fn refund(
+fn refund(
     subject: default!(Option<&str>, "NULL"),
     metric: default!(Option<&str>, "NULL"),
     amount: default!(Option<i64>, 1),

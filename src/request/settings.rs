@@ -10,26 +10,26 @@ use std::thread::LocalKey;
 /// A setting read on every call, and where this backend last found it.
 pub(super) struct RequestSetting {
     name: &'static CStr,
-    spot: &'static LocalKey<Cell<Spot>>,
+    last_found: &'static LocalKey<Cell<LastFound>>,
 }
 
 thread_local! {
-    static CLAIMS_SPOT: Cell<Spot> = const { Cell::new(Spot::UNKNOWN) };
-    static LEGACY_SUB_SPOT: Cell<Spot> = const { Cell::new(Spot::UNKNOWN) };
-    static HEADERS_SPOT: Cell<Spot> = const { Cell::new(Spot::UNKNOWN) };
+    static CLAIMS_LAST_FOUND: Cell<LastFound> = const { Cell::new(LastFound::UNKNOWN) };
+    static LEGACY_SUB_LAST_FOUND: Cell<LastFound> = const { Cell::new(LastFound::UNKNOWN) };
+    static HEADERS_LAST_FOUND: Cell<LastFound> = const { Cell::new(LastFound::UNKNOWN) };
 }
 
 pub(super) static CLAIMS: RequestSetting = RequestSetting {
     name: c"request.jwt.claims",
-    spot: &CLAIMS_SPOT,
+    last_found: &CLAIMS_LAST_FOUND,
 };
 pub(super) static LEGACY_SUB: RequestSetting = RequestSetting {
     name: c"request.jwt.claim.sub",
-    spot: &LEGACY_SUB_SPOT,
+    last_found: &LEGACY_SUB_LAST_FOUND,
 };
 pub(super) static HEADERS: RequestSetting = RequestSetting {
     name: c"request.headers",
-    spot: &HEADERS_SPOT,
+    last_found: &HEADERS_LAST_FOUND,
 };
 
 impl RequestSetting {
@@ -43,7 +43,7 @@ impl RequestSetting {
     /// only (`SET LOCAL`, `set_config(..., true)`), as PostgREST sets its request settings,
     /// rather than for the session.
     pub(super) fn text_and_scope(&self) -> (&'static [u8], bool) {
-        let record = self.spot.with(|spot| find(self.name, spot));
+        let record = self.last_found.with(|last_found| find(self.name, last_found));
         // SAFETY: a record just found is live; a string setting's variable points at its
         // current value, NULL or a NUL-terminated string owned by the GUC machinery, which is
         // read before anything can change the setting.
@@ -86,15 +86,15 @@ unsafe fn set_in_transaction(record: *mut pg_sys::config_generic) -> bool {
 /// defines the setting), so nothing is remembered between calls.
 #[cfg(not(feature = "pg15"))]
 #[derive(Clone, Copy)]
-struct Spot;
+struct LastFound;
 
 #[cfg(not(feature = "pg15"))]
-impl Spot {
-    const UNKNOWN: Spot = Spot;
+impl LastFound {
+    const UNKNOWN: LastFound = LastFound;
 }
 
 #[cfg(not(feature = "pg15"))]
-fn find(name: &CStr, _spot: &Cell<Spot>) -> Option<*mut pg_sys::config_generic> {
+fn find(name: &CStr, _spot: &Cell<LastFound>) -> Option<*mut pg_sys::config_generic> {
     // SAFETY: a lookup that creates nothing and, with skip_errors, raises nothing.
     let r = unsafe { pg_sys::find_option(name.as_ptr(), false, true, pgrx::PgLogLevel::ERROR as i32) };
     (!r.is_null()).then_some(r)
@@ -110,19 +110,19 @@ fn find(name: &CStr, _spot: &Cell<Spot>) -> Option<*mut pg_sys::config_generic> 
 /// by MarkGUCPrefixReserved, a reordering) fails the check and the setting is looked up again.
 #[cfg(feature = "pg15")]
 #[derive(Clone, Copy)]
-enum Spot {
+enum LastFound {
     Unknown,
     At(usize, *mut pg_sys::config_generic),
     Absent(usize, *mut pg_sys::config_generic, *mut pg_sys::config_generic),
 }
 
 #[cfg(feature = "pg15")]
-impl Spot {
-    const UNKNOWN: Spot = Spot::Unknown;
+impl LastFound {
+    const UNKNOWN: LastFound = LastFound::Unknown;
 }
 
 #[cfg(feature = "pg15")]
-fn find(name: &CStr, spot: &Cell<Spot>) -> Option<*mut pg_sys::config_generic> {
+fn find(name: &CStr, last_found: &Cell<LastFound>) -> Option<*mut pg_sys::config_generic> {
     let wanted = name.to_bytes();
     // SAFETY: the settings array and its length are read together, with nothing in between that
     // could change them; indexes are checked against the length before use, and a record is only
@@ -130,33 +130,33 @@ fn find(name: &CStr, spot: &Cell<Spot>) -> Option<*mut pg_sys::config_generic> {
     unsafe {
         let vars = pg_sys::get_guc_variables();
         let n = pg_sys::GetNumConfigOptions().max(0) as usize;
-        if let Some(known) = still_there(spot.get(), wanted, vars, n) {
+        if let Some(known) = still_there(last_found.get(), wanted, vars, n) {
             return known;
         }
         let all = std::slice::from_raw_parts(vars, n);
         match all.binary_search_by(|&r| record_order(r, wanted)) {
             Ok(i) => {
-                spot.set(Spot::At(i, all[i]));
+                last_found.set(LastFound::At(i, all[i]));
                 Some(all[i])
             }
             Err(i) => {
                 let lo = if i == 0 { std::ptr::null_mut() } else { all[i - 1] };
                 let hi = if i == n { std::ptr::null_mut() } else { all[i] };
-                spot.set(Spot::Absent(i, lo, hi));
+                last_found.set(LastFound::Absent(i, lo, hi));
                 None
             }
         }
     }
 }
 
-/// What the remembered spot says, if the array still agrees with it: Some(record), Some(None)
+/// What the remembered last_found says, if the array still agrees with it: Some(record), Some(None)
 /// for a setting still absent, None when it must be looked up again.
 ///
 /// # Safety
 /// `vars` is the settings array and `n` its length, read together just before.
 #[cfg(feature = "pg15")]
 unsafe fn still_there(
-    spot: Spot,
+    last_found: LastFound,
     wanted: &[u8],
     vars: *mut *mut pg_sys::config_generic,
     n: usize,
@@ -165,11 +165,11 @@ unsafe fn still_there(
     // after it was found in the array at that index (so it is live).
     unsafe {
         let at = |i: usize| *vars.add(i);
-        match spot {
-            Spot::At(i, rec) => {
+        match last_found {
+            LastFound::At(i, rec) => {
                 (i < n && at(i) == rec && record_order(rec, wanted).is_eq()).then_some(Some(rec))
             }
-            Spot::Absent(i, lo, hi) => {
+            LastFound::Absent(i, lo, hi) => {
                 let lo_ok = if i == 0 {
                     lo.is_null()
                 } else {
@@ -182,7 +182,7 @@ unsafe fn still_there(
                 };
                 (lo_ok && hi_ok).then_some(None)
             }
-            Spot::Unknown => None,
+            LastFound::Unknown => None,
         }
     }
 }
