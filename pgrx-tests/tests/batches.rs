@@ -2,47 +2,50 @@
 //! no deadlock between callers whose batch sets overlap.
 
 use postgres::Client;
-use quota_ext_itests::{code, connect_on, in_parallel, one_i64, settles_at, sqlstate, TestDb};
+use quota_ext_itests::{
+    assert_settles, audit_count, audit_rows, code, connect_on, in_parallel, metric, new_batch, one_i64,
+    one_text, settles_at, sqlstate, untrusted_role_sql, TestDb,
+};
 use rand::Rng;
 use std::thread;
 
 const SESSIONS: usize = 8;
 
+/// SESSIONS sessions at once (see in_parallel), each given the id of the batch they work on.
+fn on_batch<T, F>(db: &TestDb, id: &str, session: F) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Fn(&str, &mut Client, &dyn Fn()) -> T + Send + Sync + 'static,
+{
+    let id = id.to_string();
+    in_parallel(db, SESSIONS, move |_, c, start| session(&id, c, start))
+}
+
 #[test]
 fn eight_sessions_drain_a_batch_exactly() {
     let db = TestDb::new("drain");
     let mut c = db.connect();
-    let id: String = c
-        .query_one(
-            "SELECT id::text FROM quota.create_batch('shop', 'milk', 1000)",
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    let handles = {
-        let id = id.clone();
-        in_parallel(&db, SESSIONS, move |_, c, start| {
-            let stmt = c
-                .prepare("SELECT consumed FROM quota.consume_batch_quantity($1::text::uuid, 1)")
-                .unwrap();
-            start();
-            let (mut taken, mut other) = (0i64, Vec::new());
-            loop {
-                match c.query_one(&stmt, &[&id]) {
-                    Ok(row) => taken += row.get::<_, i64>(0),
-                    Err(e) if code(&e) == "23514" => break,
-                    Err(e) => {
-                        other.push(code(&e));
-                        break;
-                    }
+    let id = new_batch(&mut c, "shop", "milk", 1000);
+    let handles = on_batch(&db, &id, |id, c, start| {
+        let stmt = c
+            .prepare("SELECT consumed FROM quota.consume_batch_quantity($1::text::uuid, 1)")
+            .unwrap();
+        start();
+        let (mut taken, mut other) = (0i64, Vec::new());
+        loop {
+            match c.query_one(&stmt, &[&id]) {
+                Ok(row) => taken += row.get::<_, i64>(0),
+                Err(e) if code(&e) == "23514" => break,
+                Err(e) => {
+                    other.push(code(&e));
+                    break;
                 }
             }
-            (taken, other)
-        })
-    };
+        }
+        (taken, other)
+    });
     let mut total = 0;
-    for h in handles {
-        let (taken, other) = h;
+    for (taken, other) in handles {
         assert!(
             other.is_empty(),
             "errors other than insufficient quantity: {other:?}"
@@ -57,24 +60,15 @@ fn eight_sessions_drain_a_batch_exactly() {
         )
         .unwrap();
     assert_eq!((state.get::<_, i64>(0), state.get::<_, i64>(1)), (0, 1001));
-    assert_eq!(
-        one_i64(
-            &mut c,
-            "SELECT count(*) FROM quota.audit_log WHERE action = 'consume_batch' AND success"
-        ),
-        1000
-    );
+    assert_eq!(audit_rows(&mut c, "action = 'consume_batch' AND success"), 1000);
     // Each session stopped at its first refusal: eight refusals, eight audit rows, written by
     // the audit writer although each refusal rolled its caller's transaction back.
-    assert_eq!(
-        settles_at(
-            &mut c,
-            "SELECT count(*) FROM quota.audit_log
+    assert_settles(
+        &mut c,
+        "SELECT count(*) FROM quota.audit_log
               WHERE action = 'consume_batch' AND NOT success AND reason = 'insufficient_quantity'
                 AND details->>'available' = '0' AND amount = 1",
-            SESSIONS as i64
-        ),
-        SESSIONS as i64
+        SESSIONS as i64,
     );
 }
 
@@ -82,25 +76,16 @@ fn eight_sessions_drain_a_batch_exactly() {
 fn one_expected_version_has_one_winner() {
     let db = TestDb::new("version");
     let mut c = db.connect();
-    let id: String = c
-        .query_one(
-            "SELECT id::text FROM quota.create_batch('shop', 'milk', 100)",
-            &[],
+    let id = new_batch(&mut c, "shop", "milk", 100);
+    let handles = on_batch(&db, &id, |id, c, start| {
+        start();
+        c.query_one(
+            "SELECT version FROM quota.consume_batch_quantity($1::text::uuid, 1, 1)",
+            &[&id],
         )
-        .unwrap()
-        .get(0);
-    let handles = {
-        let id = id.clone();
-        in_parallel(&db, SESSIONS, move |_, c, start| {
-            start();
-            c.query_one(
-                "SELECT version FROM quota.consume_batch_quantity($1::text::uuid, 1, 1)",
-                &[&id],
-            )
-            .map(|r| r.get::<_, i64>(0))
-            .map_err(|e| code(&e))
-        })
-    };
+        .map(|r| r.get::<_, i64>(0))
+        .map_err(|e| code(&e))
+    });
     let results: Vec<_> = handles.into_iter().collect();
     assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "{results:?}");
     assert!(
@@ -111,15 +96,12 @@ fn one_expected_version_has_one_winner() {
     );
     assert_eq!(one_i64(&mut c, "SELECT quantity FROM quota.batches"), 99);
     // One audit row per refused session, with the versions it expected and found.
-    assert_eq!(
-        settles_at(
-            &mut c,
-            "SELECT count(*) FROM quota.audit_log
+    assert_settles(
+        &mut c,
+        "SELECT count(*) FROM quota.audit_log
               WHERE NOT success AND reason = 'version_conflict'
                 AND details->>'expected_version' = '1' AND details->>'version' = '2'",
-            SESSIONS as i64 - 1
-        ),
-        SESSIONS as i64 - 1
+        SESSIONS as i64 - 1,
     );
 }
 
@@ -137,27 +119,15 @@ fn overlapping_consume_item_callers_never_deadlock_and_stay_exact() {
     )
     .unwrap();
     // The batch that expires first is the newest: fefo and fifo lock in opposite orders.
-    let fefo_first: String = c
-        .query_one(
-            "SELECT id::text FROM quota.batches WHERE item = 'flour' ORDER BY expires_at LIMIT 1",
-            &[],
+    let flour_first = |c: &mut Client, order: &str| {
+        one_text(
+            c,
+            &format!("SELECT id::text FROM quota.batches WHERE item = 'flour' ORDER BY {order} LIMIT 1"),
         )
-        .unwrap()
-        .get(0);
-    let fifo_first: String = c
-        .query_one(
-            "SELECT id::text FROM quota.batches WHERE item = 'flour' ORDER BY created_at LIMIT 1",
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    let last_fifo: String = c
-        .query_one(
-            "SELECT id::text FROM quota.batches WHERE item = 'flour' ORDER BY created_at DESC LIMIT 1",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    };
+    let fefo_first = flour_first(&mut c, "expires_at");
+    let fifo_first = flour_first(&mut c, "created_at");
+    let last_fifo = flour_first(&mut c, "created_at DESC");
     assert_eq!(fefo_first, last_fifo);
     assert_ne!(fefo_first, fifo_first);
     let handles = in_parallel(&db, SESSIONS, move |i, c, start| {
@@ -166,28 +136,30 @@ fn overlapping_consume_item_callers_never_deadlock_and_stay_exact() {
         start();
         for _ in 0..40 {
             let n: i64 = rand::thread_rng().gen_range(1..=5);
-            match c.query_one(
-                "SELECT sum(consumed)::bigint FROM quota.consume_item('shop', 'flour', $1, $2)",
-                &[&n, &strategy],
-            ) {
-                Ok(r) => flour += r.get::<_, i64>(0),
+            let mut tally = |result: Result<postgres::Row, postgres::Error>, taken: &mut i64| match result {
+                Ok(r) => *taken += r.get::<_, i64>(0),
                 Err(e) if code(&e) == "23514" => refused += 1,
                 Err(e) => other.push(code(&e)),
-            }
-            match c.query_one(
-                "SELECT sum(consumed)::bigint FROM quota.consume_item('shop', 'milk', $1)",
-                &[&n],
-            ) {
-                Ok(r) => milk += r.get::<_, i64>(0),
-                Err(e) if code(&e) == "23514" => refused += 1,
-                Err(e) => other.push(code(&e)),
-            }
+            };
+            tally(
+                c.query_one(
+                    "SELECT sum(consumed)::bigint FROM quota.consume_item('shop', 'flour', $1, $2)",
+                    &[&n, &strategy],
+                ),
+                &mut flour,
+            );
+            tally(
+                c.query_one(
+                    "SELECT sum(consumed)::bigint FROM quota.consume_item('shop', 'milk', $1)",
+                    &[&n],
+                ),
+                &mut milk,
+            );
         }
         (flour, milk, refused, other)
     });
     let (mut flour, mut milk, mut refusals) = (0, 0, 0);
-    for h in handles {
-        let (f, m, r, other) = h;
+    for (f, m, r, other) in handles {
         refusals += r;
         assert!(
             other.is_empty(),
@@ -196,20 +168,13 @@ fn overlapping_consume_item_callers_never_deadlock_and_stay_exact() {
         flour += f;
         milk += m;
     }
-    assert_eq!(
-        flour,
-        500 - one_i64(
+    for (item, taken) in [("flour", flour), ("milk", milk)] {
+        let left = one_i64(
             &mut c,
-            "SELECT sum(quantity)::bigint FROM quota.batches WHERE item = 'flour'"
-        )
-    );
-    assert_eq!(
-        milk,
-        500 - one_i64(
-            &mut c,
-            "SELECT sum(quantity)::bigint FROM quota.batches WHERE item = 'milk'"
-        )
-    );
+            &format!("SELECT sum(quantity)::bigint FROM quota.batches WHERE item = '{item}'"),
+        );
+        assert_eq!(taken, 500 - left);
+    }
     assert!(flour > 0 && milk > 0);
     // FEFO: in expiry order, empty batches, then at most one partly used, then full ones.
     let q: Vec<i64> = c
@@ -230,10 +195,7 @@ fn overlapping_consume_item_callers_never_deadlock_and_stay_exact() {
         "not FEFO: {q:?}"
     );
     // One audit row per successful call.
-    let calls = one_i64(
-        &mut c,
-        "SELECT count(*) FROM quota.audit_log WHERE action = 'consume_item' AND success",
-    );
+    let calls = audit_rows(&mut c, "action = 'consume_item' AND success");
     let summed = one_i64(
         &mut c,
         "SELECT coalesce(sum(amount), 0)::bigint FROM quota.audit_log WHERE action = 'consume_item' AND success",
@@ -242,13 +204,10 @@ fn overlapping_consume_item_callers_never_deadlock_and_stay_exact() {
     assert_eq!(summed, flour + milk);
     // And one per refusal, written by the audit writer.
     assert!(refusals > 0, "the test drains both items");
-    assert_eq!(
-        settles_at(
-            &mut c,
-            "SELECT count(*) FROM quota.audit_log WHERE action = 'consume_item' AND NOT success",
-            refusals
-        ),
-        refusals
+    assert_settles(
+        &mut c,
+        &audit_count("action = 'consume_item' AND NOT success"),
+        refusals,
     );
 }
 
@@ -256,87 +215,50 @@ fn overlapping_consume_item_callers_never_deadlock_and_stay_exact() {
 fn authenticated_callers_consume_only_their_own_batches() {
     let db = TestDb::new("batch_owner");
     let mut c = db.connect();
-    c.batch_execute(
-        "DO $$ BEGIN
-             IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'quota_app_user') THEN
-                 CREATE ROLE quota_app_user NOLOGIN;
-             END IF;
-         END $$;
-         GRANT USAGE ON SCHEMA quota TO quota_app_user;
-         GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA quota TO quota_app_user;",
-    )
-    .unwrap();
-    let mine: String = c
-        .query_one(
-            "SELECT id::text FROM quota.create_batch('user-1', 'milk', 10)",
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    let theirs: String = c
-        .query_one(
-            "SELECT id::text FROM quota.create_batch('user-2', 'milk', 10)",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    c.batch_execute(&untrusted_role_sql("quota_app_user")).unwrap();
+    let mine = new_batch(&mut c, "user-1", "milk", 10);
+    let theirs = new_batch(&mut c, "user-2", "milk", 10);
     c.batch_execute(
         "SET ROLE quota_app_user; SELECT set_config('request.jwt.claims', '{\"sub\":\"user-1\"}', false)",
     )
     .unwrap();
     let err = |c: &mut postgres::Client, sql: &str| c.batch_execute(sql).err().map(|e| code(&e));
-    assert_eq!(
-        err(
-            &mut c,
-            &format!("SELECT quota.consume_batch_quantity('{theirs}', 1)")
-        )
-        .as_deref(),
-        Some("42501")
-    );
-    assert_eq!(
-        err(&mut c, "SELECT quota.consume_item('user-2', 'milk', 1)").as_deref(),
-        Some("42501")
-    );
-    assert_eq!(
-        err(&mut c, "SELECT quota.create_batch('user-1', 'milk', 1)").as_deref(),
-        Some("42501")
-    );
-    assert_eq!(
-        err(
-            &mut c,
-            &format!("SELECT quota.consume_batch_quantity('{mine}', 1)")
+    // (a call, the SQLSTATE it fails with, if it does)
+    for (sql, expected) in [
+        (
+            format!("SELECT quota.consume_batch_quantity('{theirs}', 1)"),
+            Some("42501"),
         ),
-        None
-    );
-    assert_eq!(
-        err(&mut c, "SELECT quota.consume_item('user-1', 'milk', 2)"),
-        None
-    );
+        (
+            "SELECT quota.consume_item('user-2', 'milk', 1)".to_string(),
+            Some("42501"),
+        ),
+        (
+            "SELECT quota.create_batch('user-1', 'milk', 1)".to_string(),
+            Some("42501"),
+        ),
+        (format!("SELECT quota.consume_batch_quantity('{mine}', 1)"), None),
+        ("SELECT quota.consume_item('user-1', 'milk', 2)".to_string(), None),
+    ] {
+        assert_eq!(err(&mut c, &sql).as_deref(), expected);
+    }
     c.batch_execute("RESET ROLE").unwrap();
-    assert_eq!(
-        one_i64(
-            &mut c,
-            "SELECT sum(quantity)::bigint FROM quota.batches WHERE owner = 'user-1'"
-        ),
-        7
-    );
-    assert_eq!(
-        one_i64(
-            &mut c,
-            "SELECT sum(quantity)::bigint FROM quota.batches WHERE owner = 'user-2'"
-        ),
-        10
-    );
+    for (owner, left) in [("user-1", 7), ("user-2", 10)] {
+        assert_eq!(
+            one_i64(
+                &mut c,
+                &format!("SELECT sum(quantity)::bigint FROM quota.batches WHERE owner = '{owner}'")
+            ),
+            left
+        );
+    }
 }
 
 #[test]
 fn batch_refusals_have_their_own_sqlstate_and_change_nothing() {
     let db = TestDb::new("batch_bad");
     let mut c = db.connect();
-    let id: String = c
-        .query_one("SELECT id::text FROM quota.create_batch('shop', 'milk', 5)", &[])
-        .unwrap()
-        .get(0);
+    let id = new_batch(&mut c, "shop", "milk", 5);
     let cases = [
         (
             "SELECT quota.consume_batch_quantity('00000000-0000-0000-0000-000000000000', 1)".to_string(),
@@ -375,10 +297,11 @@ fn batch_refusals_have_their_own_sqlstate_and_change_nothing() {
         ),
     ];
     // Refusals' audit rows arrive on their own (below); nothing else may change.
-    let fingerprint = |c: &mut postgres::Client| -> String {
-        c.query_one("SELECT string_agg(format('%s/%s', quantity, version), ',') || (SELECT count(*) FROM quota.audit_log WHERE success)::text FROM quota.batches", &[])
-            .unwrap()
-            .get(0)
+    let fingerprint = |c: &mut postgres::Client| {
+        one_text(
+            c,
+            "SELECT string_agg(format('%s/%s', quantity, version), ',') || (SELECT count(*) FROM quota.audit_log WHERE success)::text FROM quota.batches",
+        )
     };
     for (sql, expected) in cases {
         let before = fingerprint(&mut c);
@@ -387,22 +310,12 @@ fn batch_refusals_have_their_own_sqlstate_and_change_nothing() {
         assert_eq!(fingerprint(&mut c), before, "{sql} changed something");
     }
     // Every refusal has its audit row; bad arguments are not decisions and have none.
-    assert_eq!(
-        settles_at(
-            &mut c,
-            "SELECT count(*) FROM quota.audit_log WHERE NOT success",
-            4
-        ),
-        4
-    );
-    let reasons: String = c
-        .query_one(
-            "SELECT string_agg(format('%s:%s:%s:%s', action, coalesce(subject, '-'), coalesce(metric, '-'), reason), ' ' ORDER BY created_at, id)
+    assert_settles(&mut c, &audit_count("NOT success"), 4);
+    let reasons = one_text(
+        &mut c,
+        "SELECT string_agg(format('%s:%s:%s:%s', action, coalesce(subject, '-'), coalesce(metric, '-'), reason), ' ' ORDER BY created_at, id)
                FROM quota.audit_log WHERE NOT success",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    );
     assert_eq!(
         reasons,
         "consume_batch:-:-:unknown_batch consume_batch:shop:milk:insufficient_quantity \
@@ -415,10 +328,7 @@ fn batch_refusals_have_their_own_sqlstate_and_change_nothing() {
         Some("23514")
     );
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    assert_eq!(
-        one_i64(&mut c, "SELECT count(*) FROM quota.audit_log WHERE NOT success"),
-        4
-    );
+    assert_eq!(audit_rows(&mut c, "NOT success"), 4);
 }
 
 /// When no audit writer can start (max_worker_processes = 0 on the tiny server) refusal rows
@@ -429,22 +339,13 @@ fn a_full_audit_queue_counts_what_it_drops() {
     let db = TestDb::on(quota_ext_itests::env_port("QUOTA_EXT_TINY_PORT"), "audit_full");
     let mut c = db.connect();
     c.batch_execute("SELECT quota.reset_metrics()").unwrap();
-    let id: String = c
-        .query_one("SELECT id::text FROM quota.create_batch('shop', 'milk', 5)", &[])
-        .unwrap()
-        .get(0);
+    let id = new_batch(&mut c, "shop", "milk", 5);
     for _ in 0..40 {
         assert_eq!(
             sqlstate(&mut c, &format!("SELECT quota.consume_batch_quantity('{id}', 6)")).as_deref(),
             Some("23514")
         );
     }
-    let metric = |c: &mut Client, name: &str| {
-        one_i64(
-            c,
-            &format!("SELECT value FROM quota.metrics() WHERE name = '{name}'"),
-        )
-    };
     assert_eq!(metric(&mut c, "insufficient_quantity"), 40);
     assert_eq!(metric(&mut c, "audit_queued"), 16);
     assert_eq!(
@@ -454,10 +355,7 @@ fn a_full_audit_queue_counts_what_it_drops() {
     );
     assert_eq!(metric(&mut c, "audit_dropped"), 0);
     assert_eq!(metric(&mut c, "audit_written"), 0);
-    assert_eq!(
-        one_i64(&mut c, "SELECT count(*) FROM quota.audit_log WHERE NOT success"),
-        0
-    );
+    assert_eq!(audit_rows(&mut c, "NOT success"), 0);
     assert_eq!(one_i64(&mut c, "SELECT quantity FROM quota.batches"), 5);
 }
 
@@ -473,10 +371,7 @@ fn a_refusal_row_stranded_without_a_worker_slot_is_written_once_one_frees() {
     let mut c = db.connect();
     c.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 1000)")
         .unwrap();
-    let id: String = c
-        .query_one("SELECT id::text FROM quota.create_batch('shop', 'milk', 5)", &[])
-        .unwrap()
-        .get(0);
+    let id = new_batch(&mut c, "shop", "milk", 5);
     let refusals = "SELECT count(*) FROM quota.audit_log WHERE action = 'consume_batch' AND NOT success";
     let workers = |admin: &mut Client, kind: &str| {
         one_i64(
@@ -525,12 +420,6 @@ fn a_refusal_row_stranded_without_a_worker_slot_is_written_once_one_frees() {
         1,
         "the stranded row was written once"
     );
-    let metric = |c: &mut Client, name: &str| {
-        one_i64(
-            c,
-            &format!("SELECT value FROM quota.metrics() WHERE name = '{name}'"),
-        )
-    };
     assert_eq!(metric(&mut c, "audit_dropped"), 0);
 }
 
@@ -541,41 +430,30 @@ fn a_refusal_row_stranded_without_a_worker_slot_is_written_once_one_frees() {
 fn a_burst_of_refusals_is_written_or_counted() {
     let db = TestDb::new("refusal_burst");
     let mut c = db.connect();
-    let id: String = c
-        .query_one("SELECT id::text FROM quota.create_batch('shop', 'milk', 1)", &[])
-        .unwrap()
-        .get(0);
-    let dropped = |c: &mut Client| {
-        one_i64(
-            c,
-            "SELECT value FROM quota.metrics() WHERE name = 'audit_dropped'",
-        )
-    };
+    let id = new_batch(&mut c, "shop", "milk", 1);
+    let dropped = |c: &mut Client| metric(c, "audit_dropped");
     let dropped_before = dropped(&mut c);
-    let handles = {
-        let id = id.clone();
-        in_parallel(&db, SESSIONS, move |_, c, start| {
-            let stmt = c
-                .prepare("SELECT quota.consume_batch_quantity($1::text::uuid, 2)")
-                .unwrap();
-            start();
-            let mut refused = 0i64;
-            for _ in 0..300 {
-                match c.query_one(&stmt, &[&id]) {
-                    Err(e) if code(&e) == "23514" => refused += 1,
-                    other => panic!("expected 23514, got {other:?}"),
-                }
+    let handles = on_batch(&db, &id, |id, c, start| {
+        let stmt = c
+            .prepare("SELECT quota.consume_batch_quantity($1::text::uuid, 2)")
+            .unwrap();
+        start();
+        let mut refused = 0i64;
+        for _ in 0..300 {
+            match c.query_one(&stmt, &[&id]) {
+                Err(e) if code(&e) == "23514" => refused += 1,
+                other => panic!("expected 23514, got {other:?}"),
             }
-            refused
-        })
-    };
+        }
+        refused
+    });
     let refusals: i64 = handles.into_iter().sum();
     assert_eq!(refusals, SESSIONS as i64 * 300);
     // Drops are counted cluster-wide; no other test on this server fills its queue.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let (mut rows, mut lost);
     loop {
-        rows = one_i64(&mut c, "SELECT count(*) FROM quota.audit_log WHERE NOT success");
+        rows = audit_rows(&mut c, "NOT success");
         lost = dropped(&mut c) - dropped_before;
         if rows + lost >= refusals || std::time::Instant::now() > deadline {
             break;
@@ -583,7 +461,7 @@ fn a_burst_of_refusals_is_written_or_counted() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     std::thread::sleep(std::time::Duration::from_millis(1200));
-    rows = one_i64(&mut c, "SELECT count(*) FROM quota.audit_log WHERE NOT success");
+    rows = audit_rows(&mut c, "NOT success");
     lost = dropped(&mut c) - dropped_before;
     assert_eq!(rows + lost, refusals, "{rows} written, {lost} dropped");
     assert_eq!(one_i64(&mut c, "SELECT quantity FROM quota.batches"), 1);

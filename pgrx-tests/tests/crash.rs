@@ -4,10 +4,19 @@
 //! (QUOTA_EXT_CRASH_PORT): the restart would break tests running beside it.
 
 use postgres::{Client, NoTls};
+use quota_ext_itests::{assert_settles, audit_count, audit_rows, metric, new_batch, one_bool};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
+
+/// Whether the one call a bucket of 'crash:key' allows an hour passes.
+fn key_allowed(c: &mut Client) -> bool {
+    one_bool(
+        c,
+        "SELECT allowed FROM quota.rate_check('crash:key', 1, '1 hour')",
+    )
+}
 
 fn connect(port: u16, db: &str) -> Result<Client, postgres::Error> {
     Client::connect(
@@ -28,19 +37,10 @@ fn sigkill_of_a_backend_loses_no_acknowledged_consume() {
     let mut c = connect(port, "crash").unwrap();
     c.batch_execute("CREATE EXTENSION quota_ext; SELECT quota.set_limit('free', 'api', 'day', 1000000000)")
         .unwrap();
-    let metrics_before: i64 = c
-        .query_one("SELECT value FROM quota.metrics() WHERE name = 'consumes'", &[])
-        .unwrap()
-        .get(0);
+    let metrics_before = metric(&mut c, "consumes");
     assert!(metrics_before >= 0);
 
-    let spent: bool = c
-        .query_one(
-            "SELECT allowed FROM quota.rate_check('crash:key', 1, '1 hour')",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let spent = key_allowed(&mut c);
     assert!(spent);
 
     const SESSIONS: usize = 8;
@@ -118,13 +118,10 @@ fn sigkill_of_a_backend_loses_no_acknowledged_consume() {
             )
             .unwrap()
             .map_or(0, |r| r.get(0));
-        let audited: i64 = c
-            .query_one(
-                &format!("SELECT count(*) FROM quota.audit_log WHERE subject = 's{i}' AND action = 'consume' AND success"),
-                &[],
-            )
-            .unwrap()
-            .get(0);
+        let audited = audit_rows(
+            &mut c,
+            &format!("subject = 's{i}' AND action = 'consume' AND success"),
+        );
         // A call can commit and crash before its answer reaches the client: at most one.
         assert!(
             used >= *acked && used <= acked + 1,
@@ -134,42 +131,21 @@ fn sigkill_of_a_backend_loses_no_acknowledged_consume() {
     }
     // Shared memory was re-created: buckets start empty (the spent one is full again) and the
     // bucket table works.
-    let check = |c: &mut Client| -> bool {
-        c.query_one(
-            "SELECT allowed FROM quota.rate_check('crash:key', 1, '1 hour')",
-            &[],
-        )
-        .unwrap()
-        .get(0)
-    };
-    assert!(check(&mut c), "a bucket spent before the crash is full after it");
-    assert!(!check(&mut c), "and works: the next call is denied");
+    assert!(
+        key_allowed(&mut c),
+        "a bucket spent before the crash is full after it"
+    );
+    assert!(!key_allowed(&mut c), "and works: the next call is denied");
     // Shared memory was re-created: the counters work, from zero.
-    let consumes: i64 = c
-        .query_one("SELECT value FROM quota.metrics() WHERE name = 'consumes'", &[])
-        .unwrap()
-        .get(0);
+    let consumes = metric(&mut c, "consumes");
     c.batch_execute("SELECT quota.consume('after', 'api')").unwrap();
-    let after: i64 = c
-        .query_one("SELECT value FROM quota.metrics() WHERE name = 'consumes'", &[])
-        .unwrap()
-        .get(0);
+    let after = metric(&mut c, "consumes");
     assert_eq!(after, consumes + 1);
     // The audit queue and its writer slots were re-created too: a refusal is audited again.
-    let batch: String = c
-        .query_one("SELECT id::text FROM quota.create_batch('after', 'milk', 1)", &[])
-        .unwrap()
-        .get(0);
+    let batch = new_batch(&mut c, "after", "milk", 1);
     let refused = c
         .batch_execute(&format!("SELECT quota.consume_batch_quantity('{batch}', 2)"))
         .unwrap_err();
     assert_eq!(refused.code().map(|c| c.code()), Some("23514"));
-    assert_eq!(
-        quota_ext_itests::settles_at(
-            &mut c,
-            "SELECT count(*) FROM quota.audit_log WHERE subject = 'after' AND NOT success",
-            1
-        ),
-        1
-    );
+    assert_settles(&mut c, &audit_count("subject = 'after' AND NOT success"), 1);
 }

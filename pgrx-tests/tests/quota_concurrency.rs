@@ -1,11 +1,12 @@
 //! Many real sessions at once against one subject and metric: the sum granted is exactly what
 //! the limit allows, usage and audit agree with what the clients saw, all-or-nothing holds.
 
-use quota_ext_itests::{in_parallel, one_i64, TestDb};
+use quota_ext_itests::{audit_rows, in_parallel, one_i64, TestDb};
 use rand::Rng;
 
 const SESSIONS: usize = 8;
 
+#[derive(Default)]
 struct Outcome {
     granted_calls: i64,
     granted_amount: i64,
@@ -18,12 +19,7 @@ fn hammer(db: &TestDb, calls: usize, amount: impl Fn() -> i64 + Send + Sync + Co
         let stmt = c
             .prepare("SELECT allowed FROM quota.consume('hot', 'api', $1)")
             .unwrap();
-        let mut out = Outcome {
-            granted_calls: 0,
-            granted_amount: 0,
-            denied_calls: 0,
-            errors: vec![],
-        };
+        let mut out = Outcome::default();
         start();
         for _ in 0..calls {
             let a = amount();
@@ -38,20 +34,23 @@ fn hammer(db: &TestDb, calls: usize, amount: impl Fn() -> i64 + Send + Sync + Co
         }
         out
     });
-    let mut total = Outcome {
-        granted_calls: 0,
-        granted_amount: 0,
-        denied_calls: 0,
-        errors: vec![],
-    };
-    for h in handles {
-        let o = h;
+    let mut total = Outcome::default();
+    for o in handles {
         total.granted_calls += o.granted_calls;
         total.granted_amount += o.granted_amount;
         total.denied_calls += o.denied_calls;
         total.errors.extend(o.errors);
     }
     total
+}
+
+#[track_caller]
+fn assert_no_errors(out: &Outcome) {
+    assert!(
+        out.errors.is_empty(),
+        "errors other than denials: {:?}",
+        &out.errors[..out.errors.len().min(5)]
+    );
 }
 
 #[test]
@@ -64,31 +63,15 @@ fn eight_sessions_never_over_grant() {
     // Demand 8 x 100 = 800 units against a limit of 500.
     let out = hammer(&db, 100, || 1);
 
-    assert!(
-        out.errors.is_empty(),
-        "errors other than denials: {:?}",
-        &out.errors[..out.errors.len().min(5)]
-    );
+    assert_no_errors(&out);
     assert_eq!(out.granted_calls, 500, "granted exactly the limit");
     assert_eq!(out.denied_calls, 300);
     assert_eq!(
         one_i64(&mut c, "SELECT used FROM quota.usage WHERE subject = 'hot'"),
         500
     );
-    assert_eq!(
-        one_i64(
-            &mut c,
-            "SELECT count(*) FROM quota.audit_log WHERE action = 'consume' AND success"
-        ),
-        500
-    );
-    assert_eq!(
-        one_i64(
-            &mut c,
-            "SELECT count(*) FROM quota.audit_log WHERE action = 'consume' AND NOT success"
-        ),
-        300
-    );
+    assert_eq!(audit_rows(&mut c, "action = 'consume' AND success"), 500);
+    assert_eq!(audit_rows(&mut c, "action = 'consume' AND NOT success"), 300);
 }
 
 #[test]
@@ -104,11 +87,7 @@ fn mixed_amounts_over_two_periods_stay_all_or_nothing() {
 
     let out = hammer(&db, 60, || rand::thread_rng().gen_range(1..=7));
 
-    assert!(
-        out.errors.is_empty(),
-        "errors other than denials: {:?}",
-        &out.errors[..out.errors.len().min(5)]
-    );
+    assert_no_errors(&out);
     let hour = one_i64(
         &mut c,
         "SELECT used FROM quota.usage WHERE subject = 'hot' AND period = 'hour'",
@@ -130,10 +109,7 @@ fn mixed_amounts_over_two_periods_stay_all_or_nothing() {
     );
     assert_eq!(audited, out.granted_amount, "audit rows match the grants");
     assert_eq!(
-        one_i64(
-            &mut c,
-            "SELECT count(*) FROM quota.audit_log WHERE action = 'consume'"
-        ),
+        audit_rows(&mut c, "action = 'consume'"),
         out.granted_calls + out.denied_calls,
         "one audit row per decision"
     );
@@ -166,11 +142,5 @@ fn concurrent_replays_of_one_key_grant_once() {
         "every replay returns the first decision: {results:?}"
     );
     assert_eq!(one_i64(&mut c, "SELECT used FROM quota.usage"), 5);
-    assert_eq!(
-        one_i64(
-            &mut c,
-            "SELECT count(*) FROM quota.audit_log WHERE action = 'consume'"
-        ),
-        1
-    );
+    assert_eq!(audit_rows(&mut c, "action = 'consume'"), 1);
 }

@@ -1,6 +1,9 @@
 //! SQLSTATEs, transactions and identity, seen from a client as PostgREST or an app sees them.
 
-use quota_ext_itests::{one_i64, settles_at, sqlstate, table_counts, usage_fingerprint, TestDb};
+use quota_ext_itests::{
+    as_session_user, assert_settles, audit_count, audit_rows, one_bool, one_i64, one_text, sqlstate,
+    table_counts, untrusted_role_sql, usage_fingerprint, TestDb,
+};
 
 #[test]
 fn rolled_back_consume_leaves_nothing() {
@@ -24,10 +27,10 @@ fn rolled_back_consume_leaves_nothing() {
 
     assert_eq!(table_counts(&mut c), before);
     // A key whose transaction rolled back is free again: this is not a replay.
-    let replayed: bool = c
-        .query_one("SELECT replayed FROM quota.consume('ann', 'api', 3, 'k1')", &[])
-        .unwrap()
-        .get(0);
+    let replayed = one_bool(
+        &mut c,
+        "SELECT replayed FROM quota.consume('ann', 'api', 3, 'k1')",
+    );
     assert!(!replayed);
 }
 
@@ -49,18 +52,15 @@ fn require_raises_pt429_with_the_decision() {
     // The denial aborted the caller's transaction and changed no usage; its audit row, which
     // the abort would have taken with it, comes from the audit writer.
     assert_eq!(one_i64(&mut c, "SELECT used FROM quota.usage"), 1);
-    assert_eq!(
-        settles_at(
-            &mut c,
-            "SELECT count(*) FROM quota.audit_log
+    assert_settles(
+        &mut c,
+        "SELECT count(*) FROM quota.audit_log
               WHERE subject = 'ann' AND action = 'consume' AND NOT success AND reason = 'limit_reached'
                 AND (details->>'used')::bigint = 1",
-            1
-        ),
-        1
+        1,
     );
     assert_eq!(
-        one_i64(&mut c, "SELECT count(*) FROM quota.audit_log WHERE success"),
+        audit_rows(&mut c, "success"),
         2,
         "set_limit and the first require"
     );
@@ -69,14 +69,7 @@ fn require_raises_pt429_with_the_decision() {
         "DO $$ BEGIN PERFORM quota.require('ann', 'api'); EXCEPTION WHEN SQLSTATE 'PT429' THEN NULL; END $$",
     )
     .unwrap();
-    assert_eq!(
-        settles_at(
-            &mut c,
-            "SELECT count(*) FROM quota.audit_log WHERE subject = 'ann' AND NOT success",
-            2
-        ),
-        2
-    );
+    assert_settles(&mut c, &audit_count("subject = 'ann' AND NOT success"), 2);
 }
 
 #[test]
@@ -168,25 +161,15 @@ fn untrusted_roles_act_only_as_their_jwt_subject() {
     let mut c = db.connect();
     c.batch_execute(&format!(
         "SELECT quota.set_limit('free', 'api', 'day', 10);
-         DO $$ BEGIN
-             IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'quota_app_user') THEN
-                 CREATE ROLE quota_app_user NOLOGIN;
-             END IF;
-         END $$;
-         GRANT USAGE ON SCHEMA quota TO quota_app_user;
-         GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA quota TO quota_app_user;
-         GRANT SELECT ON quota.usage TO quota_app_user;"
+         {}
+         GRANT SELECT ON quota.usage TO quota_app_user;",
+        untrusted_role_sql("quota_app_user")
     ))
     .unwrap();
     let claims =
         |sub: &str| format!("SELECT set_config('request.jwt.claims', '{{\"sub\":\"{sub}\"}}', false)");
     c.batch_execute("SET ROLE quota_app_user").unwrap();
-    let before = {
-        c.batch_execute("RESET ROLE").unwrap();
-        let t = table_counts(&mut c);
-        c.batch_execute("SET ROLE quota_app_user").unwrap();
-        t
-    };
+    let before = as_session_user(&mut c, "quota_app_user", table_counts);
 
     // No claims: refused.
     assert_eq!(
@@ -195,45 +178,27 @@ fn untrusted_roles_act_only_as_their_jwt_subject() {
     );
     c.batch_execute(&claims("user-1")).unwrap();
     // Another subject: refused. Admin functions: refused. Tables: not writable.
+    for sql in [
+        "SELECT quota.consume('user-2', 'api')",
+        "SELECT quota.status('user-2')",
+        "SELECT quota.set_limit('free', 'api', 'day', 1000)",
+        "SET quota_ext.default_plan = 'enterprise'",
+        "INSERT INTO quota.usage VALUES ('user-1', 'api', 'day', now(), 0)",
+    ] {
+        assert_eq!(sqlstate(&mut c, sql).as_deref(), Some("42501"));
+    }
     assert_eq!(
-        sqlstate(&mut c, "SELECT quota.consume('user-2', 'api')").as_deref(),
-        Some("42501")
+        as_session_user(&mut c, "quota_app_user", table_counts),
+        before,
+        "refusals changed nothing"
     );
-    assert_eq!(
-        sqlstate(&mut c, "SELECT quota.status('user-2')").as_deref(),
-        Some("42501")
-    );
-    assert_eq!(
-        sqlstate(&mut c, "SELECT quota.set_limit('free', 'api', 'day', 1000)").as_deref(),
-        Some("42501")
-    );
-    assert_eq!(
-        sqlstate(&mut c, "SET quota_ext.default_plan = 'enterprise'").as_deref(),
-        Some("42501")
-    );
-    assert_eq!(
-        sqlstate(
-            &mut c,
-            "INSERT INTO quota.usage VALUES ('user-1', 'api', 'day', now(), 0)"
-        )
-        .as_deref(),
-        Some("42501")
-    );
-    c.batch_execute("RESET ROLE").unwrap();
-    assert_eq!(table_counts(&mut c), before, "refusals changed nothing");
-    c.batch_execute("SET ROLE quota_app_user").unwrap();
 
     // Its own subject, by name or as NULL ("me"), works.
-    let used: i64 = c
-        .query_one("SELECT used FROM quota.consume(NULL, 'api')", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(used, 1);
-    let used: i64 = c
-        .query_one("SELECT used FROM quota.consume('user-1', 'api')", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(used, 2);
+    assert_eq!(one_i64(&mut c, "SELECT used FROM quota.consume(NULL, 'api')"), 1);
+    assert_eq!(
+        one_i64(&mut c, "SELECT used FROM quota.consume('user-1', 'api')"),
+        2
+    );
     // The older request.jwt.claim.sub setting is accepted too, set for the transaction as
     // PostgREST set it (a session-level one could be a previous client's, see adversary.rs).
     let mut tx = c.transaction().unwrap();
@@ -241,15 +206,11 @@ fn untrusted_roles_act_only_as_their_jwt_subject() {
         "SELECT set_config('request.jwt.claims', '', true); SELECT set_config('request.jwt.claim.sub', 'user-3', true)",
     )
     .unwrap();
-    let subject: String = tx
-        .query_one("SELECT subject FROM quota.consume(NULL, 'api')", &[])
-        .unwrap()
-        .get(0);
+    let subject = one_text(&mut tx, "SELECT subject FROM quota.consume(NULL, 'api')");
     tx.commit().unwrap();
     assert_eq!(subject, "user-3");
     // Row level security: only its own usage rows are visible.
-    c.batch_execute(r#"SELECT set_config('request.jwt.claims', '{"sub":"user-3"}', false)"#)
-        .unwrap();
+    c.batch_execute(&claims("user-3")).unwrap();
     assert_eq!(one_i64(&mut c, "SELECT count(*) FROM quota.usage"), 1);
     // Malformed claims are reported, not guessed at.
     c.batch_execute("SELECT set_config('request.jwt.claims', '{not json', false)")
@@ -265,11 +226,10 @@ fn untrusted_roles_act_only_as_their_jwt_subject() {
         "RESET ROLE; SET quota_ext.trusted_roles = 'no_such_role, quota_app_user'; SET ROLE quota_app_user",
     )
     .unwrap();
-    let used: i64 = c
-        .query_one("SELECT used FROM quota.consume('user-9', 'api')", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(used, 1);
+    assert_eq!(
+        one_i64(&mut c, "SELECT used FROM quota.consume('user-9', 'api')"),
+        1
+    );
     c.batch_execute("RESET ROLE").unwrap();
 }
 
@@ -280,11 +240,8 @@ fn limit_changes_reach_other_sessions_at_commit() {
     let mut b = db.connect();
     a.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 10)")
         .unwrap();
-    let limit = |c: &mut postgres::Client| -> i64 {
-        c.query_one("SELECT quota_limit FROM quota.consume('ann', 'api', 0)", &[])
-            .unwrap()
-            .get(0)
-    };
+    let limit =
+        |c: &mut postgres::Client| one_i64(c, "SELECT quota_limit FROM quota.consume('ann', 'api', 0)");
     assert_eq!(limit(&mut a), 10, "session a has cached the limit");
 
     // Uncommitted, then rolled back: a keeps seeing 10.

@@ -6,7 +6,7 @@
 //! shows a window past the limit it was checked against. QUOTA_EXT_RANDOM_SEED replays a run.
 
 use postgres::Client;
-use quota_ext_itests::{code, one_i64, TestDb};
+use quota_ext_itests::{code, in_parallel, one_i64, TestDb};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -24,7 +24,7 @@ struct Tally {
     refunds: i64,
 }
 
-fn session(mut c: Client, seed: u64, me: u64) -> Tally {
+fn session(c: &mut Client, seed: u64, me: u64) -> Tally {
     let mut rng = StdRng::seed_from_u64(seed ^ (me * 0x9e37_79b9));
     let mut t = Tally::default();
     // (subject, key, amount, made by a trusted caller) of this session's committed grants not
@@ -159,13 +159,9 @@ fn a_random_storm_of_calls_leaves_the_books_exact() {
         "SELECT quota.set_limit('free', 'm', 'total', 20); SELECT quota.set_limit('free', 'm', 'year', 10);",
     )
     .unwrap();
-    let handles: Vec<_> = (0..SESSIONS)
-        .map(|me| {
-            let c = db.connect();
-            std::thread::spawn(move || session(c, seed, me))
-        })
-        .collect();
-    let tallies: Vec<Tally> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let tallies: Vec<Tally> = in_parallel(&db, SESSIONS as usize, move |me, c, _start| {
+        session(c, seed, me as u64)
+    });
 
     let decisions: i64 = tallies.iter().map(|t| t.consume_decisions).sum();
     let refunds: i64 = tallies.iter().map(|t| t.refunds).sum();

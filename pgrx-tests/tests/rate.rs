@@ -2,8 +2,8 @@
 //! bucket whatever the concurrency, and a full table evicts refilled buckets first, then obeys
 //! quota_ext.rate_when_full.
 
-use postgres::{Client, NoTls};
-use quota_ext_itests::{in_parallel, one_i64, TestDb};
+use postgres::Client;
+use quota_ext_itests::{connect_on, in_parallel, metric, one_i64, TestDb};
 
 #[test]
 fn eight_sessions_share_one_bucket_exactly() {
@@ -22,20 +22,9 @@ fn eight_sessions_share_one_bucket_exactly() {
     assert_eq!(allowed, 100, "exactly the burst passes");
 }
 
-fn metric(c: &mut Client, name: &str) -> i64 {
-    one_i64(
-        c,
-        &format!("SELECT value FROM quota.metrics() WHERE name = '{name}'"),
-    )
-}
-
 fn tiny_server() -> Client {
     let port = quota_ext_itests::env_port("QUOTA_EXT_TINY_PORT");
-    let mut c = Client::connect(
-        &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
-        NoTls,
-    )
-    .unwrap();
+    let mut c = connect_on(port, "postgres");
     c.batch_execute("DROP EXTENSION IF EXISTS quota_ext CASCADE; CREATE EXTENSION quota_ext; SELECT quota.reset_metrics()")
         .unwrap();
     c

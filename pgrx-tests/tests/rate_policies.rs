@@ -1,7 +1,7 @@
 //! rate_limit() by policy and plan, and pre_request() driven the way PostgREST drives it.
 
 use postgres::Client;
-use quota_ext_itests::{code, one_i64, TestDb};
+use quota_ext_itests::{code, metric, one_i64, TestDb};
 
 /// One PostgREST request: its transaction, role and request.* settings, then `sql`.
 fn request(
@@ -81,26 +81,13 @@ fn policies_apply_per_plan_and_key() {
     // Buckets are per (policy, key): u1 went from 99 to 98, not 99 again.
     assert_eq!(limit_of(&mut c, "authenticated", r#"{"sub":"u1"}"#).2, 98);
     // Someone else's key, an unknown policy.
-    let err = request(
-        &mut c,
-        "authenticated",
-        "POST",
-        r#"{"sub":"u1"}"#,
-        "{}",
-        "SELECT quota.rate_limit('default', 'u2')",
-    )
-    .unwrap_err();
-    assert_eq!(code(&err), "42501");
-    let err = request(
-        &mut c,
-        "authenticated",
-        "POST",
-        r#"{"sub":"u1"}"#,
-        "{}",
-        "SELECT quota.rate_limit('nope')",
-    )
-    .unwrap_err();
-    assert_eq!(code(&err), "42704");
+    for (sql, expected) in [
+        ("SELECT quota.rate_limit('default', 'u2')", "42501"),
+        ("SELECT quota.rate_limit('nope')", "42704"),
+    ] {
+        let err = request(&mut c, "authenticated", "POST", r#"{"sub":"u1"}"#, "{}", sql).unwrap_err();
+        assert_eq!(code(&err), expected);
+    }
 }
 
 #[test]
@@ -109,10 +96,7 @@ fn shadow_policies_allow_and_count_and_changes_apply_at_commit() {
     let mut c = db.connect();
     c.batch_execute("INSERT INTO quota.rate_policies VALUES ('exports', 'free', 1, '1 hour', NULL, true)")
         .unwrap();
-    let shadow_before = one_i64(
-        &mut c,
-        "SELECT value FROM quota.metrics() WHERE name = 'shadow_denials'",
-    );
+    let shadow_before = metric(&mut c, "shadow_denials");
     let allowed = |c: &mut Client| -> bool {
         request(
             c,
@@ -127,12 +111,7 @@ fn shadow_policies_allow_and_count_and_changes_apply_at_commit() {
     };
     assert!(allowed(&mut c));
     assert!(allowed(&mut c), "a shadow policy allows");
-    assert!(
-        one_i64(
-            &mut c,
-            "SELECT value FROM quota.metrics() WHERE name = 'shadow_denials'"
-        ) > shadow_before
-    );
+    assert!(metric(&mut c, "shadow_denials") > shadow_before);
     // Enforce it: the cached policy is replaced at commit.
     c.batch_execute("UPDATE quota.rate_policies SET shadow = false WHERE policy = 'exports'")
         .unwrap();
@@ -217,11 +196,8 @@ fn a_committed_change_applies_to_the_next_call_inside_an_open_transaction() {
             .unwrap()
             .get(0)
     };
-    let limit = |t: &mut postgres::Transaction<'_>| -> i64 {
-        t.query_one("SELECT quota_limit FROM quota.consume('ann', 'api')", &[])
-            .unwrap()
-            .get(0)
-    };
+    let limit =
+        |t: &mut postgres::Transaction<'_>| one_i64(t, "SELECT quota_limit FROM quota.consume('ann', 'api')");
     assert_eq!(rate(&mut t, "k1"), 10);
     assert_eq!(limit(&mut t), 10);
     b.batch_execute(

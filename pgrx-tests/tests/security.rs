@@ -2,10 +2,11 @@
 //! closed to writes, row level security, pinned search_path, hostile objects, calls shaped as
 //! PostgREST shapes them, and a transaction-mode pooler.
 
-use postgres::{Client, NoTls};
-use quota_ext_itests::{code, one_i64, one_text, table_counts, TestDb};
-use std::sync::{Arc, Barrier};
-use std::thread;
+use postgres::Client;
+use quota_ext_itests::{
+    as_role_with_claims, code, connect_on, in_parallel_with, new_batch, one_bool, one_i64, one_text,
+    table_counts, TestDb, TABLES,
+};
 
 fn err(c: &mut Client, sql: &str) -> Option<String> {
     c.batch_execute(sql).err().map(|e| code(&e))
@@ -16,23 +17,14 @@ fn as_role(c: &mut Client, role: &str, sub: Option<&str>) {
         Some(s) => format!("{{\"sub\":\"{s}\",\"role\":\"{role}\"}}"),
         None => format!("{{\"role\":\"{role}\"}}"),
     };
-    c.batch_execute(&format!(
-        "RESET ROLE; SELECT set_config('request.jwt.claims', '{claims}', false); SET ROLE {role}"
-    ))
-    .unwrap();
+    as_role_with_claims(c, role, &claims);
 }
 
 fn setup(db: &TestDb) -> (Client, String) {
     let mut c = db.connect();
     c.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 100)")
         .unwrap();
-    let batch: String = c
-        .query_one(
-            "SELECT id::text FROM quota.create_batch('user-1', 'milk', 10)",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let batch = new_batch(&mut c, "user-1", "milk", 10);
     c.batch_execute(&format!(
         "SELECT quota.create_batch('user-2', 'milk', 10);
          SELECT quota.consume('user-1', 'api'); SELECT quota.consume('user-2', 'api');
@@ -46,13 +38,11 @@ fn setup(db: &TestDb) -> (Client, String) {
 fn supabase_roles_get_what_api_md_grants() {
     let db = TestDb::new("grants");
     let mut c = db.connect();
-    let can = |c: &mut Client, role: &str, f: &str| -> bool {
-        c.query_one(
+    let can = |c: &mut Client, role: &str, f: &str| {
+        one_bool(
+            c,
             &format!("SELECT has_function_privilege('{role}', '{f}', 'EXECUTE')"),
-            &[],
         )
-        .unwrap()
-        .get(0)
     };
     let user_functions = [
         "quota.consume(text,text,bigint,text)",
@@ -103,14 +93,12 @@ fn supabase_roles_get_what_api_md_grants() {
     assert_eq!(public, 0);
     // anon cannot consume anything, even with a subject in its claims.
     as_role(&mut c, "anon", Some("user-1"));
-    assert_eq!(
-        err(&mut c, "SELECT quota.consume(NULL, 'api')").as_deref(),
-        Some("42501")
-    );
-    assert_eq!(
-        err(&mut c, "SELECT quota.consume_item('user-1', 'milk', 1)").as_deref(),
-        Some("42501")
-    );
+    for sql in [
+        "SELECT quota.consume(NULL, 'api')",
+        "SELECT quota.consume_item('user-1', 'milk', 1)",
+    ] {
+        assert_eq!(err(&mut c, sql).as_deref(), Some("42501"));
+    }
     c.batch_execute("RESET ROLE").unwrap();
 }
 
@@ -119,10 +107,7 @@ fn service_role_is_trusted() {
     let db = TestDb::new("service_role");
     let (mut c, _) = setup(&db);
     as_role(&mut c, "service_role", None);
-    let used: i64 = c
-        .query_one("SELECT used FROM quota.consume('user-7', 'api')", &[])
-        .unwrap()
-        .get(0);
+    let used = one_i64(&mut c, "SELECT used FROM quota.consume('user-7', 'api')");
     assert_eq!(used, 1);
     c.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 5); RESET ROLE")
         .unwrap();
@@ -297,30 +282,18 @@ fn every_consuming_function_acts_only_as_the_jwt_subject() {
         assert_eq!(table_counts(&mut c), before, "{other} changed something");
     }
     // The other user's batch, by id.
-    let theirs: String = c
-        .query_one("SELECT id::text FROM quota.batches WHERE owner = 'user-2'", &[])
-        .unwrap()
-        .get(0);
-    as_role(&mut c, "authenticated", Some("user-1"));
-    assert_eq!(
-        err(
-            &mut c,
-            &format!("SELECT quota.consume_batch_quantity('{theirs}', 1)")
-        )
-        .as_deref(),
-        Some("42501")
+    let theirs = one_text(
+        &mut c,
+        "SELECT id::text FROM quota.batches WHERE owner = 'user-2'",
     );
+    let consume_one_of = |batch: &str| format!("SELECT quota.consume_batch_quantity('{batch}', 1)");
+    as_role(&mut c, "authenticated", Some("user-1"));
+    assert_eq!(err(&mut c, &consume_one_of(&theirs)).as_deref(), Some("42501"));
     // Its own calls pass.
     for (own, _) in calls {
         assert_eq!(err(&mut c, own), None, "{own}");
     }
-    assert_eq!(
-        err(
-            &mut c,
-            &format!("SELECT quota.consume_batch_quantity('{batch}', 1)")
-        ),
-        None
-    );
+    assert_eq!(err(&mut c, &consume_one_of(&batch)), None);
     c.batch_execute("RESET ROLE").unwrap();
 }
 
@@ -329,20 +302,9 @@ fn tables_are_closed_to_writes_and_rows_are_private() {
     let db = TestDb::new("tables");
     let (mut c, _) = setup(&db);
     let before = table_counts(&mut c);
-    let tables = [
-        "plans",
-        "limits",
-        "subjects",
-        "overrides",
-        "usage",
-        "idempotency_keys",
-        "audit_log",
-        "batches",
-        "rate_policies",
-    ];
     for role in ["anon", "authenticated"] {
         as_role(&mut c, role, Some("user-1"));
-        for t in tables {
+        for t in TABLES {
             let col = text_column(t);
             for sql in [
                 format!("INSERT INTO quota.{t} DEFAULT VALUES"),
@@ -437,13 +399,10 @@ fn functions_pin_search_path_and_the_script_replaces_nothing() {
     );
     assert_eq!(definer_unpinned, 0);
     // The install script creates everything anew: nothing it could silently take over.
-    let script: String = c
-        .query_one(
-            "SELECT pg_read_file((SELECT setting FROM pg_config WHERE name = 'SHAREDIR') || '/extension/quota_ext--0.1.0.sql')",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let script = one_text(
+        &mut c,
+        "SELECT pg_read_file((SELECT setting FROM pg_config WHERE name = 'SHAREDIR') || '/extension/quota_ext--0.1.0.sql')",
+    );
     let upper = script.to_uppercase();
     assert!(
         !upper.contains("OR REPLACE"),
@@ -478,10 +437,7 @@ fn hostile_objects_in_public_change_nothing() {
     .unwrap();
     let mut granted = 0;
     for _ in 0..3 {
-        let ok: bool = c
-            .query_one("SELECT allowed FROM quota.consume('ann', 'api')", &[])
-            .unwrap()
-            .get(0);
+        let ok = one_bool(&mut c, "SELECT allowed FROM quota.consume('ann', 'api')");
         granted += ok as i64;
     }
     c.batch_execute(
@@ -512,13 +468,10 @@ fn hostile_objects_in_public_change_nothing() {
         0,
         "a hostile object ran"
     );
-    let window_ok: bool = c
-        .query_one(
-            "SELECT window_start = date_trunc('day', now(), 'UTC') FROM quota.usage WHERE subject = 'ann'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let window_ok = one_bool(
+        &mut c,
+        "SELECT window_start = date_trunc('day', now(), 'UTC') FROM quota.usage WHERE subject = 'ann'",
+    );
     assert!(window_ok, "the window came from pg_catalog.now()");
 }
 
@@ -668,14 +621,12 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
         ("amount", "bigint"),
         ("idempotency_key", "text"),
     ];
-    let out = rpc(
-        &mut c,
-        "authenticated",
-        "user-1",
-        "consume",
-        &consume_args,
-        r#"{"metric":"api","amount":2,"idempotency_key":"k-1"}"#,
-    );
+    // What user-1 sends, as PostgREST passes it on.
+    let as_user = |c: &mut Client, function: &str, args: &[(&str, &str)], body: &str| {
+        rpc(c, "authenticated", "user-1", function, args, body)
+    };
+    let consume_body = r#"{"metric":"api","amount":2,"idempotency_key":"k-1"}"#;
+    let out = as_user(&mut c, "consume", &consume_args, consume_body);
     for k in decision_keys {
         assert!(out.has(k), "consume: {k} missing in {}", out.0);
     }
@@ -684,60 +635,39 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
         "{}",
         out.0
     );
-    let again = rpc(
-        &mut c,
-        "authenticated",
-        "user-1",
-        "consume",
-        &consume_args,
-        r#"{"metric":"api","amount":2,"idempotency_key":"k-1"}"#,
-    );
+    let again = as_user(&mut c, "consume", &consume_args, consume_body);
     assert!(
         again.has("\"replayed\":true") && again.has("\"used\":3"),
         "{}",
         again.0
     );
-    let out = rpc(
-        &mut c,
-        "authenticated",
-        "user-1",
-        "refund",
-        &[
-            ("metric", "text"),
-            ("amount", "bigint"),
-            ("idempotency_key", "text"),
-        ],
-        r#"{"metric":"api","amount":1,"idempotency_key":"k-1"}"#,
-    );
-    assert!(out.has("\"used\":2"), "{}", out.0);
-    let out = rpc(
-        &mut c,
-        "authenticated",
-        "user-1",
-        "require",
-        &[("metric", "text")],
-        r#"{"metric":"api"}"#,
-    );
-    assert!(out.has("\"allowed\":true"), "{}", out.0);
-    let out = rpc(
-        &mut c,
-        "authenticated",
-        "user-1",
-        "require_decision",
-        &[("metric", "text")],
-        r#"{"metric":"api"}"#,
-    );
-    assert!(out.has("\"allowed\":true"), "{}", out.0);
-    let out = rpc(&mut c, "authenticated", "user-1", "status", &[], "{}");
+    let metric_arg: &[(&str, &str)] = &[("metric", "text")];
+    for (function, args, body, expected) in [
+        (
+            "refund",
+            &consume_args[..],
+            r#"{"metric":"api","amount":1,"idempotency_key":"k-1"}"#,
+            "\"used\":2",
+        ),
+        ("require", metric_arg, r#"{"metric":"api"}"#, "\"allowed\":true"),
+        (
+            "require_decision",
+            metric_arg,
+            r#"{"metric":"api"}"#,
+            "\"allowed\":true",
+        ),
+    ] {
+        let out = as_user(&mut c, function, args, body);
+        assert!(out.has(expected), "{}", out.0);
+    }
+    let out = as_user(&mut c, "status", &[], "{}");
     assert!(
         out.0.starts_with("[{") && out.has("\"metric\":\"api\"") && out.has("\"quota_limit\":100"),
         "{}",
         out.0
     );
-    let out = rpc(
+    let out = as_user(
         &mut c,
-        "authenticated",
-        "user-1",
         "audit_page",
         &[("page_size", "integer")],
         r#"{"page_size":2}"#,
@@ -747,10 +677,8 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
         "{}",
         out.0
     );
-    let out = rpc(
+    let out = as_user(
         &mut c,
-        "authenticated",
-        "user-1",
         "consume_batch_quantity",
         &[("p_batch_id", "uuid"), ("p_quantity_to_consume", "bigint")],
         &format!(r#"{{"p_batch_id":"{batch}","p_quantity_to_consume":2}}"#),
@@ -763,10 +691,8 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
         "{}",
         out.0
     );
-    let out = rpc(
+    let out = as_user(
         &mut c,
-        "authenticated",
-        "user-1",
         "consume_item",
         &[("owner", "text"), ("item", "text"), ("quantity", "bigint")],
         r#"{"owner":"user-1","item":"milk","quantity":1}"#,
@@ -978,42 +904,37 @@ fn exact_totals_through_pgbouncer_in_transaction_mode() {
     c.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 300)")
         .unwrap();
     const SESSIONS: usize = 8;
-    let barrier = Arc::new(Barrier::new(SESSIONS));
-    let handles: Vec<_> = (0..SESSIONS)
-        .map(|i| {
-            let url = format!("host=127.0.0.1 port={port} user=postgres dbname={}", db.name);
-            let barrier = barrier.clone();
-            thread::spawn(move || {
-                let mut c = Client::connect(&url, NoTls).unwrap();
-                barrier.wait();
-                let (mut granted, mut errors) = (0i64, Vec::new());
-                for n in 0..60 {
-                    // Simple protocol, and every transaction sets its own claims, as PostgREST
-                    // does: nothing relies on the server session staying the same.
-                    let sql = format!(
-                        "BEGIN; SELECT set_config('request.jwt.claims', '{{\"sub\":\"s{i}\"}}', true);
+    let outcomes = in_parallel_with(
+        SESSIONS,
+        || connect_on(port, &db.name),
+        |i, c, start| {
+            start();
+            let (mut granted, mut errors) = (0i64, Vec::new());
+            for n in 0..60 {
+                // Simple protocol, and every transaction sets its own claims, as PostgREST
+                // does: nothing relies on the server session staying the same.
+                let sql = format!(
+                    "BEGIN; SELECT set_config('request.jwt.claims', '{{\"sub\":\"s{i}\"}}', true);
                          SELECT allowed FROM quota.consume('hot', 'api', 1, 'k-{i}-{n}'); COMMIT;"
-                    );
-                    match c.simple_query(&sql) {
-                        Ok(msgs) => {
-                            for m in msgs {
-                                if let postgres::SimpleQueryMessage::Row(r) = m {
-                                    if r.get(0) == Some("t") {
-                                        granted += 1;
-                                    }
+                );
+                match c.simple_query(&sql) {
+                    Ok(msgs) => {
+                        for m in msgs {
+                            if let postgres::SimpleQueryMessage::Row(r) = m {
+                                if r.get(0) == Some("t") {
+                                    granted += 1;
                                 }
                             }
                         }
-                        Err(e) => errors.push(e.to_string()),
                     }
+                    Err(e) => errors.push(e.to_string()),
                 }
-                (granted, errors)
-            })
-        })
-        .collect();
+            }
+            (granted, errors)
+        },
+    );
     let mut granted = 0;
-    for h in handles {
-        let (g, e) = h.join().unwrap();
+    for (g, e) in outcomes {
         assert!(e.is_empty(), "{e:?}");
         granted += g;
     }

@@ -3,7 +3,10 @@
 //! or fails with a documented SQLSTATE and changes nothing; never XX000, never a crash.
 
 use postgres::Client;
-use quota_ext_itests::{table_counts, usage_fingerprint, TestDb};
+use quota_ext_itests::{
+    as_role_with_claims, as_session_user, one_text, table_counts, untrusted_role_sql, usage_fingerprint,
+    TestDb,
+};
 
 /// SQLSTATEs the README documents, plus PostgreSQL's own input-syntax errors for the
 /// argument's type (a value that is not a uuid, an interval, ...).
@@ -123,10 +126,10 @@ fn functions(batch: &str) -> Vec<(&'static str, Vec<(&'static str, String)>)> {
 }
 
 fn state(c: &mut Client) -> String {
-    let batches: String = c
-        .query_one("SELECT coalesce(string_agg(format('%s/%s', quantity, version), ',' ORDER BY id), '') FROM quota.batches", &[])
-        .unwrap()
-        .get(0);
+    let batches = one_text(
+        c,
+        "SELECT coalesce(string_agg(format('%s/%s', quantity, version), ',' ORDER BY id), '') FROM quota.batches",
+    );
     format!("{:?} {} {}", table_counts(c), usage_fingerprint(c), batches)
 }
 
@@ -184,10 +187,7 @@ fn every_function_against_hostile_input() {
          SELECT quota.create_batch('shop', 'milk', 50);",
     )
     .unwrap();
-    let batch: String = c
-        .query_one("SELECT id::text FROM quota.batches", &[])
-        .unwrap()
-        .get(0);
+    let batch = one_text(&mut c, "SELECT id::text FROM quota.batches");
 
     // As a trusted caller, with roles that do not exist and junk in quota_ext.trusted_roles.
     c.batch_execute(r#"SET quota_ext.trusted_roles = 'no_such_role, "Not A Role", , ,pg_no_role'"#)
@@ -205,16 +205,7 @@ fn every_function_against_hostile_input() {
     }
 
     // As an untrusted role with malformed claims: refusals only, documented ones.
-    c.batch_execute(
-        "DO $$ BEGIN
-             IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'quota_sweep_user') THEN
-                 CREATE ROLE quota_sweep_user NOLOGIN;
-             END IF;
-         END $$;
-         GRANT USAGE ON SCHEMA quota TO quota_sweep_user;
-         GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA quota TO quota_sweep_user;",
-    )
-    .unwrap();
+    c.batch_execute(&untrusted_role_sql("quota_sweep_user")).unwrap();
     for claims in [
         "{not json",
         "[1,2]",
@@ -222,16 +213,8 @@ fn every_function_against_hostile_input() {
         "{\"sub\": {\"nested\": true}}",
         "{\"sub\": null}",
     ] {
-        c.batch_execute(&format!(
-            "RESET ROLE; SELECT set_config('request.jwt.claims', '{claims}', false); SET ROLE quota_sweep_user"
-        ))
-        .unwrap();
-        let before = {
-            c.batch_execute("RESET ROLE").unwrap();
-            let s = state(&mut c);
-            c.batch_execute("SET ROLE quota_sweep_user").unwrap();
-            s
-        };
+        as_role_with_claims(&mut c, "quota_sweep_user", claims);
+        let before = as_session_user(&mut c, "quota_sweep_user", state);
         for sql in [
             "SELECT quota.consume(NULL, 'api')",
             "SELECT quota.refund(NULL, 'api')",
