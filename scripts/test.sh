@@ -6,6 +6,7 @@
 #
 # For development: QUOTA_EXT_PG_VERSIONS="17" runs one version alone (CI sets nothing).
 . "$(dirname "$0")/lib.sh"
+. "$(dirname "$0")/http.sh"
 
 # The test servers, one a line: NAME|PORT|what it is for|settings (;-separated). Each gets
 # /tmp/quota_ext-itest-<name>, and the suites find it by QUOTA_EXT_<NAME>_PORT (which also
@@ -24,6 +25,12 @@ STANDBY_DATA=/tmp/quota_ext-itest-standby
 export QUOTA_EXT_STANDBY_PORT=${QUOTA_EXT_STANDBY_PORT:-25322}
 BOUNCER_DIR=/tmp/quota_ext-pgbouncer
 export QUOTA_EXT_PGBOUNCER_PORT=${QUOTA_EXT_PGBOUNCER_PORT:-25319}
+# The HTTP stack (scripts/http.sh): PostgREST on the test server and PostgREST through
+# pgbouncer, both behind nginx, which also serves the browser test's page.
+POSTGREST_PORT=${QUOTA_EXT_POSTGREST_PORT:-25330}
+POSTGREST_BOUNCER_PORT=${QUOTA_EXT_POSTGREST_BOUNCER_PORT:-25331}
+GATEWAY_PORT=${QUOTA_EXT_GATEWAY_PORT:-25332}
+PAGE_PORT=${QUOTA_EXT_PAGE_PORT:-25333}
 
 data_of() { echo "/tmp/quota_ext-itest-$(echo "$1" | tr '[:upper:]' '[:lower:]')"; }
 port_of() { local v="QUOTA_EXT_${1}_PORT"; echo "${!v}"; }
@@ -36,6 +43,9 @@ stop_pgbouncer() {
     [ -f "$BOUNCER_DIR/pgbouncer.pid" ] && kill "$(cat "$BOUNCER_DIR/pgbouncer.pid")" 2>/dev/null || true
 }
 stop_all() {
+    stop_nginx
+    stop_postgrest postgrest
+    stop_postgrest postgrest-bouncer
     stop_pgbouncer
     stop_server "$STANDBY_DATA" 2>/dev/null || true
     for s in "${SERVERS[@]}"; do stop_server "$(data_of "${s%%|*}")" 2>/dev/null || true; done
@@ -49,9 +59,11 @@ FULL_VERSIONS=" 15 17 "
 QUICK_SUITES="--test quota_concurrency --test upgrade"
 
 ensure_all
+ensure_http_stack
 
 # While working on the external suites: QUOTA_EXT_SKIP_UNIT=1 skips `cargo pgrx test`, and
-# QUOTA_EXT_SUITES="--test security --test rate" runs only those suites (CI sets neither).
+# QUOTA_EXT_SUITES="--test security --test rate" runs only those suites, QUOTA_EXT_SKIP_HTTP=1
+# skips the HTTP suite (CI sets none of them).
 run_unit() {
     if [ -n "${QUOTA_EXT_SKIP_UNIT:-}" ]; then
         log "skipping cargo pgrx test (QUOTA_EXT_SKIP_UNIT)"
@@ -149,6 +161,26 @@ run_suites() {
     rm -rf "$ISO_OUT"
 }
 
+# The HTTP suite (http/test, node --test): a database of its own on the test server, PostgREST
+# on it directly and through pgbouncer, nginx in front as Supabase's gateway.
+run_http() {
+    log "HTTP: PostgREST $("$POSTGREST" --version 2>/dev/null | head -1 | awk '{print $2}') behind nginx, supabase-js, Chromium"
+    export QUOTA_EXT_HTTP_DB=http_e2e QUOTA_EXT_TEST_PORT=$TEST_PORT
+    pg_psql "$TEST_PORT" -d postgres -c "DROP DATABASE IF EXISTS http_e2e WITH (FORCE)" -c "CREATE DATABASE http_e2e"
+    pg_psql "$TEST_PORT" -d http_e2e -c "CREATE EXTENSION quota_ext" -f "$REPO/http/setup.sql" >/dev/null
+    start_postgrest postgrest "$TEST_PORT" http_e2e "$POSTGREST_PORT"
+    start_postgrest postgrest-bouncer "$QUOTA_EXT_PGBOUNCER_PORT" http_e2e "$POSTGREST_BOUNCER_PORT" \
+        'db-prepared-statements = false'
+    start_nginx "$GATEWAY_PORT" "$POSTGREST_PORT" "$PAGE_PORT" "$POSTGREST_BOUNCER_PORT"
+    export QUOTA_EXT_HTTP_URL="http://127.0.0.1:$GATEWAY_PORT"
+    export QUOTA_EXT_HTTP_BOUNCER_URL="http://127.0.0.1:$GATEWAY_PORT/bouncer"
+    export QUOTA_EXT_HTTP_PAGE_URL="http://127.0.0.1:$PAGE_PORT"
+    (cd "$REPO/http" && node --test --test-concurrency=1 test/)
+    stop_nginx
+    stop_postgrest postgrest
+    stop_postgrest postgrest-bouncer
+}
+
 declare -A TOOK=()
 PARTS=()
 for major in "${VERSIONS[@]}"; do
@@ -160,6 +192,7 @@ for major in "${VERSIONS[@]}"; do
     if [[ "$FULL_VERSIONS" == *" $major "* ]]; then
         start_companions
         run_suites ""
+        [ -n "${QUOTA_EXT_SKIP_HTTP:-}" ] || run_http
     else
         run_suites "$QUICK_SUITES"
     fi

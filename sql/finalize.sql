@@ -41,48 +41,61 @@ CREATE TRIGGER limits_cache_invalidation AFTER INSERT OR UPDATE OR DELETE OR TRU
     FOR EACH STATEMENT EXECUTE FUNCTION quota.invalidate_limits_cache();
 
 -- PostgREST's db-pre-request: rate-limit every request by policy 'read' (GET, HEAD) or
--- 'write', falling back to 'default'. Sets the RateLimit-* headers; a denial raises PostgREST's
--- custom status error, answered as HTTP 429 with Retry-After. Trusted roles pass unlimited.
+-- 'write', falling back to 'default'. Sets the rate-limit headers (quota_ext.rate_limit_headers)
+-- and exposes them to browsers; a denial raises PostgREST's custom status error, answered as
+-- HTTP 429 with Retry-After and the same headers. Trusted roles pass unlimited.
 CREATE FUNCTION quota.pre_request()
 RETURNS void
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    d       quota.rate_decision;
-    reset_s bigint;
-    headers json;
+    a json;
 BEGIN
-    d := quota.request_rate_decision(current_setting('request.method', true));
-    IF d IS NULL THEN
+    a := quota.request_rate_headers(current_setting('request.method', true));
+    IF a IS NULL THEN
         RETURN;
     END IF;
-    reset_s := ceil(d.reset_after_seconds)::bigint;
-    headers := json_build_array(
-        json_build_object('RateLimit-Limit', d.rate_limit::text),
-        json_build_object('RateLimit-Remaining', d.remaining::text),
-        json_build_object('RateLimit-Reset', reset_s::text),
-        json_build_object('X-RateLimit-Limit', d.rate_limit::text),
-        json_build_object('X-RateLimit-Remaining', d.remaining::text),
-        json_build_object('X-RateLimit-Reset', (extract(epoch FROM now())::bigint + reset_s)::text));
-    PERFORM set_config('response.headers', headers::text, true);
-    IF NOT d.allowed THEN
-        RAISE SQLSTATE 'PGRST' USING
-            MESSAGE = json_build_object(
-                'code', 'PT429',
-                'message', 'Too Many Requests',
-                'details', format('rate limit of %s reached for %s', d.rate_limit, d.key),
-                'hint', CASE WHEN d.retry_after_seconds IS NULL THEN 'The request costs more than the limit allows.'
-                             ELSE format('Retry after %s seconds.', ceil(d.retry_after_seconds)) END)::text,
-            DETAIL = json_build_object(
-                'status', 429,
-                'status_text', 'Too Many Requests',
-                'headers', json_build_object(
-                    'Retry-After', coalesce(ceil(d.retry_after_seconds)::bigint, 3600)::text,
-                    'RateLimit-Limit', d.rate_limit::text,
-                    'RateLimit-Remaining', d.remaining::text,
-                    'RateLimit-Reset', reset_s::text))::text;
+    PERFORM set_config('response.headers', (a -> 'headers')::text, true);
+    IF NOT (a ->> 'allowed')::boolean THEN
+        RAISE SQLSTATE 'PGRST' USING MESSAGE = a ->> 'message', DETAIL = a ->> 'detail';
     END IF;
+END
+$$;
+
+-- Take from one batch (quota.take_batch_quantity). Called through PostgREST, the refusals
+-- that PostgREST would misreport get an HTTP status of their own: a version conflict (40001)
+-- is 409 Conflict (PostgREST retries a 40001 as a serialization failure, and the version never
+-- matches again: the request would hang), an unknown batch (P0002) 404; their SQLSTATE, message
+-- and hint stay in the JSON body. SQL callers get the SQLSTATEs themselves, without the
+-- subtransaction the translation takes.
+CREATE FUNCTION quota.consume_batch_quantity(p_batch_id uuid, p_quantity_to_consume bigint,
+                                             p_expected_version bigint DEFAULT NULL)
+RETURNS TABLE (batch_id uuid, consumed bigint, remaining bigint, version bigint)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    state   text;
+    message text;
+    detail  text;
+    hint    text;
+BEGIN
+    IF coalesce(current_setting('request.method', true), '') = '' THEN
+        RETURN QUERY SELECT * FROM quota.take_batch_quantity(p_batch_id, p_quantity_to_consume, p_expected_version);
+        RETURN;
+    END IF;
+    BEGIN
+        RETURN QUERY SELECT * FROM quota.take_batch_quantity(p_batch_id, p_quantity_to_consume, p_expected_version);
+    EXCEPTION WHEN serialization_failure OR no_data_found THEN
+        GET STACKED DIAGNOSTICS state = RETURNED_SQLSTATE, message = MESSAGE_TEXT,
+                                detail = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT;
+        RAISE SQLSTATE 'PGRST' USING
+            MESSAGE = json_build_object('code', state, 'message', message,
+                                        'details', nullif(detail, ''), 'hint', nullif(hint, ''))::text,
+            DETAIL  = json_build_object('status', CASE state WHEN '40001' THEN 409 ELSE 404 END,
+                                        'headers', json_build_object())::text;
+    END;
 END
 $$;
 
@@ -202,10 +215,12 @@ BEGIN
             quota.status(text),
             quota.audit_page(text, bigint, integer),
             quota.consume_batch_quantity(uuid, bigint, bigint),
+            quota.take_batch_quantity(uuid, bigint, bigint),
             quota.consume_item(text, text, bigint, text),
             quota.rate_limit(text, text, bigint),
             quota.pre_request(),
-            quota.request_rate_decision(text)
+            quota.request_rate_decision(text),
+            quota.request_rate_headers(text)
         TO authenticated;
         GRANT SELECT ON quota.usage, quota.audit_log, quota.batches, quota.plans, quota.limits TO authenticated;
     END IF;
@@ -214,7 +229,8 @@ BEGIN
         GRANT EXECUTE ON FUNCTION
             quota.rate_limit(text, text, bigint),
             quota.pre_request(),
-            quota.request_rate_decision(text)
+            quota.request_rate_decision(text),
+            quota.request_rate_headers(text)
         TO anon;
     END IF;
 END

@@ -357,8 +357,9 @@ fn functions_pin_search_path_and_the_script_replaces_nothing() {
     // Every function that reads or writes tables runs with a pinned search_path. The exceptions
     // run no SQL that could resolve a name through the caller's path: an inlinable SQL helper, a
     // trigger that queues an invalidation, rate_check (shared memory only); and the functions on
-    // the request path (consume, require_decision, refund, status, consume_batch_quantity,
-    // consume_item, rate_limit, request_rate_decision), whose every statement runs inside the
+    // the request path (consume, require_decision, refund, status, take_batch_quantity,
+    // consume_item, rate_limit, request_rate_decision, request_rate_headers), whose every
+    // statement runs inside the
     // switch to the extension owner, which pins the search path for exactly those statements, so
     // a call does not pay for a function-level setting (hostile_objects_in_public_change_nothing
     // calls each of them). None is SECURITY DEFINER without one.
@@ -378,15 +379,16 @@ fn functions_pin_search_path_and_the_script_replaces_nothing() {
         unpinned,
         [
             "consume",
-            "consume_batch_quantity",
             "consume_item",
             "invalidate_limits_cache",
             "rate_check",
             "rate_limit",
             "refund",
             "request_rate_decision",
+            "request_rate_headers",
             "require_decision",
             "status",
+            "take_batch_quantity",
             "window_bounds"
         ]
         .map(String::from)
@@ -443,10 +445,12 @@ fn hostile_objects_in_public_change_nothing() {
     c.batch_execute(
         "SELECT quota.refund('ann', 'api'); SELECT quota.status('ann'); SELECT quota.near_limit();
          SELECT quota.rate_limit('default'); SELECT quota.request_rate_decision('GET');
+         SELECT quota.request_rate_headers('GET');
          SELECT quota.require('bob', 'api');
          SELECT quota.consume_batch_quantity(
                     (quota.create_batch('shop', 'milk', 10, pg_catalog.now() + interval '1 day')).id, 2);
-         SELECT quota.consume_item('shop', 'milk', 3);",
+         SELECT quota.take_batch_quantity((SELECT id FROM quota.batches WHERE owner OPERATOR(pg_catalog.=) 'shop'), 1);
+         SELECT quota.consume_item('shop', 'milk', 2);",
     )
     .unwrap();
     c.batch_execute("RESET search_path").unwrap();
@@ -716,10 +720,11 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
         "{}",
         out.0
     );
+    let take_body = format!(r#"{{"p_batch_id":"{batch}","p_quantity_to_consume":1}}"#);
     // The admin, batch, rate and metrics functions, as service_role calls them. (A function
     // returning a scalar or void comes back as the column the call is aliased to, pgrst_call;
     // PostgREST answers such calls with the bare value.)
-    let admin_calls: [(&str, &[(&str, &str)], &str, &[&str]); 15] = [
+    let admin_calls: [(&str, &[(&str, &str)], &str, &[&str]); 17] = [
         (
             "window_bounds",
             &[
@@ -822,6 +827,18 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
             r#"{"method":"GET"}"#,
             &[r#"{"allowed":null"#],
         ),
+        (
+            "request_rate_headers",
+            &[("method", "text")],
+            r#"{"method":"GET"}"#,
+            &[r#"{"pgrst_call":null}"#],
+        ),
+        (
+            "take_batch_quantity",
+            &[("p_batch_id", "uuid"), ("p_quantity_to_consume", "bigint")],
+            &take_body,
+            &[r#""consumed":1"#, r#""remaining":5"#],
+        ),
         ("pre_request", &[], "{}", &[r#"{"pgrst_call":""}"#]),
         ("reset_metrics", &[], "{}", &[r#"{"pgrst_call":""}"#]),
     ];
@@ -854,6 +871,8 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
         "rate_reset",
         "rate_limit",
         "request_rate_decision",
+        "request_rate_headers",
+        "take_batch_quantity",
         "pre_request",
         "reset_metrics",
         "window_bounds",

@@ -34,7 +34,7 @@ fn version(c: &mut postgres::Client) -> String {
 }
 
 /// The version a fresh install gets.
-const CURRENT: &str = "0.6.0";
+const CURRENT: &str = "0.7.0";
 
 #[test]
 fn upgrade_from_0_1_0_keeps_everything_and_equals_a_fresh_install() {
@@ -59,6 +59,11 @@ fn upgrade_from_0_4_0_keeps_everything_and_equals_a_fresh_install() {
 #[test]
 fn upgrade_from_0_5_0_keeps_everything_and_equals_a_fresh_install() {
     upgrade_from("0.5.0");
+}
+
+#[test]
+fn upgrade_from_0_6_0_keeps_everything_and_equals_a_fresh_install() {
+    upgrade_from("0.6.0");
 }
 
 fn upgrade_from(from: &str) {

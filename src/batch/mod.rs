@@ -211,7 +211,10 @@ fn refuse(e: QuotaError) -> QuotaError {
 /// Take `p_quantity_to_consume` units from one batch. With `p_expected_version`, a batch that
 /// changed since the caller read it is refused (optimistic locking); without, the row lock
 /// alone serializes concurrent callers.
-#[pg_extern(volatile, parallel_unsafe)]
+///
+/// In SQL this is quota.take_batch_quantity; quota.consume_batch_quantity (finalize.sql) calls
+/// it, and gives a PostgREST request its refusals with an HTTP status of their own.
+#[pg_extern(name = "take_batch_quantity", volatile, parallel_unsafe)]
 fn consume_batch_quantity(
     p_batch_id: Option<pgrx::Uuid>,
     p_quantity_to_consume: Option<i64>,

@@ -32,6 +32,21 @@ pub enum WhenFull {
     Deny,
 }
 pub static RATE_WHEN_FULL: GucSetting<WhenFull> = GucSetting::<WhenFull>::new(WhenFull::Allow);
+
+/// Which rate-limit headers quota.pre_request sends: the IETF draft's structured `RateLimit` and
+/// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers-11), the older `RateLimit-Limit`,
+/// `-Remaining`, `-Reset` and `X-RateLimit-*`, or both.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum RateLimitHeaders {
+    #[name = c"draft"]
+    Draft,
+    #[name = c"legacy"]
+    Legacy,
+    #[name = c"both"]
+    Both,
+}
+pub static RATE_LIMIT_HEADERS: GucSetting<RateLimitHeaders> =
+    GucSetting::<RateLimitHeaders>::new(RateLimitHeaders::Both);
 // Postmaster settings, defined only while the library is being preloaded.
 static RATE_MAX_KEYS: GucSetting<i32> = GucSetting::<i32>::new(100_000);
 static AUDIT_QUEUE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024);
@@ -87,6 +102,14 @@ fn define_quota_settings() {
         c"What a rate check on a new key does when no bucket can be evicted: allow or deny.",
         c"",
         &RATE_WHEN_FULL,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"quota_ext.rate_limit_headers",
+        c"Which rate-limit headers quota.pre_request sends: draft, legacy or both.",
+        c"draft: RateLimit and RateLimit-Policy (IETF draft 11); legacy: RateLimit-Limit/-Remaining/-Reset and X-RateLimit-*.",
+        &RATE_LIMIT_HEADERS,
         GucContext::Suset,
         GucFlags::default(),
     );

@@ -23,6 +23,7 @@ use std::borrow::Cow;
 
 mod answer;
 mod gcra;
+mod headers;
 pub mod table;
 use answer::check_rate_key;
 use answer::decision_row;
@@ -95,7 +96,8 @@ fn resolve<'a>(
 /// very long JWT subject) go to the heap.
 const BUCKET_ON_STACK: usize = 640;
 
-fn limit(fcinfo: pg_sys::FunctionCallInfo, policy_name: &str, r: Resolved<'_>, cost: i64) -> RateDecision {
+/// Check and take `cost` from the caller's bucket of the policy (a shadow policy never denies).
+fn take(policy_name: &str, r: &Resolved<'_>, cost: i64) -> Gcra {
     let len = policy_name.len() + 1 + r.key.len();
     let mut stack = [0u8; BUCKET_ON_STACK];
     let mut heap = Vec::new();
@@ -109,7 +111,7 @@ fn limit(fcinfo: pg_sys::FunctionCallInfo, policy_name: &str, r: Resolved<'_>, c
     bucket[policy_name.len()] = 0x1f;
     bucket[policy_name.len() + 1..].copy_from_slice(r.key.as_bytes());
     let bucket: &[u8] = bucket;
-    let p = r.policy;
+    let p = &r.policy;
     let mut g = check(bucket, Kind::Policy, p.t_ns, p.burst, cost, now_ns());
     metrics::count(Counter::RateChecks);
     if !g.allowed {
@@ -125,7 +127,12 @@ fn limit(fcinfo: pg_sys::FunctionCallInfo, policy_name: &str, r: Resolved<'_>, c
             metrics::count(Counter::RateDenials);
         }
     }
-    decision_row(fcinfo, &r.key, p.burst, &g)
+    g
+}
+
+fn limit(fcinfo: pg_sys::FunctionCallInfo, policy_name: &str, r: Resolved<'_>, cost: i64) -> RateDecision {
+    let g = take(policy_name, &r, cost);
+    decision_row(fcinfo, &r.key, r.policy.burst, &g)
 }
 
 /// Rate-limit the caller by a policy of quota.rate_policies, per plan (see resolve()). `key`
@@ -172,6 +179,13 @@ fn rate_limit(
 /// when no such policy exists.
 #[pg_extern(volatile, parallel_restricted)]
 fn request_rate_decision(method: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) -> Option<RateDecision> {
+    let (policy, r) = request_policy(method)?;
+    Some(limit(fcinfo, policy, r, 1))
+}
+
+/// The policy and bucket of the caller's request: `read` for GET and HEAD, `write` otherwise,
+/// falling back to `default`; None for trusted callers and when no such policy exists.
+fn request_policy(method: Option<&str>) -> Option<(&'static str, Resolved<'static>)> {
     require_ready();
     if request::is_trusted() {
         return None;
@@ -180,10 +194,18 @@ fn request_rate_decision(method: Option<&str>, fcinfo: pg_sys::FunctionCallInfo)
         "GET" | "HEAD" => "read",
         _ => "write",
     };
-    for policy in [first, "default"] {
-        if let Some(r) = resolve(policy, None, false).or_raise() {
-            return Some(limit(fcinfo, policy, r, 1));
-        }
-    }
-    None
+    [first, "default"]
+        .into_iter()
+        .find_map(|policy| resolve(policy, None, false).or_raise().map(|r| (policy, r)))
+}
+
+/// What quota.pre_request answers a PostgREST request with, as JSON: `headers`, the response
+/// headers (PostgREST's `response.headers` format), and for a denial `message` and `detail`,
+/// the texts of the PGRST error that makes PostgREST answer 429. NULL for trusted callers and
+/// when no policy applies.
+#[pg_extern(volatile, parallel_restricted)]
+fn request_rate_headers(method: Option<&str>) -> Option<pgrx::Json> {
+    let (policy, r) = request_policy(method)?;
+    let g = take(policy, &r, 1);
+    Some(pgrx::Json(headers::answer(policy, &r, &g)))
 }

@@ -1,0 +1,30 @@
+-- The HTTP bench's database: quota_ext, the roles' policies, and the hand-written consume
+-- apps expose instead (one upsert with the limit in its WHERE clause, no audit), as a function.
+CREATE EXTENSION quota_ext;
+SELECT quota.set_limit('free', 'api', 'day', 1000000000000);
+UPDATE quota.rate_policies SET rate = 1000000000 WHERE policy = 'default';
+CREATE TABLE public.naive_usage (
+    subject      text        NOT NULL,
+    metric       text        NOT NULL,
+    window_start timestamptz NOT NULL,
+    used         bigint      NOT NULL,
+    lim          bigint      NOT NULL,
+    PRIMARY KEY (subject, metric, window_start)
+);
+CREATE FUNCTION public.naive_consume(metric text) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    used bigint;
+BEGIN
+    INSERT INTO public.naive_usage AS u (subject, metric, window_start, used, lim)
+    VALUES (current_setting('request.jwt.claims', true)::json ->> 'sub', naive_consume.metric,
+            date_trunc('day', now()), 1, 1000000000000)
+    ON CONFLICT (subject, metric, window_start)
+    DO UPDATE SET used = u.used + 1 WHERE u.used + 1 <= u.lim
+    RETURNING u.used INTO used;
+    RETURN used;
+END
+$$;
+-- A function that does nothing, for the cost of a PostgREST request itself.
+CREATE FUNCTION public.noop() RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT 1';
+GRANT EXECUTE ON FUNCTION public.naive_consume(text), public.noop() TO authenticated;
