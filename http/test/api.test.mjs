@@ -40,8 +40,18 @@ test('the quota functions answer each role as its grants and the trust rules say
     ['metrics', () => ({}), DENIED],
     ['metrics_prometheus', () => ({}), DENIED],
     ['consume_batch_quantity', () => ({ p_batch_id: batch.id, p_quantity_to_consume: 1 }), { service_role: 200, authenticated: 200, anon: 401 }],
-    ['consume_item', (r) => ({ owner: sub, item: 'milk', quantity: 1 }), { service_role: 200, authenticated: 200, anon: 401 }]
+    ['consume_item', (r) => ({ owner: sub, item: 'milk', quantity: 1 }), { service_role: 200, authenticated: 200, anon: 401 }],
+    ['take_batch_quantity', () => ({ p_batch_id: batch.id, p_quantity_to_consume: 1 }), { service_role: 200, authenticated: 200, anon: 401 }],
+    ['refund', (r) => ({ subject: r === 'service_role' ? sub : null, metric: 'api_calls', amount: 1 }), { service_role: 200, authenticated: 403, anon: 401 }],
+    ['window_bounds', () => ({ period: 'week', time_zone: 'UTC', at_time: '2026-11-22T12:00:00Z' }), DENIED],
+    ['request_rate_headers', () => ({ method: 'GET' }), { service_role: 200, authenticated: 200, anon: 200 }],
+    ['pre_request', () => ({}), { service_role: 204, authenticated: 204, anon: 204 }],
+    ['reset_metrics', () => ({}), DENIED]
   ]
+  // Every function of the schema is called here, but require (its own test below).
+  const all = sql(`SELECT string_agg(p.proname, ',' ORDER BY p.proname) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                    WHERE n.nspname = 'quota' AND p.prorettype <> 'trigger'::regtype`).split(',')
+  assert.deepEqual(all.filter((f) => f !== 'require' && !cases.some(([name]) => name === f)), [], 'functions not called over HTTP')
   for (const [fn, args, expected] of cases) {
     for (const [role, c] of Object.entries(callers())) {
       const { status, error, data } = await c.schema('quota').rpc(fn, args(role))
