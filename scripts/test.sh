@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on each supported PostgreSQL version: `cargo pgrx test pgNN` (behaviour
 # inside one backend), then the pgrx-tests/ suites against real servers of our own (many sessions
-# at once): all of them on 15 and 17, the concurrency, crash and upgrade suites on 16 and 18.
+# at once): all of them on 15 and 17, the concurrency, crash and upgrade suites on 16 and 18;
+# then on each version the HTTP suite (http/: PostgREST behind nginx, supabase-js, Chromium).
 # Installs whatever it needs first. Works as root and as an ordinary user.
 #
 # For development: QUOTA_EXT_PG_VERSIONS="17" runs one version alone (CI sets nothing).
@@ -189,13 +190,13 @@ for major in "${VERSIONS[@]}"; do
     log "PostgreSQL $major ($("$PG_CONFIG" --version))"
     run_unit
     start_servers
+    start_companions
     if [[ "$FULL_VERSIONS" == *" $major "* ]]; then
-        start_companions
         run_suites ""
-        [ -n "${QUOTA_EXT_SKIP_HTTP:-}" ] || run_http
     else
         run_suites "$QUICK_SUITES"
     fi
+    [ -n "${QUOTA_EXT_SKIP_HTTP:-}" ] || run_http
     stop_all
     TOOK["PostgreSQL $major"]=$((SECONDS - started))
     PARTS+=("PostgreSQL $major")

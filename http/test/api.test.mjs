@@ -18,6 +18,39 @@ before(async () => {
 const DENIED = { service_role: [200, 204], authenticated: 403, anon: 401 }
 const callers = () => ({ service_role: service, authenticated: user, anon })
 
+// What a 200 answer of each function looks like in JSON.
+const DECISION = ['allowed', 'subject', 'metric', 'period', 'used', 'quota_limit', 'remaining', 'reset_at', 'retry_after_seconds', 'replayed']
+const RATE = ['allowed', 'key', 'rate_limit', 'remaining', 'reset_after_seconds', 'retry_after_seconds']
+const has = (keys) => (o) => o !== null && typeof o === 'object' && keys.every((k) => k in o)
+const rows = (keys) => (a) => Array.isArray(a) && a.every(has(keys))
+const SHAPES = {
+  consume: has(DECISION),
+  require_decision: has(DECISION),
+  refund: has(DECISION),
+  status: rows(DECISION),
+  audit_page: rows(['id', 'subject', 'action', 'success', 'reason', 'details']),
+  rate_limit: has(RATE),
+  request_rate_decision: (d) => d === null || has(RATE)(d),
+  request_rate_headers: (d) => d === null || (Array.isArray(d.headers) && typeof d.allowed === 'boolean'),
+  rate_check: has(RATE),
+  rate_reset: (d) => typeof d === 'boolean',
+  reset_usage: (d) => typeof d === 'number',
+  near_limit: rows(['subject', 'metric', 'period', 'used', 'quota_limit', 'ratio']),
+  prune: (d) => has(['audit_deleted', 'idempotency_deleted'])(Array.isArray(d) ? d[0] : d),
+  create_batch: has(['id', 'owner', 'item', 'quantity', 'version']),
+  metrics: rows(['name', 'value', 'description']),
+  metrics_prometheus: (d) => typeof d === 'string' && d.includes('quota_ext_'),
+  consume_batch_quantity: rows(['batch_id', 'consumed', 'remaining', 'version']),
+  take_batch_quantity: rows(['batch_id', 'consumed', 'remaining', 'version']),
+  consume_item: rows(['batch_id', 'consumed', 'remaining', 'version']),
+  window_bounds: rows(['window_start', 'reset_at']),
+  set_plan: () => true,
+  set_limit: () => true,
+  set_override: () => true,
+  pre_request: () => true,
+  reset_metrics: () => true
+}
+
 test('the quota functions answer each role as its grants and the trust rules say', async () => {
   const batch = (await service.schema('quota').rpc('create_batch', { owner: sub, item: 'milk', quantity: 10 })).data
   const cases = [
@@ -57,6 +90,7 @@ test('the quota functions answer each role as its grants and the trust rules say
       const { status, error, data } = await c.schema('quota').rpc(fn, args(role))
       assert.ok([expected[role]].flat().includes(status), `${fn} as ${role}: ${status} ${JSON.stringify(error ?? data)}`)
       if (expected[role] === 403 || expected[role] === 401) assert.equal(error.code, '42501', `${fn} as ${role}`)
+      if (status === 200) assert.ok(SHAPES[fn](data), `${fn} as ${role} answered ${JSON.stringify(data)}`)
     }
   }
 })

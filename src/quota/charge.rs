@@ -316,10 +316,20 @@ fn never_fits(client: &mut SpiClient<'_>, req: &Request<'_>, ws: &mut [Window]) 
 /// still locked by this call).
 fn undo(client: &mut SpiClient<'_>, req: &Request<'_>, ws: &[Window], granted: &[String]) {
     let undo: Vec<&Window> = ws.iter().filter(|w| granted.contains(&w.period)).collect();
-    let (periods, starts) = window_args(&undo);
+    on_windows(client, &UNDO, req, &undo);
+}
+
+/// Run a statement of parameters (subject, metric, amount, periods, window starts) on windows.
+pub(super) fn on_windows<'conn>(
+    client: &mut SpiClient<'conn>,
+    stmt: &'static Stmt,
+    req: &Request<'_>,
+    ws: &[&Window],
+) -> pgrx::spi::SpiTupleTable<'conn> {
+    let (periods, starts) = window_args(ws);
     spi::run(
         client,
-        &UNDO,
+        stmt,
         &[
             req.subject.into(),
             req.metric.into(),
@@ -327,7 +337,7 @@ fn undo(client: &mut SpiClient<'_>, req: &Request<'_>, ws: &[Window], granted: &
             periods.into(),
             starts.into(),
         ],
-    );
+    )
 }
 
 /// The increment itself: the windows it granted, and whether the statement also wrote the grant's

@@ -3,6 +3,7 @@
 
 use super::charge::apply_returned;
 use super::charge::details_json;
+use super::charge::on_windows;
 use super::charge::window_args;
 use super::charge::Outcome;
 use super::decision::{least_remaining, Decision, Window};
@@ -201,18 +202,7 @@ fn give_back(
 pub(super) fn refund_current(client: &mut SpiClient<'_>, req: &Request<'_>, ws: &mut [Window]) -> Outcome {
     if req.amount > 0 {
         let refs: Vec<&Window> = ws.iter().collect();
-        let (periods, starts) = window_args(&refs);
-        let rows = spi::run(
-            client,
-            &REFUND,
-            &[
-                req.subject.into(),
-                req.metric.into(),
-                req.amount.into(),
-                periods.into(),
-                starts.into(),
-            ],
-        );
+        let rows = on_windows(client, &REFUND, req, &refs);
         apply_returned(rows, ws);
     }
     Outcome {

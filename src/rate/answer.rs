@@ -66,6 +66,17 @@ pub fn decision_row(fcinfo: pg_sys::FunctionCallInfo, key: &str, burst: i64, g: 
     }
 }
 
+/// A call's cost: 1 when NULL, never negative (0 peeks).
+pub fn check_cost(cost: Option<i64>) -> Result<i64, QuotaError> {
+    match cost.unwrap_or(1) {
+        c if c < 0 => Err(QuotaError::Negative {
+            what: "cost",
+            value: c,
+        }),
+        c => Ok(c),
+    }
+}
+
 pub fn check_rate_key(key: Option<&str>) -> Result<&str, QuotaError> {
     let key = key.ok_or(QuotaError::NullArgument {
         what: "key",
@@ -98,14 +109,7 @@ fn rate_check(
     require_ready();
     let key = check_rate_key(key).or_raise();
     let (t, burst) = crate::rate::policy::rate_params(rate, per, burst).or_raise();
-    let cost = cost.unwrap_or(1);
-    if cost < 0 {
-        QuotaError::Negative {
-            what: "cost",
-            value: cost,
-        }
-        .raise();
-    }
+    let cost = check_cost(cost).or_raise();
     let g = check(key.as_bytes(), Kind::Check, t, burst, cost, now_ns());
     metrics::count(Counter::RateChecks);
     if !g.allowed {

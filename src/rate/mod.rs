@@ -155,14 +155,7 @@ fn rate_limit(
         "Pass a policy of quota.rate_policies, e.g. 'default'.",
     )
     .or_raise();
-    let cost = cost.unwrap_or(1);
-    if cost < 0 {
-        QuotaError::Negative {
-            what: "cost",
-            value: cost,
-        }
-        .raise();
-    }
+    let cost = answer::check_cost(cost).or_raise();
     let r = resolve(policy, key, request::is_trusted())
         .and_then(|r| {
             r.ok_or(QuotaError::NoPolicy {
