@@ -41,24 +41,21 @@ CREATE TRIGGER limits_cache_invalidation AFTER INSERT OR UPDATE OR DELETE OR TRU
     FOR EACH STATEMENT EXECUTE FUNCTION quota.invalidate_limits_cache();
 
 -- PostgREST's db-pre-request: rate-limit every request by policy 'read' (GET, HEAD) or
--- 'write', falling back to 'default'. Sets the rate-limit headers (quota_ext.rate_limit_headers)
--- and exposes them to browsers; a denial raises PostgREST's custom status error, answered as
--- HTTP 429 with Retry-After and the same headers. Trusted roles pass unlimited.
+-- 'write', falling back to 'default'. quota.request_rate_limit sets the rate-limit headers
+-- (quota_ext.rate_limit_headers) and exposes them to browsers; a denial raises PostgREST's custom
+-- status error, answered as HTTP 429 with Retry-After and the same headers. Trusted roles pass
+-- unlimited.
 CREATE FUNCTION quota.pre_request()
 RETURNS void
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    a json;
+    denial text[];
 BEGIN
-    a := quota.request_rate_headers(current_setting('request.method', true));
-    IF a IS NULL THEN
-        RETURN;
-    END IF;
-    PERFORM set_config('response.headers', (a -> 'headers')::text, true);
-    IF NOT (a ->> 'allowed')::boolean THEN
-        RAISE SQLSTATE 'PGRST' USING MESSAGE = a ->> 'message', DETAIL = a ->> 'detail';
+    denial := quota.request_rate_limit(current_setting('request.method', true));
+    IF denial IS NOT NULL THEN
+        RAISE SQLSTATE 'PGRST' USING MESSAGE = denial[1], DETAIL = denial[2];
     END IF;
 END
 $$;
@@ -220,7 +217,7 @@ BEGIN
             quota.rate_limit(text, text, bigint),
             quota.pre_request(),
             quota.request_rate_decision(text),
-            quota.request_rate_headers(text)
+            quota.request_rate_limit(text)
         TO authenticated;
         GRANT SELECT ON quota.usage, quota.audit_log, quota.batches, quota.plans, quota.limits TO authenticated;
     END IF;
@@ -230,7 +227,7 @@ BEGIN
             quota.rate_limit(text, text, bigint),
             quota.pre_request(),
             quota.request_rate_decision(text),
-            quota.request_rate_headers(text)
+            quota.request_rate_limit(text)
         TO anon;
     END IF;
 END

@@ -2,34 +2,31 @@
 
 -- 0.6.0 -> 0.7.0: the answers PostgREST gives (tested through a real PostgREST).
 
--- The headers of the pre-request hook are built by quota.request_rate_headers (new, in the
+-- The headers of the pre-request hook are built by quota.request_rate_limit (new, in the
 -- library). consume_batch_quantity becomes the SQL function below; the library's function is
 -- quota.take_batch_quantity, with the grants it had.
-CREATE FUNCTION quota.request_rate_headers(method text) RETURNS json
+CREATE FUNCTION quota.request_rate_limit(method text) RETURNS text[]
 VOLATILE PARALLEL RESTRICTED
 LANGUAGE c
-AS 'MODULE_PATHNAME', 'request_rate_headers_wrapper';
+AS 'MODULE_PATHNAME', 'request_rate_limit_wrapper';
 ALTER FUNCTION quota.consume_batch_quantity(uuid, bigint, bigint) RENAME TO take_batch_quantity;
 
 -- PostgREST's db-pre-request: rate-limit every request by policy 'read' (GET, HEAD) or
--- 'write', falling back to 'default'. Sets the rate-limit headers (quota_ext.rate_limit_headers)
--- and exposes them to browsers; a denial raises PostgREST's custom status error, answered as
--- HTTP 429 with Retry-After and the same headers. Trusted roles pass unlimited.
+-- 'write', falling back to 'default'. quota.request_rate_limit sets the rate-limit headers
+-- (quota_ext.rate_limit_headers) and exposes them to browsers; a denial raises PostgREST's custom
+-- status error, answered as HTTP 429 with Retry-After and the same headers. Trusted roles pass
+-- unlimited.
 CREATE OR REPLACE FUNCTION quota.pre_request()
 RETURNS void
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    a json;
+    denial text[];
 BEGIN
-    a := quota.request_rate_headers(current_setting('request.method', true));
-    IF a IS NULL THEN
-        RETURN;
-    END IF;
-    PERFORM set_config('response.headers', (a -> 'headers')::text, true);
-    IF NOT (a ->> 'allowed')::boolean THEN
-        RAISE SQLSTATE 'PGRST' USING MESSAGE = a ->> 'message', DETAIL = a ->> 'detail';
+    denial := quota.request_rate_limit(current_setting('request.method', true));
+    IF denial IS NOT NULL THEN
+        RAISE SQLSTATE 'PGRST' USING MESSAGE = denial[1], DETAIL = denial[2];
     END IF;
 END
 $$;
@@ -70,19 +67,19 @@ BEGIN
 END
 $$;
 
-REVOKE ALL ON FUNCTION quota.request_rate_headers(text), quota.consume_batch_quantity(uuid, bigint, bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION quota.request_rate_limit(text), quota.consume_batch_quantity(uuid, bigint, bigint) FROM PUBLIC;
 DO $grants$
 BEGIN
     IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'service_role') THEN
-        GRANT EXECUTE ON FUNCTION quota.request_rate_headers(text), quota.consume_batch_quantity(uuid, bigint, bigint)
+        GRANT EXECUTE ON FUNCTION quota.request_rate_limit(text), quota.consume_batch_quantity(uuid, bigint, bigint)
             TO service_role;
     END IF;
     IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'authenticated') THEN
-        GRANT EXECUTE ON FUNCTION quota.request_rate_headers(text), quota.consume_batch_quantity(uuid, bigint, bigint)
+        GRANT EXECUTE ON FUNCTION quota.request_rate_limit(text), quota.consume_batch_quantity(uuid, bigint, bigint)
             TO authenticated;
     END IF;
     IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'anon') THEN
-        GRANT EXECUTE ON FUNCTION quota.request_rate_headers(text) TO anon;
+        GRANT EXECUTE ON FUNCTION quota.request_rate_limit(text) TO anon;
     END IF;
 END
 $grants$;

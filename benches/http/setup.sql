@@ -13,6 +13,7 @@ CREATE TABLE public.naive_usage (
 );
 CREATE FUNCTION public.naive_consume(metric text) RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
 DECLARE
     used bigint;
 BEGIN

@@ -31,7 +31,7 @@ const SHAPES = {
   audit_page: rows(['id', 'subject', 'action', 'success', 'reason', 'details']),
   rate_limit: has(RATE),
   request_rate_decision: (d) => d === null || has(RATE)(d),
-  request_rate_headers: (d) => d === null || (Array.isArray(d.headers) && typeof d.allowed === 'boolean'),
+  request_rate_limit: (d) => d === null || (Array.isArray(d) && d.length === 2),
   rate_check: has(RATE),
   rate_reset: (d) => typeof d === 'boolean',
   reset_usage: (d) => typeof d === 'number',
@@ -77,7 +77,7 @@ test('the quota functions answer each role as its grants and the trust rules say
     ['take_batch_quantity', () => ({ p_batch_id: batch.id, p_quantity_to_consume: 1 }), { service_role: 200, authenticated: 200, anon: 401 }],
     ['refund', (r) => ({ subject: r === 'service_role' ? sub : null, metric: 'api_calls', amount: 1 }), { service_role: 200, authenticated: 403, anon: 401 }],
     ['window_bounds', () => ({ period: 'week', time_zone: 'UTC', at_time: '2026-11-22T12:00:00Z' }), DENIED],
-    ['request_rate_headers', () => ({ method: 'GET' }), { service_role: 200, authenticated: 200, anon: 200 }],
+    ['request_rate_limit', () => ({ method: 'GET' }), { service_role: 200, authenticated: 200, anon: 200 }],
     ['pre_request', () => ({}), { service_role: 204, authenticated: 204, anon: 204 }],
     ['reset_metrics', () => ({}), DENIED]
   ]

@@ -358,7 +358,7 @@ fn functions_pin_search_path_and_the_script_replaces_nothing() {
     // run no SQL that could resolve a name through the caller's path: an inlinable SQL helper, a
     // trigger that queues an invalidation, rate_check (shared memory only); and the functions on
     // the request path (consume, require_decision, refund, status, take_batch_quantity,
-    // consume_item, rate_limit, request_rate_decision, request_rate_headers), whose every
+    // consume_item, rate_limit, request_rate_decision, request_rate_limit), whose every
     // statement runs inside the
     // switch to the extension owner, which pins the search path for exactly those statements, so
     // a call does not pay for a function-level setting (hostile_objects_in_public_change_nothing
@@ -385,7 +385,7 @@ fn functions_pin_search_path_and_the_script_replaces_nothing() {
             "rate_limit",
             "refund",
             "request_rate_decision",
-            "request_rate_headers",
+            "request_rate_limit",
             "require_decision",
             "status",
             "take_batch_quantity",
@@ -445,7 +445,7 @@ fn hostile_objects_in_public_change_nothing() {
     c.batch_execute(
         "SELECT quota.refund('ann', 'api'); SELECT quota.status('ann'); SELECT quota.near_limit();
          SELECT quota.rate_limit('default'); SELECT quota.request_rate_decision('GET');
-         SELECT quota.request_rate_headers('GET');
+         SELECT quota.request_rate_limit('GET');
          SELECT quota.require('bob', 'api');
          SELECT quota.consume_batch_quantity(
                     (quota.create_batch('shop', 'milk', 10, pg_catalog.now() + interval '1 day')).id, 2);
@@ -828,7 +828,7 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
             &[r#"{"allowed":null"#],
         ),
         (
-            "request_rate_headers",
+            "request_rate_limit",
             &[("method", "text")],
             r#"{"method":"GET"}"#,
             &[r#"{"pgrst_call":null}"#],
@@ -871,7 +871,7 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
         "rate_reset",
         "rate_limit",
         "request_rate_decision",
-        "request_rate_headers",
+        "request_rate_limit",
         "take_batch_quantity",
         "pre_request",
         "reset_metrics",

@@ -192,13 +192,15 @@ fn request_policy(method: Option<&str>) -> Option<(&'static str, Resolved<'stati
         .find_map(|policy| resolve(policy, None, false).or_raise().map(|r| (policy, r)))
 }
 
-/// What quota.pre_request answers a PostgREST request with, as JSON: `headers`, the response
-/// headers (PostgREST's `response.headers` format), and for a denial `message` and `detail`,
-/// the texts of the PGRST error that makes PostgREST answer 429. NULL for trusted callers and
-/// when no policy applies.
+/// Rate-limit the caller's PostgREST request, for quota.pre_request: sets `response.headers`
+/// for this transaction (the rate-limit headers, see headers.rs) and returns NULL, or for a
+/// denial the PGRST error's message and detail, which make PostgREST answer 429. NULL and no
+/// headers for trusted callers and when no policy applies.
 #[pg_extern(volatile, parallel_restricted)]
-fn request_rate_headers(method: Option<&str>) -> Option<pgrx::Json> {
+fn request_rate_limit(method: Option<&str>) -> Option<Vec<String>> {
     let (policy, r) = request_policy(method)?;
     let g = take(policy, &r, 1);
-    Some(pgrx::Json(headers::answer(policy, &r, &g)))
+    let answer = headers::answer(policy, &r, &g);
+    headers::set_response_headers(&answer.headers);
+    answer.denial.map(|(message, detail)| vec![message, detail])
 }
