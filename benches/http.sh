@@ -5,6 +5,7 @@
 #     audit, one period) exposed the same way.
 # Two PostgREST processes on one server (one with the hook), cases alternating round by round;
 # per case the median requests/s, and per pair the median over rounds of the ratio.
+# Beside them, /rpc/noop with a pre-request hook that does nothing: the floor of any hook.
 # Usage: benches/http.sh [seconds, default 5] [rounds, default 5]. Writes benches/results/http.md.
 . "$(dirname "$0")/../scripts/lib.sh"
 . "$(dirname "$0")/../scripts/http.sh"
@@ -14,24 +15,20 @@ DATA=/tmp/quota_ext-bench-http
 PORT=${QUOTA_EXT_BENCH_PORT:-25317}
 PLAIN=25340
 HOOKED=25341
+EMPTY=25342
 OUT="$REPO/benches/results/http.md"
 
 ensure_all
 ensure_http_stack
 install_extension --release
 start_server "$DATA" "$PORT" "max_wal_size = 8GB" "checkpoint_timeout = 30min"
-trap 'stop_postgrest bench-plain; stop_postgrest bench-hooked; stop_server "$DATA"' EXIT
-pg_psql "$PORT" -d postgres <<'SQL'
-CREATE ROLE anon NOLOGIN;
-CREATE ROLE authenticated NOLOGIN;
-CREATE ROLE service_role NOLOGIN BYPASSRLS;
-CREATE ROLE authenticator LOGIN NOINHERIT;
-GRANT anon, authenticated, service_role TO authenticator;
-CREATE DATABASE bench_http;
-SQL
+trap 'stop_postgrest bench-plain; stop_postgrest bench-hooked; stop_postgrest bench-empty; stop_server "$DATA"' EXIT
+create_supabase_roles "$PORT"
+pg_psql "$PORT" -d postgres -c "CREATE DATABASE bench_http"
 pg_psql "$PORT" -d bench_http -f "$REPO/benches/http/setup.sql" >/dev/null
 start_postgrest bench-plain "$PORT" bench_http "$PLAIN" 'db-pre-request = ""'   # no hook
 start_postgrest bench-hooked "$PORT" bench_http "$HOOKED"
+start_postgrest bench-empty "$PORT" bench_http "$EMPTY" 'db-pre-request = "public.empty_hook"'
 TOKEN=$(cd "$HTTP_DIR" && node -e "
 const { SignJWT } = require('jose');
 new SignJWT({ role: 'authenticated', sub: 'bench-user' }).setProtectedHeader({ alg: 'HS256' })
@@ -46,10 +43,11 @@ rps() { # rps PORT FUNCTION BODY -> requests per second
 declare -A CASE=(
     [noop]="$PLAIN noop {} public"
     [noop_hooked]="$HOOKED noop {} public"
+    [noop_empty_hook]="$EMPTY noop {} public"
     [consume]="$PLAIN consume {\"metric\":\"api\"} quota"
     [naive_consume]="$PLAIN naive_consume {\"metric\":\"api\"} public"
 )
-ORDER=(noop noop_hooked consume naive_consume)
+ORDER=(noop noop_empty_hook noop_hooked consume naive_consume)
 for c in "${ORDER[@]}"; do read -r p f b s <<<"${CASE[$c]}"; rps "$p" "$f" "$b" "$s" >/dev/null; done   # warm up
 declare -A RUNS
 for round in $(seq "$ROUNDS"); do
@@ -70,7 +68,8 @@ ratio() { paste <(echo "${RUNS[$1]}" | tr ' ' '\n' | grep .) <(echo "${RUNS[$2]}
     echo "| case | requests/s | ratio (median over rounds) |"
     echo "|---|---:|---:|"
     echo "| \`/rpc/noop\`, no pre-request | $(echo "${RUNS[noop]}" | median) | 1.00 |"
-    echo "| \`/rpc/noop\` with \`db-pre-request = quota.pre_request\` | $(echo "${RUNS[noop_hooked]}" | median) | $(ratio noop_hooked noop) of the line above |"
+    echo "| \`/rpc/noop\` with a pre-request hook that does nothing (the floor of any hook) | $(echo "${RUNS[noop_empty_hook]}" | median) | $(ratio noop_empty_hook noop) |"
+    echo "| \`/rpc/noop\` with \`db-pre-request = quota.pre_request\` | $(echo "${RUNS[noop_hooked]}" | median) | $(ratio noop_hooked noop); $(ratio noop_hooked noop_empty_hook) of the empty hook's |"
     echo "| \`/rpc/consume\` (quota, audited, no pre-request) | $(echo "${RUNS[consume]}" | median) | $(ratio consume naive_consume) of the line below |"
     echo "| \`/rpc/naive_consume\` (hand-written plpgsql upsert, no audit) | $(echo "${RUNS[naive_consume]}" | median) | 1.00 |"
 } | tee "$OUT"

@@ -16,14 +16,8 @@ ensure_http_stack
 install_extension --release
 log "starting PostgreSQL $PG_MAJOR on 127.0.0.1:$DEMO_PORT (data in $DEMO_DATA)"
 start_server "$DEMO_DATA" "$DEMO_PORT"
-pg_psql "$DEMO_PORT" -d postgres <<'SQL'
-CREATE ROLE anon NOLOGIN;
-CREATE ROLE authenticated NOLOGIN;
-CREATE ROLE service_role NOLOGIN BYPASSRLS;
-CREATE ROLE authenticator LOGIN NOINHERIT;
-GRANT anon, authenticated, service_role TO authenticator;
-CREATE DATABASE quota_demo;
-SQL
+create_supabase_roles "$DEMO_PORT"
+pg_psql "$DEMO_PORT" -d postgres -c "CREATE DATABASE quota_demo"
 pg_psql "$DEMO_PORT" -d quota_demo -c "CREATE EXTENSION quota_ext"
 
 log "demo"

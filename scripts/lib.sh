@@ -190,6 +190,18 @@ stop_server() {
     pg_ctl_as_pg -D "$data" -m fast -w stop >/dev/null
 }
 
+# The roles of a Supabase project (anon, authenticated, service_role, and the login role
+# PostgREST connects as), so that CREATE EXTENSION grants to them as it would there.
+create_supabase_roles() {
+    pg_psql "$1" -d postgres <<'SQL'
+CREATE ROLE anon NOLOGIN;
+CREATE ROLE authenticated NOLOGIN;
+CREATE ROLE service_role NOLOGIN BYPASSRLS;
+CREATE ROLE authenticator LOGIN NOINHERIT;
+GRANT anon, authenticated, service_role TO authenticator;
+SQL
+}
+
 # psql against our server as postgres. Usage: pg_psql PORT [psql args...]
 pg_psql() {
     local port="$1"

@@ -95,13 +95,7 @@ start_servers() {
 
     # The roles a Supabase project has, so CREATE EXTENSION grants to them as it would there. The
     # server without the preload has none: there nothing is granted.
-    pg_psql "$TEST_PORT" -d postgres <<'SQL'
-CREATE ROLE anon NOLOGIN;
-CREATE ROLE authenticated NOLOGIN;
-CREATE ROLE service_role NOLOGIN BYPASSRLS;
-CREATE ROLE authenticator LOGIN NOINHERIT;
-GRANT anon, authenticated, service_role TO authenticator;
-SQL
+    create_supabase_roles "$TEST_PORT"
 }
 
 # A hot standby of the test server and pgbouncer in front of it (the full suites use them).

@@ -36,12 +36,12 @@ $$;
 -- is 409 Conflict (PostgREST retries a 40001 as a serialization failure, and the version never
 -- matches again: the request would hang), an unknown batch (P0002) 404; their SQLSTATE, message
 -- and hint stay in the JSON body. SQL callers get the SQLSTATEs themselves, without the
--- subtransaction the translation takes.
+-- subtransaction the translation takes. No function-level search_path, which would cost every
+-- call a settings save and restore: every name and operator here is schema-qualified.
 CREATE FUNCTION quota.consume_batch_quantity(p_batch_id uuid, p_quantity_to_consume bigint,
                                              p_expected_version bigint DEFAULT NULL)
 RETURNS TABLE (batch_id uuid, consumed bigint, remaining bigint, version bigint)
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     state   text;
@@ -49,7 +49,8 @@ DECLARE
     detail  text;
     hint    text;
 BEGIN
-    IF coalesce(current_setting('request.method', true), '') = '' THEN
+    IF pg_catalog.current_setting('request.method', true) IS NULL
+       OR pg_catalog.current_setting('request.method', true) OPERATOR(pg_catalog.=) '' THEN
         RETURN QUERY SELECT * FROM quota.take_batch_quantity(p_batch_id, p_quantity_to_consume, p_expected_version);
         RETURN;
     END IF;
@@ -59,10 +60,13 @@ BEGIN
         GET STACKED DIAGNOSTICS state = RETURNED_SQLSTATE, message = MESSAGE_TEXT,
                                 detail = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT;
         RAISE SQLSTATE 'PGRST' USING
-            MESSAGE = json_build_object('code', state, 'message', message,
-                                        'details', nullif(detail, ''), 'hint', nullif(hint, ''))::text,
-            DETAIL  = json_build_object('status', CASE state WHEN '40001' THEN 409 ELSE 404 END,
-                                        'headers', json_build_object())::text;
+            MESSAGE = pg_catalog.json_build_object(
+                'code', state, 'message', message,
+                'details', CASE WHEN detail OPERATOR(pg_catalog.=) '' THEN NULL ELSE detail END,
+                'hint', CASE WHEN hint OPERATOR(pg_catalog.=) '' THEN NULL ELSE hint END)::text,
+            DETAIL  = pg_catalog.json_build_object(
+                'status', CASE WHEN state OPERATOR(pg_catalog.=) '40001' THEN 409 ELSE 404 END,
+                'headers', pg_catalog.json_build_object())::text;
     END;
 END
 $$;

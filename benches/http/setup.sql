@@ -26,6 +26,9 @@ BEGIN
     RETURN used;
 END
 $$;
--- A function that does nothing, for the cost of a PostgREST request itself.
+-- A function that does nothing, for the cost of a PostgREST request itself, and a pre-request
+-- hook that does nothing, for the cost of having one at all (PostgREST runs it as a statement of
+-- its own in the request's transaction).
 CREATE FUNCTION public.noop() RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT 1';
-GRANT EXECUTE ON FUNCTION public.naive_consume(text), public.noop() TO authenticated;
+CREATE FUNCTION public.empty_hook() RETURNS void LANGUAGE plpgsql AS 'BEGIN END';
+GRANT EXECUTE ON FUNCTION public.naive_consume(text), public.noop(), public.empty_hook() TO authenticated;

@@ -356,7 +356,8 @@ fn functions_pin_search_path_and_the_script_replaces_nothing() {
     let mut c = db.connect();
     // Every function that reads or writes tables runs with a pinned search_path. The exceptions
     // run no SQL that could resolve a name through the caller's path: an inlinable SQL helper, a
-    // trigger that queues an invalidation, rate_check (shared memory only); and the functions on
+    // trigger that queues an invalidation, rate_check (shared memory only), consume_batch_quantity
+    // (plpgsql whose every name and operator is schema-qualified); and the functions on
     // the request path (consume, require_decision, refund, status, take_batch_quantity,
     // consume_item, rate_limit, request_rate_decision, request_rate_limit), whose every
     // statement runs inside the
@@ -379,6 +380,7 @@ fn functions_pin_search_path_and_the_script_replaces_nothing() {
         unpinned,
         [
             "consume",
+            "consume_batch_quantity",
             "consume_item",
             "invalidate_limits_cache",
             "rate_check",

@@ -1,6 +1,7 @@
 //! quota.audit_log: one row per decision (subject to quota_ext.audit), keyset pages, pruning.
 
 pub mod queue;
+pub mod refusal;
 pub mod writer;
 
 use crate::pg::error::{OrRaise, QuotaError, Result};

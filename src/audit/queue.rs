@@ -19,14 +19,10 @@
 //! database that is gone before its writer connects lose the row too; each of these is counted
 //! in quota.metrics() (audit_dropped), beside audit_queued and audit_written.
 
-use crate::metrics::{self, Counter};
 use pgrx::pg_sys;
 use std::ffi::CStr;
 use std::sync::atomic::{AtomicI64, AtomicPtr, Ordering};
 use std::time::Duration;
-
-use super::writer::relaunch_stranded;
-use super::writer::start_writer;
 
 const TRANCHE: &CStr = c"quota_ext_audit_queue";
 const SHMEM_NAME: &CStr = c"quota_ext_audit_queue";
@@ -107,7 +103,12 @@ impl Header {
     /// The writer of the database after a row was queued (or refused, `queued` false): the
     /// latch of the one running, to wake it, or the slot whose writer is to be started (a free
     /// one claimed, or one asked for long ago without a process showing up).
-    fn writer_for(&mut self, dboid: u32, now: i64, queued: bool) -> (*mut pg_sys::Latch, Option<usize>) {
+    pub(super) fn writer_for(
+        &mut self,
+        dboid: u32,
+        now: i64,
+        queued: bool,
+    ) -> (*mut pg_sys::Latch, Option<usize>) {
         let mut wake = std::ptr::null_mut();
         let mut ask = None;
         match self
@@ -270,53 +271,13 @@ pub struct Refusal<'a> {
     pub idempotency_key: Option<&'a str>,
 }
 
-/// Queue the audit row of a refusal that is about to raise (subject to quota_ext.audit), and
-/// make sure the database's writer runs. Without the preload there is no queue and nothing is
-/// written.
-pub fn refusal(r: Refusal<'_>) {
-    if !crate::pg::guc::audit_wanted(false) || HEADER.load(Ordering::Acquire).is_null() {
-        return;
-    }
-    relaunch_stranded();
-    let actor = crate::request::actor();
-    let payload = encode(&r, actor.as_deref());
-    if payload.len() > ENTRY_DATA {
-        // Not reachable for the arguments the functions accept (see encode); counted if it were.
-        metrics::count(Counter::AuditRejected);
-        return;
-    }
-    // SAFETY: backend globals, set at connection start.
-    let (dboid, now) = (unsafe { pg_sys::MyDatabaseId }.to_u32(), unsafe {
-        pg_sys::GetCurrentTimestamp()
-    });
-    let (queued, wake, ask) = {
-        let Some(mut q) = Locked::acquire() else { return };
-        let queued = q.push(&payload, dboid);
-        let (wake, ask) = q.header().writer_for(dboid, now, queued);
-        (queued, wake, ask)
-    };
-    metrics::count(if queued {
-        Counter::AuditQueued
-    } else {
-        Counter::AuditRejected
-    });
-    if !wake.is_null() {
-        // SAFETY: a latch inside a PGPROC in shared memory; setting the latch of a process that
-        // has exited meanwhile is harmless.
-        unsafe { pg_sys::SetLatch(wake) };
-    }
-    if let Some(i) = ask {
-        start_writer(i);
-    }
-}
-
 /// A queued row: its fields as raw bytes, each behind its length (u16; u16::MAX for NULL), so
 /// no escaping can make a valid row outgrow its entry. Details that still do not fit (they
 /// cannot for any call the functions accept) are replaced by a note saying so, never the row.
-fn encode(r: &Refusal<'_>, actor: Option<&str>) -> Vec<u8> {
+pub(super) fn encode(r: &Refusal<'_>, actor: Option<&str>) -> Vec<u8> {
     let details = r.details.to_string();
     let mut out = Vec::with_capacity(64 + details.len());
-    out.extend_from_slice(&crate::quota::decision::now_micros().to_le_bytes());
+    out.extend_from_slice(&crate::pg::now_micros().to_le_bytes());
     match r.amount {
         Some(a) => {
             out.push(1);

@@ -3,7 +3,7 @@
 //! owner's batches, earliest expiry first.
 
 use crate::audit;
-use crate::audit::queue;
+use crate::audit::refusal::{self, Refusal};
 use crate::pg::error::{QuotaError, Result};
 use crate::pg::guc;
 use crate::pg::spi::{self, Stmt};
@@ -294,7 +294,7 @@ fn batch_refusal(
     reason: &str,
     details: serde_json::Value,
 ) {
-    queue::refusal(queue::Refusal {
+    refusal::refusal(Refusal {
         subject,
         action: "consume_batch",
         metric: item,
@@ -432,7 +432,7 @@ fn lock_in_order(
     let ids: Vec<pgrx::Uuid> = spi::run(client, &CANDIDATES, &[owner.into(), item.into()])
         .map(|r| spi::get::<pgrx::Uuid>(&r, 1).expect("id"))
         .collect();
-    let now = crate::quota::decision::now_micros();
+    let now = crate::pg::now_micros();
     let mut locked: Vec<LockedBatch> = spi::run(client, &LOCK_MANY, &[ids.into()])
         .map(|r| LockedBatch {
             id: spi::get::<pgrx::Uuid>(&r, 1).expect("id"),
@@ -519,7 +519,7 @@ fn strategy_name(fifo: bool) -> &'static str {
 
 /// The refusal of an item the owner's batches hold too little of, its audit row queued.
 fn item_short(owner: &str, item: &str, q: i64, fifo: bool, available: i64, batches: usize) -> QuotaError {
-    queue::refusal(queue::Refusal {
+    refusal::refusal(Refusal {
         subject: Some(owner),
         action: "consume_item",
         metric: Some(item),

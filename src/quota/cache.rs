@@ -18,8 +18,8 @@
 
 use crate::pg::catalog;
 use crate::pg::error::{QuotaError, Result};
+use crate::pg::now_micros;
 use crate::pg::spi::{self, Stmt};
-use crate::quota::decision::now_micros;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;

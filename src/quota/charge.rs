@@ -5,7 +5,7 @@ use super::cache;
 use super::decision::{latest_reset, least_remaining, Decision, Window};
 use super::Request;
 use crate::audit;
-use crate::audit::queue;
+use crate::audit::refusal::{self, Refusal};
 use crate::pg::error::{QuotaError, Result};
 use crate::pg::guc;
 use crate::pg::spi::{self, Stmt};
@@ -407,7 +407,7 @@ pub(super) fn audit_decision(
         .unwrap_or(&ws[0]);
     let details = details_json(plan, binding, ws);
     if req.queue_denial && !decision.allowed {
-        queue::refusal(queue::Refusal {
+        refusal::refusal(Refusal {
             subject: Some(req.subject),
             action: req.action.name(),
             metric: Some(req.metric),

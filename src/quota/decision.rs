@@ -38,11 +38,7 @@ pub struct Decision {
     pub replayed: bool,
 }
 
-/// Transaction start time, the `now()` the windows were computed with.
-pub fn now_micros() -> i64 {
-    // SAFETY: reads a backend-local timestamp.
-    unsafe { pg_sys::GetCurrentTransactionStartTimestamp() }
-}
+use crate::pg::now_micros;
 
 impl Decision {
     /// `w` is the binding window. `outright` means the amount can never fit its limit.

@@ -12,7 +12,7 @@ use super::idempotency::window_json;
 use super::idempotency::KEY_SET;
 use super::Request;
 use crate::audit;
-use crate::audit::queue;
+use crate::audit::refusal::{self, Refusal};
 use crate::metrics::{self, Counter};
 use crate::pg::error::{QuotaError, Result};
 use crate::pg::guc;
@@ -50,7 +50,7 @@ static GRANT_LOCK: Stmt = Stmt {
 /// error rolls back, so it goes to the audit writer).
 pub(super) fn refund_grant(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
     let refused = |why: &'static str| {
-        queue::refusal(queue::Refusal {
+        refusal::refusal(Refusal {
             subject: Some(req.subject),
             action: "refund",
             metric: Some(req.metric),

@@ -48,7 +48,7 @@ pub(super) fn answer(policy: &str, r: &Resolved<'_>, g: &Gcra) -> Answer {
         fields.push(("RateLimit", format!("\"{name}\";r={};t={reset}", g.remaining)));
     }
     if kind != RateLimitHeaders::Draft {
-        let now = crate::quota::decision::now_micros() / 1_000_000 + PG_EPOCH_UNIX_SECS;
+        let now = crate::pg::now_micros() / 1_000_000 + PG_EPOCH_UNIX_SECS;
         fields.push(("RateLimit-Limit", burst.to_string()));
         fields.push(("RateLimit-Remaining", g.remaining.to_string()));
         fields.push(("RateLimit-Reset", reset.to_string()));
