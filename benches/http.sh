@@ -7,6 +7,7 @@
 # per case the median requests/s, and per pair the median over rounds of the ratio.
 # Beside them, /rpc/noop with a pre-request hook that does nothing: the floor of any hook.
 # Usage: benches/http.sh [seconds, default 5] [rounds, default 5]. Writes benches/results/http.md.
+# QUOTA_EXT_BENCH_HEADERS=draft|legacy|both sets quota_ext.rate_limit_headers for the run.
 . "$(dirname "$0")/../scripts/lib.sh"
 . "$(dirname "$0")/../scripts/http.sh"
 SECS=${1:-5}
@@ -26,6 +27,8 @@ trap 'stop_postgrest bench-plain; stop_postgrest bench-hooked; stop_postgrest be
 create_supabase_roles "$PORT"
 pg_psql "$PORT" -d postgres -c "CREATE DATABASE bench_http"
 pg_psql "$PORT" -d bench_http -f "$REPO/benches/http/setup.sql" >/dev/null
+HEADERS=${QUOTA_EXT_BENCH_HEADERS:-both}
+pg_psql "$PORT" -d postgres -c "ALTER DATABASE bench_http SET quota_ext.rate_limit_headers = '$HEADERS'"
 start_postgrest bench-plain "$PORT" bench_http "$PLAIN" 'db-pre-request = ""'   # no hook
 start_postgrest bench-hooked "$PORT" bench_http "$HOOKED"
 start_postgrest bench-empty "$PORT" bench_http "$EMPTY" 'db-pre-request = "public.empty_hook"'
@@ -63,7 +66,7 @@ ratio() { paste <(echo "${RUNS[$1]}" | tr ' ' '\n' | grep .) <(echo "${RUNS[$2]}
     | awk '$2 > 0 { print $1 / $2 }' | median | awk '{ printf "%.2f", $1 }'; }
 {
     echo "PostgREST 12.0.2 on loopback, PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}'), autocannon 8 connections," \
-         "POST, ${SECS}s x $ROUNDS rounds alternating the cases, $(date -u +%Y-%m-%d), $(nproc) cores; requests/s: median over rounds."
+         "POST, ${SECS}s x $ROUNDS rounds alternating the cases, $(date -u +%Y-%m-%d), $(nproc) cores, quota_ext.rate_limit_headers = $HEADERS; requests/s: median over rounds."
     echo
     echo "| case | requests/s | ratio (median over rounds) |"
     echo "|---|---:|---:|"
