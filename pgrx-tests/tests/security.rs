@@ -289,6 +289,16 @@ fn every_consuming_function_acts_only_as_the_jwt_subject() {
     let consume_one_of = |batch: &str| format!("SELECT quota.consume_batch_quantity('{batch}', 1)");
     as_role(&mut c, "authenticated", Some("user-1"));
     assert_eq!(err(&mut c, &consume_one_of(&theirs)).as_deref(), Some("42501"));
+    // The library function under consume_batch_quantity applies the same rule when called
+    // directly.
+    assert_eq!(
+        err(
+            &mut c,
+            &format!("SELECT quota.take_batch_quantity('{theirs}', 1)")
+        )
+        .as_deref(),
+        Some("42501")
+    );
     // Its own calls pass.
     for (own, _) in calls {
         assert_eq!(err(&mut c, own), None, "{own}");
