@@ -57,7 +57,9 @@ fn assert_no_errors(out: &Outcome) {
 fn eight_sessions_never_over_grant() {
     let db = TestDb::new("one_period");
     let mut c = db.connect();
-    c.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 500)")
+    // A `total` limit: its window never ends, so a run that crosses midnight still has one
+    // usage row to check the sum on (a `day` limit then has two windows, each with its own 500).
+    c.batch_execute("SELECT quota.set_limit('free', 'api', 'total', 500)")
         .unwrap();
 
     // Demand 8 x 100 = 800 units against a limit of 500.
