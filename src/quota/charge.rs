@@ -107,18 +107,22 @@ static UPSERT_ONE_AUDITED_0_5: Stmt = Stmt {
 
 /// Take back an increment this call made (the rows are still locked by it) when another period
 /// denied: all-or-nothing.
+/// The parameters of a statement run by on_windows: subject, metric, amount, periods, window
+/// starts.
+pub(super) const ON_WINDOWS_ARGS: &[T] = &[
+    T::TEXTOID,
+    T::TEXTOID,
+    T::INT8OID,
+    T::TEXTARRAYOID,
+    T::TIMESTAMPTZARRAYOID,
+];
+
 static UNDO: Stmt = Stmt {
     sql: "
 UPDATE quota.usage AS u SET used = u.used - $3
   FROM unnest($4::text[], $5::timestamptz[]) AS t(period, window_start)
  WHERE u.subject = $1 AND u.metric = $2 AND u.period = t.period AND u.window_start = t.window_start",
-    args: &[
-        T::TEXTOID,
-        T::TEXTOID,
-        T::INT8OID,
-        T::TEXTARRAYOID,
-        T::TIMESTAMPTZARRAYOID,
-    ],
+    args: ON_WINDOWS_ARGS,
 };
 
 static READ: Stmt = Stmt {

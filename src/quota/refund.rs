@@ -3,9 +3,9 @@
 
 use super::charge::apply_returned;
 use super::charge::details_json;
-use super::charge::on_windows;
 use super::charge::window_args;
 use super::charge::Outcome;
+use super::charge::{on_windows, ON_WINDOWS_ARGS};
 use super::decision::{least_remaining, Decision, Window};
 use super::idempotency::window_from_json;
 use super::idempotency::window_json;
@@ -27,13 +27,7 @@ UPDATE quota.usage AS u SET used = greatest(u.used - $3, 0)
   FROM unnest($4::text[], $5::timestamptz[]) AS t(period, window_start)
  WHERE u.subject = $1 AND u.metric = $2 AND u.period = t.period AND u.window_start = t.window_start
 RETURNING u.period, u.used",
-    args: &[
-        T::TEXTOID,
-        T::TEXTOID,
-        T::INT8OID,
-        T::TEXTARRAYOID,
-        T::TIMESTAMPTZARRAYOID,
-    ],
+    args: ON_WINDOWS_ARGS,
 };
 
 static GRANT_LOCK: Stmt = Stmt {
