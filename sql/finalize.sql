@@ -18,7 +18,7 @@ BEGIN
         RAISE EXCEPTION USING
             ERRCODE = 'PT429',
             MESSAGE = format('quota exceeded: %s of %s for subject %s (%s/%s used)',
-                             metric, d.period, d.subject, d.used, d.quota_limit),
+                             metric, d.period, coalesce(d.binding_subject, d.subject), d.used, d.quota_limit),
             DETAIL  = pg_catalog.to_json(d)::text,
             HINT    = CASE WHEN d.retry_after_seconds IS NULL
                            THEN 'The amount exceeds the limit; it can never be granted.'
@@ -141,9 +141,9 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     UPDATE quota.rate_policies r
-       SET rate = NEW.rate, per = NEW.per, burst = NEW.burst, shadow = NEW.shadow
+       SET rate = NEW.rate, per = NEW.per, burst = NEW.burst, shadow = NEW.shadow, pooled = NEW.pooled
      WHERE (r.policy, r.plan) = (NEW.policy, NEW.plan)
-       AND r.burst IS NULL AND NOT r.shadow
+       AND r.burst IS NULL AND NOT r.shadow AND NOT r.pooled
        AND (r.policy, r.plan, r.rate, r.per) IN (VALUES
             ('default', 'anonymous',     20::bigint, '1 minute'::interval),
             ('default', 'free',         100, '1 minute'),
@@ -193,7 +193,7 @@ ALTER TABLE quota.batches ENABLE ROW LEVEL SECURITY;
 CREATE POLICY plans_readable ON quota.plans FOR SELECT USING (true);
 CREATE POLICY limits_readable ON quota.limits FOR SELECT USING (true);
 CREATE POLICY usage_own_rows ON quota.usage FOR SELECT
-    USING (subject = (nullif((SELECT current_setting('request.jwt.claims', true)), '')::jsonb ->> 'sub'));
+    USING (subject = ANY ((SELECT quota.own_chain())::text[]));
 CREATE POLICY audit_own_rows ON quota.audit_log FOR SELECT
     USING (subject = (nullif((SELECT current_setting('request.jwt.claims', true)), '')::jsonb ->> 'sub'));
 CREATE POLICY batches_own_rows ON quota.batches FOR SELECT
@@ -221,7 +221,8 @@ BEGIN
             quota.rate_limit(text, text, bigint),
             quota.pre_request(),
             quota.request_rate_decision(text),
-            quota.request_rate_limit(text)
+            quota.request_rate_limit(text),
+            quota.own_chain()
         TO authenticated;
         GRANT SELECT ON quota.usage, quota.audit_log, quota.batches, quota.plans, quota.limits TO authenticated;
     END IF;

@@ -47,15 +47,23 @@ CREATE TABLE quota.limits (
     PRIMARY KEY (plan, metric, period)
 );
 
+-- plan NULL: the subject follows its JWT claim app_metadata.plan or quota_ext.default_plan, as a
+-- subject without a row does (a row may exist only to give a subject its parent).
 CREATE TABLE quota.subjects (
     subject    text        PRIMARY KEY CHECK (btrim(subject) <> '' AND octet_length(subject) <= 256),
-    plan       text        NOT NULL REFERENCES quota.plans (plan) ON UPDATE CASCADE,
+    plan       text        REFERENCES quota.plans (plan) ON UPDATE CASCADE,
     time_zone  text        NOT NULL DEFAULT 'UTC',
     created_at timestamptz NOT NULL DEFAULT now(),
     -- Whatever the application keeps about a subject (billing ids, ...).
-    metadata   jsonb       NOT NULL DEFAULT '{}'
+    metadata   jsonb       NOT NULL DEFAULT '{}',
+    -- Pooled quotas: the organization (or team) whose limits a charge of this subject also
+    -- applies, set by quota.set_parent (which refuses cycles and chains of more than four).
+    parent     text        CONSTRAINT subjects_parent_fkey REFERENCES quota.subjects (subject)
+                           ON UPDATE CASCADE ON DELETE SET NULL,
+    CONSTRAINT subjects_parent_not_self CHECK (parent <> subject)
 );
 CREATE INDEX subjects_plan_idx ON quota.subjects (plan);
+CREATE INDEX subjects_parent_idx ON quota.subjects (parent) WHERE parent IS NOT NULL;
 
 CREATE TABLE quota.overrides (
     subject    text   NOT NULL CHECK (btrim(subject) <> '' AND octet_length(subject) <= 256),
@@ -78,6 +86,10 @@ CREATE TABLE quota.usage (
     PRIMARY KEY (subject, metric, period, window_start)
 ) WITH (fillfactor = 80);
 CREATE INDEX usage_subject_metric_window_idx ON quota.usage (subject, metric, window_start DESC);
+-- near_limit reads the current windows only, and prune's usage retention the old ones, through
+-- this index instead of every row ever written; inserts of a new window update it, increments
+-- of `used` (HOT updates) do not.
+CREATE INDEX usage_period_window_idx ON quota.usage (period, window_start);
 
 CREATE TABLE quota.idempotency_keys (
     subject    text        NOT NULL,
@@ -123,7 +135,9 @@ CREATE TYPE quota.decision AS (
     remaining           bigint,
     reset_at            timestamptz,
     retry_after_seconds integer,
-    replayed            boolean
+    replayed            boolean,
+    -- The subject whose window binds: the subject itself or one of its ancestors.
+    binding_subject     text
 );
 
 -- Rate-limit policies per plan, read by quota.rate_limit() and quota.pre_request().
@@ -134,6 +148,8 @@ CREATE TABLE quota.rate_policies (
     per    interval NOT NULL DEFAULT '1 minute' CHECK (per > '0'::interval),
     burst  bigint   CHECK (burst > 0),
     shadow boolean  NOT NULL DEFAULT false,
+    -- A caller with a parent spends its parent's bucket, with the parent's plan's limits.
+    pooled boolean  NOT NULL DEFAULT false,
     PRIMARY KEY (policy, plan)
 );
 INSERT INTO quota.rate_policies (policy, plan, rate, per) VALUES

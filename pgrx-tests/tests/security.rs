@@ -53,6 +53,7 @@ fn supabase_roles_get_what_api_md_grants() {
         "quota.audit_page(text,bigint,integer)",
         "quota.consume_batch_quantity(uuid,bigint,bigint)",
         "quota.consume_item(text,text,bigint,text)",
+        "quota.own_chain()",
     ];
     let admin_functions = [
         "quota.set_plan(text,text,text)",
@@ -60,7 +61,8 @@ fn supabase_roles_get_what_api_md_grants() {
         "quota.set_override(text,text,text,bigint)",
         "quota.reset_usage(text,text)",
         "quota.near_limit(double precision)",
-        "quota.prune(interval,interval)",
+        "quota.prune(interval,interval,interval)",
+        "quota.set_parent(text,text)",
         "quota.create_batch(text,text,bigint,timestamp with time zone,jsonb)",
         "quota.metrics()",
         "quota.metrics_prometheus()",
@@ -369,7 +371,7 @@ fn functions_pin_search_path_and_the_script_replaces_nothing() {
     // trigger that queues an invalidation, rate_check (shared memory only), consume_batch_quantity
     // (plpgsql whose every name and operator is schema-qualified); and the functions on
     // the request path (consume, require_decision, refund, status, take_batch_quantity,
-    // consume_item, rate_limit, request_rate_decision, request_rate_limit), whose every
+    // consume_item, rate_limit, request_rate_decision, request_rate_limit, own_chain), whose every
     // statement runs inside the
     // switch to the extension owner, which pins the search path for exactly those statements, so
     // a call does not pay for a function-level setting (hostile_objects_in_public_change_nothing
@@ -393,6 +395,7 @@ fn functions_pin_search_path_and_the_script_replaces_nothing() {
             "consume_batch_quantity",
             "consume_item",
             "invalidate_limits_cache",
+            "own_chain",
             "rate_check",
             "rate_limit",
             "refund",
@@ -456,6 +459,7 @@ fn hostile_objects_in_public_change_nothing() {
     }
     c.batch_execute(
         "SELECT quota.refund('ann', 'api'); SELECT quota.status('ann'); SELECT quota.near_limit();
+         SELECT quota.own_chain();
          SELECT quota.rate_limit('default'); SELECT quota.request_rate_decision('GET');
          SELECT quota.request_rate_limit('GET');
          SELECT quota.require('bob', 'api');
@@ -631,6 +635,7 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
         "\"reset_at\"",
         "\"retry_after_seconds\"",
         "\"replayed\"",
+        "\"binding_subject\"",
     ];
     let consume_args = [
         ("metric", "text"),
@@ -682,6 +687,8 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
         "{}",
         out.0
     );
+    let out = as_user(&mut c, "own_chain", &[], "{}");
+    assert!(out.has(r#"["user-1"]"#), "{}", out.0);
     let out = as_user(
         &mut c,
         "audit_page",
@@ -736,7 +743,7 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
     // The admin, batch, rate and metrics functions, as service_role calls them. (A function
     // returning a scalar or void comes back as the column the call is aliased to, pgrst_call;
     // PostgREST answers such calls with the bare value.)
-    let admin_calls: [(&str, &[(&str, &str)], &str, &[&str]); 17] = [
+    let admin_calls: [(&str, &[(&str, &str)], &str, &[&str]); 18] = [
         (
             "window_bounds",
             &[
@@ -754,6 +761,12 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
             "set_plan",
             &[("subject", "text"), ("plan", "text"), ("time_zone", "text")],
             r#"{"subject":"user-9","plan":"pro","time_zone":"Europe/Paris"}"#,
+            &[r#"{"pgrst_call":""}"#],
+        ),
+        (
+            "set_parent",
+            &[("subject", "text"), ("parent", "text")],
+            r#"{"subject":"user-8","parent":"user-9"}"#,
             &[r#"{"pgrst_call":""}"#],
         ),
         (
@@ -788,7 +801,11 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
             "prune",
             &[("audit_older_than", "interval")],
             r#"{"audit_older_than":"1 year"}"#,
-            &[r#""audit_deleted":0"#, r#""idempotency_deleted":0"#],
+            &[
+                r#""audit_deleted":0"#,
+                r#""idempotency_deleted":0"#,
+                r#""usage_deleted":0"#,
+            ],
         ),
         (
             "create_batch",
@@ -872,6 +889,8 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
         "consume_item",
         "near_limit",
         "set_plan",
+        "set_parent",
+        "own_chain",
         "set_limit",
         "set_override",
         "reset_usage",

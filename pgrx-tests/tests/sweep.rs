@@ -12,7 +12,7 @@ use quota_ext_itests::{
 /// argument's type (a value that is not a uuid, an interval, ...).
 const DOCUMENTED: &[&str] = &[
     "22004", "22023", "22001", "22003", "22P02", "42501", "42704", "PT429", "P0002", "23514", "40001",
-    "55000", "22007", "22008", "22P05",
+    "55000", "22007", "22008", "22P05", "42P19", "54000", "23503",
 ];
 
 fn bad_values(ty: &str) -> Vec<String> {
@@ -78,6 +78,7 @@ fn functions(batch: &str) -> Vec<(&'static str, Vec<(&'static str, String)>)> {
         ("refund", vec![t("ann"), t("api"), b(1), t("k3")]),
         ("status", vec![t("ann")]),
         ("set_plan", vec![t("ann"), t("pro"), t("UTC")]),
+        ("set_parent", vec![t("ann"), t("org")]),
         ("set_limit", vec![t("free"), t("api"), t("day"), b(100)]),
         ("set_override", vec![t("ann"), t("api"), t("day"), b(100)]),
         ("reset_usage", vec![t("bob"), t("api")]),
@@ -88,6 +89,7 @@ fn functions(batch: &str) -> Vec<(&'static str, Vec<(&'static str, String)>)> {
             vec![
                 ("interval", "'90 days'::interval".into()),
                 ("interval", "'7 days'::interval".into()),
+                ("interval", "'400 days'::interval".into()),
             ],
         ),
         (
@@ -184,6 +186,7 @@ fn every_function_against_hostile_input() {
     c.batch_execute(
         "SELECT quota.set_limit('free', 'api', 'day', 100);
          SELECT quota.consume('ann', 'api'); SELECT quota.consume('bob', 'api');
+         SELECT quota.set_plan('org', 'pro');
          SELECT quota.create_batch('shop', 'milk', 50);",
     )
     .unwrap();
@@ -200,6 +203,7 @@ fn every_function_against_hostile_input() {
         "metrics_prometheus()",
         "reset_metrics()",
         "pre_request()",
+        "own_chain()",
     ] {
         c.batch_execute(&format!("SELECT quota.{f}")).unwrap();
     }

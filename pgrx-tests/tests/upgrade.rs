@@ -9,12 +9,18 @@ use quota_ext_itests::{
     connect_to, data_fingerprint, fill, goes_on, one_i64, one_text, TestDb, SCHEMA_FINGERPRINT,
 };
 
-/// Every row of every 0.1.0 table, with 0.1.0's columns.
+/// Every row of every 0.1.0 table, with 0.1.0's columns (0.8.0 adds subjects.parent, NULL in
+/// rows written before it).
 fn data_of_0_1_0() -> String {
     data_fingerprint(&[
         (
             "subjects",
             "(SELECT string_agg(row(subject, plan, time_zone, created_at)::text, ',' ORDER BY subject) FROM quota.subjects)",
+        ),
+        (
+            "rate_policies",
+            "-- (0.8.0 adds pooled, false in rows written before it)
+  (SELECT string_agg(row(policy, plan, rate, per, burst, shadow)::text, ',' ORDER BY policy, plan) FROM quota.rate_policies)",
         ),
         (
             "audit_log",
@@ -34,7 +40,7 @@ fn version(c: &mut postgres::Client) -> String {
 }
 
 /// The version a fresh install gets.
-const CURRENT: &str = "0.7.0";
+const CURRENT: &str = "0.8.0";
 
 #[test]
 fn upgrade_from_0_1_0_keeps_everything_and_equals_a_fresh_install() {
@@ -64,6 +70,11 @@ fn upgrade_from_0_5_0_keeps_everything_and_equals_a_fresh_install() {
 #[test]
 fn upgrade_from_0_6_0_keeps_everything_and_equals_a_fresh_install() {
     upgrade_from("0.6.0");
+}
+
+#[test]
+fn upgrade_from_0_7_0_keeps_everything_and_equals_a_fresh_install() {
+    upgrade_from("0.7.0");
 }
 
 fn upgrade_from(from: &str) {

@@ -164,8 +164,20 @@ fn audit_page(
 }
 
 static NEGATIVE: Stmt = Stmt {
-    sql: "SELECT $1 < '0'::interval, $2 < '0'::interval",
-    args: &[T::INTERVALOID, T::INTERVALOID],
+    sql: "SELECT $1 < '0'::interval, $2 < '0'::interval, $3 < '0'::interval",
+    args: &[T::INTERVALOID, T::INTERVALOID, T::INTERVALOID],
+};
+/// Usage rows of windows over for at least $1. A window's end is reckoned as its start plus two
+/// periods, never before its real end whatever the time zone, daylight saving or month length
+/// (a current window is never deleted); `total` windows never end. One range of
+/// usage_period_window_idx per period.
+static PRUNE_USAGE: Stmt = Stmt {
+    sql: "
+DELETE FROM quota.usage AS u
+ USING unnest('{minute,hour,day,week,month,year}'::text[]) AS p(period)
+ WHERE u.period = p.period
+   AND u.window_start < pg_catalog.now() - $1 - pg_catalog.concat('2 ', p.period)::interval",
+    args: &[T::INTERVALOID],
 };
 static PRUNE_AUDIT: Stmt = Stmt {
     sql: "DELETE FROM quota.audit_log WHERE created_at < pg_catalog.now() - $1",
@@ -176,29 +188,43 @@ static PRUNE_KEYS: Stmt = Stmt {
     args: &[T::INTERVALOID],
 };
 
-/// Delete audit rows and idempotency keys older than the given ages. NULL keeps that kind.
+/// Delete audit rows and idempotency keys older than the given ages, and usage rows of windows
+/// over for longer than `usage_older_than`. NULL keeps that kind (usage is kept by default).
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn prune(
     audit_older_than: default!(Option<Interval>, "'90 days'"),
     idempotency_older_than: default!(Option<Interval>, "'7 days'"),
+    usage_older_than: default!(Option<Interval>, "NULL"),
 ) -> std::result::Result<
-    TableIterator<'static, (name!(audit_deleted, i64), name!(idempotency_deleted, i64))>,
+    TableIterator<
+        'static,
+        (
+            name!(audit_deleted, i64),
+            name!(idempotency_deleted, i64),
+            name!(usage_deleted, i64),
+        ),
+    >,
     ErrorReport,
 > {
     request::require_trusted("quota.prune")?;
     let _owner = AsOwner::enter();
-    let counts = Spi::connect_mut(|client| -> Result<(i64, i64)> {
+    let counts = Spi::connect_mut(|client| -> Result<(i64, i64, i64)> {
         let row = spi::run(
             client,
             &NEGATIVE,
-            &[audit_older_than.into(), idempotency_older_than.into()],
+            &[
+                audit_older_than.into(),
+                idempotency_older_than.into(),
+                usage_older_than.into(),
+            ],
         )
         .next()
         .expect("one row");
         for (n, what, v) in [
             (1, "audit_older_than", audit_older_than),
             (2, "idempotency_older_than", idempotency_older_than),
+            (3, "usage_older_than", usage_older_than),
         ] {
             if spi::get::<bool>(&row, n).unwrap_or(false) {
                 return Err(QuotaError::BadInterval {
@@ -209,7 +235,8 @@ fn prune(
         }
         let a = audit_older_than.map_or(0, |i| spi::run(client, &PRUNE_AUDIT, &[i.into()]).len() as i64);
         let k = idempotency_older_than.map_or(0, |i| spi::run(client, &PRUNE_KEYS, &[i.into()]).len() as i64);
-        Ok((a, k))
+        let u = usage_older_than.map_or(0, |i| spi::run(client, &PRUNE_USAGE, &[i.into()]).len() as i64);
+        Ok((a, k, u))
     })?;
     Ok(TableIterator::once(counts))
 }

@@ -130,43 +130,75 @@ pub fn extension_owner() -> pg_sys::Oid {
     }
 }
 
-thread_local! {
-    /// (OID of quota.audit_log, whether it has column `actor`), until a relcache invalidation
-    /// of that table (ALTER EXTENSION UPDATE adds the column) or of everything.
-    static AUDIT_ACTOR: std::cell::Cell<Option<(pg_sys::Oid, bool)>> = const { std::cell::Cell::new(None) };
+/// Columns that later versions added, which the library looks for: between installing a new
+/// library and `ALTER EXTENSION quota_ext UPDATE` the tables are still the old version's, and
+/// the functions must go on working with them, so the statements that read or write these
+/// columns have a form for each shape.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    /// quota.audit_log.actor (0.6.0).
+    pub audit_actor: bool,
+    /// quota.subjects.parent (0.8.0).
+    pub subjects_parent: bool,
+    /// quota.rate_policies.pooled (0.8.0).
+    pub policies_pooled: bool,
 }
 
-/// Whether quota.audit_log has the column `actor` (0.6.0). Between installing a new library
-/// and `ALTER EXTENSION quota_ext UPDATE` the tables are still the old version's, and the
-/// functions must go on working with them: the statements that write audit rows have a form
-/// for each.
-pub fn audit_has_actor() -> bool {
-    if let Some((_, has)) = AUDIT_ACTOR.with(std::cell::Cell::get) {
-        return has;
+thread_local! {
+    /// (OIDs of the tables looked at, what they have), until a relcache invalidation of one of
+    /// them (ALTER EXTENSION UPDATE adds the columns) or of everything.
+    static SHAPE: std::cell::Cell<Option<([pg_sys::Oid; 3], Shape)>> = const { std::cell::Cell::new(None) };
+}
+
+/// The shape of the installed tables (see Shape), looked up once per backend and after
+/// changes to them.
+pub fn shape() -> Shape {
+    if let Some((_, shape)) = SHAPE.with(std::cell::Cell::get) {
+        return shape;
     }
     let (nsp, _) = quota_schema();
-    // SAFETY: syscache look-ups by NUL-terminated names and OIDs.
-    let (relid, has) = unsafe {
-        let relid = pg_sys::get_relname_relid(c"audit_log".as_ptr(), nsp);
-        let has = relid != pg_sys::InvalidOid
-            && pg_sys::get_attnum(relid, c"actor".as_ptr())
-                != pg_sys::InvalidAttrNumber as pg_sys::AttrNumber;
-        (relid, has)
+    let mut relids = [pg_sys::InvalidOid; 3];
+    let mut has = [false; 3];
+    for (i, (table, column)) in [
+        (c"audit_log", c"actor"),
+        (c"subjects", c"parent"),
+        (c"rate_policies", c"pooled"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        // SAFETY: syscache look-ups by NUL-terminated names and OIDs.
+        unsafe {
+            relids[i] = pg_sys::get_relname_relid(table.as_ptr(), nsp);
+            has[i] = relids[i] != pg_sys::InvalidOid
+                && pg_sys::get_attnum(relids[i], column.as_ptr())
+                    != pg_sys::InvalidAttrNumber as pg_sys::AttrNumber;
+        }
+    }
+    let shape = Shape {
+        audit_actor: has[0],
+        subjects_parent: has[1],
+        policies_pooled: has[2],
     };
-    AUDIT_ACTOR.with(|a| a.set(Some((relid, has))));
-    has
+    SHAPE.with(|a| a.set(Some((relids, shape))));
+    shape
+}
+
+/// Whether quota.audit_log has the column `actor` (0.6.0); see Shape.
+pub fn audit_has_actor() -> bool {
+    shape().audit_actor
 }
 
 #[pgrx::pg_guard]
-unsafe extern "C-unwind" fn forget_audit_shape(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
-    let known = AUDIT_ACTOR.with(std::cell::Cell::get);
-    if relid == pg_sys::InvalidOid || known.is_some_and(|(r, _)| r == relid) {
-        AUDIT_ACTOR.with(|a| a.set(None));
+unsafe extern "C-unwind" fn forget_shape(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    let known = SHAPE.with(std::cell::Cell::get);
+    if relid == pg_sys::InvalidOid || known.is_some_and(|(r, _)| r.contains(&relid)) {
+        SHAPE.with(|a| a.set(None));
     }
 }
 
 pub fn init() {
     // SAFETY: registers a callback of this process (inherited by backends when preloaded);
     // called once from _PG_init.
-    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(forget_audit_shape), pg_sys::Datum::from(0)) };
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(forget_shape), pg_sys::Datum::from(0)) };
 }

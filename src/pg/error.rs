@@ -98,6 +98,19 @@ pub enum QuotaError {
     #[error("quota_ext is not loaded through shared_preload_libraries")]
     NotPreloaded,
 
+    #[error("subject \"{subject}\" cannot have parent \"{parent}\": that makes a cycle")]
+    ParentCycle { subject: String, parent: String },
+
+    #[error("the chain of subject \"{subject}\" would be {depth} subjects deep (through \"{parent}\"); the most is 4")]
+    ChainTooDeep {
+        subject: String,
+        parent: String,
+        depth: usize,
+    },
+
+    #[error("parent \"{0}\" is not a subject of quota.subjects")]
+    UnknownParent(String),
+
     #[error("{what} must be between {min} and {max}, got {value}")]
     OutOfRange {
         what: &'static str,
@@ -136,6 +149,9 @@ impl QuotaError {
             UnknownStrategy(_) => Code::ERRCODE_INVALID_PARAMETER_VALUE,
             NotPreloaded => Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             NoPolicy { .. } => Code::ERRCODE_UNDEFINED_OBJECT,
+            ParentCycle { .. } => Code::ERRCODE_INVALID_RECURSION,
+            ChainTooDeep { .. } => Code::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            UnknownParent(_) => Code::ERRCODE_FOREIGN_KEY_VIOLATION,
         }
     }
 
@@ -187,6 +203,15 @@ impl QuotaError {
             UnknownStrategy(_) => "Strategies are fefo (earliest expiry first) and fifo (oldest first).".into(),
             NoPolicy { .. } => {
                 "Add a row to quota.rate_policies for that plan, or for quota_ext.default_plan.".into()
+            }
+            ParentCycle { .. } => {
+                "A subject cannot be its own ancestor: detach one link first with quota.set_parent(subject, NULL), and check quota_ext.parent_claim.".into()
+            }
+            ChainTooDeep { .. } => {
+                "A chain holds a subject and at most three ancestors: attach to a subject nearer the top, or detach a level with quota.set_parent(subject, NULL).".into()
+            }
+            UnknownParent(_) => {
+                "Register the parent first, e.g. with quota.set_plan(parent, plan).".into()
             }
             NotPreloaded => {
                 "Add quota_ext to shared_preload_libraries in postgresql.conf and restart PostgreSQL.".into()

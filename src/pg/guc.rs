@@ -22,6 +22,7 @@ pub static CLIENT_IP_HEADER: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"x-forwarded-for"));
 pub static TRUSTED_PROXY_HOPS: GucSetting<i32> = GucSetting::<i32>::new(1);
 pub static UNTRUSTED_REFUNDS: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static PARENT_CLAIM: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// What a new key does in a partition with no bucket to evict (rate::check).
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -69,8 +70,9 @@ pub fn init() {
 }
 
 // SUSET throughout: an ordinary role must not raise its own limits (default_plan), widen its own
-// trust (trusted_roles), hide its own decisions (audit) or choose its own address
-// (client_ip_header, trusted_proxy_hops).
+// trust (trusted_roles), hide its own decisions (audit), choose its own address
+// (client_ip_header, trusted_proxy_hops) or leave its organization (parent_claim: a claim its JWT
+// does not have would name no parent).
 
 fn define_quota_settings() {
     GucRegistry::define_enum_guc(
@@ -121,6 +123,14 @@ fn define_request_settings() {
         c"Comma-separated roles whose members may act on any subject and call admin functions.",
         c"Superusers, the extension owner and members of service_role are always trusted. Roles that do not exist are ignored.",
         &TRUSTED_ROLES,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"quota_ext.parent_claim",
+        c"Dotted path of a JWT claim naming the caller's parent subject, e.g. app_metadata.org_id.",
+        c"Used when quota.subjects gives the caller no parent, and only if it names a subject of quota.subjects. Empty: none.",
+        &PARENT_CLAIM,
         GucContext::Suset,
         GucFlags::default(),
     );
@@ -213,6 +223,12 @@ pub unsafe fn setting_text(value: *const std::ffi::c_char) -> &'static [u8] {
         // SAFETY: per the caller, a live NUL-terminated string.
         unsafe { std::ffi::CStr::from_ptr(value).to_bytes() }
     }
+}
+
+/// quota_ext.parent_claim as it is set, borrowed (read at once); empty when unset.
+pub fn parent_claim_bytes() -> &'static [u8] {
+    // SAFETY: the setting's C string, NULL when unset, owned by the GUC machinery.
+    unsafe { setting_text(*PARENT_CLAIM.as_ptr()) }
 }
 
 /// quota_ext.trusted_roles as it is set, borrowed (read at once); empty when unset.

@@ -213,3 +213,129 @@ fn reset_usage(
         n
     }))
 }
+
+// ---------------------------------------------------------------------------------------------
+// Pooled quotas: parents
+
+/// set_parent calls queue here, so two of them cannot each see the other's chain as it was and
+/// together make a cycle; charges are not held up (they only read quota.subjects).
+static LOCK_SUBJECTS: Stmt = Stmt {
+    sql: "LOCK TABLE quota.subjects IN SHARE ROW EXCLUSIVE MODE",
+    args: &[],
+};
+
+static SUBJECT_PARENT: Stmt = Stmt {
+    sql: "SELECT parent FROM quota.subjects WHERE subject = $1",
+    args: &[T::TEXTOID],
+};
+
+/// The chain from $1 up, nearest first (bounded: rows written by hand may hold a cycle).
+static UP: Stmt = Stmt {
+    sql: "
+WITH RECURSIVE up(subject, depth) AS (
+    SELECT $1::text, 1
+    UNION ALL
+    SELECT s.parent, up.depth + 1
+      FROM up JOIN quota.subjects AS s ON s.subject = up.subject
+     WHERE s.parent IS NOT NULL AND up.depth < 16)
+SELECT subject FROM up ORDER BY depth",
+    args: &[T::TEXTOID],
+};
+
+/// How many levels $1 and the subjects below it take: 1 for a subject without children.
+static HEIGHT: Stmt = Stmt {
+    sql: "
+WITH RECURSIVE down(subject, depth) AS (
+    SELECT $1::text, 1
+    UNION ALL
+    SELECT s.subject, down.depth + 1
+      FROM down JOIN quota.subjects AS s ON s.parent = down.subject
+     WHERE down.depth < 16)
+SELECT max(depth)::bigint FROM down",
+    args: &[T::TEXTOID],
+};
+
+static ATTACH: Stmt = Stmt {
+    sql: "
+INSERT INTO quota.subjects AS s (subject, plan, parent) VALUES ($1, NULL, $2)
+    ON CONFLICT (subject) DO UPDATE SET parent = excluded.parent",
+    args: &[T::TEXTOID, T::TEXTOID],
+};
+
+static DETACH: Stmt = Stmt {
+    sql: "UPDATE quota.subjects SET parent = NULL WHERE subject = $1",
+    args: &[T::TEXTOID],
+};
+
+/// Make `parent` the parent of `subject` (pooled quotas: charging the subject charges the
+/// parent's windows too); NULL detaches. The parent must be a subject of quota.subjects; a
+/// cycle is 42P19, a chain of more than four subjects 54000, and both change nothing. A subject
+/// without a row gets one, without a plan of its own (it keeps following its JWT claim or
+/// quota_ext.default_plan).
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn set_parent(subject: Option<&str>, parent: Option<&str>) -> std::result::Result<(), ErrorReport> {
+    request::require_trusted("quota.set_parent")?;
+    let subject = request::check_name("subject", subject, "Pass the subject to attach or detach.")?;
+    if let Some(p) = parent {
+        request::check_present("parent", p)?;
+    }
+    let _owner = AsOwner::enter();
+    Spi::connect_mut(|client| -> Result<()> {
+        spi::run(client, &LOCK_SUBJECTS, &[]);
+        let previous = spi::run(client, &SUBJECT_PARENT, &[subject.into()])
+            .next()
+            .and_then(|row| spi::get::<String>(&row, 1));
+        match parent {
+            Some(p) => {
+                check_chain(client, subject, p)?;
+                spi::run(client, &ATTACH, &[subject.into(), p.into()]);
+            }
+            None => {
+                spi::run(client, &DETACH, &[subject.into()]);
+            }
+        }
+        audit::admin(
+            client,
+            subject,
+            "set_parent",
+            None,
+            json!({"parent": parent, "previous": previous}),
+        );
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// Whether `parent` may become the parent of `subject`: it exists, the chain makes no cycle and
+/// is at most chain::MAX_DEPTH subjects deep from the bottom of `subject`'s own subtree.
+fn check_chain(client: &mut SpiClient<'_>, subject: &str, parent: &str) -> Result<()> {
+    let cycle = || QuotaError::ParentCycle {
+        subject: subject.to_string(),
+        parent: parent.to_string(),
+    };
+    if subject == parent {
+        return Err(cycle());
+    }
+    if spi::run(client, &SUBJECT_PARENT, &[parent.into()]).is_empty() {
+        return Err(QuotaError::UnknownParent(parent.to_string()));
+    }
+    let above: Vec<String> = spi::run(client, &UP, &[parent.into()])
+        .filter_map(|row| spi::get::<String>(&row, 1))
+        .collect();
+    if above.iter().any(|s| s == subject) {
+        return Err(cycle());
+    }
+    let height = spi::run(client, &HEIGHT, &[subject.into()])
+        .next()
+        .and_then(|row| spi::get::<i64>(&row, 1))
+        .unwrap_or(1) as usize;
+    if above.len() + height > super::chain::MAX_DEPTH {
+        return Err(QuotaError::ChainTooDeep {
+            subject: subject.to_string(),
+            parent: parent.to_string(),
+            depth: above.len() + height,
+        });
+    }
+    Ok(())
+}

@@ -17,7 +17,7 @@
 //!   also inside a transaction that was already open.
 
 use crate::pg::catalog;
-use crate::pg::error::{QuotaError, Result};
+
 use crate::pg::now_micros;
 use crate::pg::spi::{self, Stmt};
 use pgrx::pg_sys;
@@ -42,9 +42,13 @@ pub struct SubjectLimits {
 }
 
 /// A subject's row in quota.subjects (if any) and its overrides.
-struct Subject {
+pub struct Subject {
+    /// It has a row in quota.subjects.
+    pub exists: bool,
     plan: Option<String>,
     time_zone: String,
+    /// quota.subjects.parent.
+    pub parent: Option<String>,
     /// (metric, period, max_amount)
     overrides: Vec<(String, String, i64)>,
 }
@@ -205,13 +209,29 @@ static EMPTY_LOAD: Stmt = Stmt {
     args: &[],
 };
 
-static SUBJECT_LOAD: Stmt = Stmt {
-    sql: "
-SELECT sj.plan, sj.time_zone, o.metric, o.period, o.max_amount
+macro_rules! subject_load {
+    ($parent:literal) => {
+        concat!(
+            "
+SELECT sj.subject IS NOT NULL, sj.plan, sj.time_zone, ",
+            $parent,
+            ", o.metric, o.period, o.max_amount
   FROM (SELECT) AS one
   LEFT JOIN quota.subjects AS sj ON sj.subject = $1
-  LEFT JOIN quota.overrides AS o ON o.subject = $1",
+  LEFT JOIN quota.overrides AS o ON o.subject = $1"
+        )
+    };
+}
+
+static SUBJECT_LOAD: Stmt = Stmt {
+    sql: subject_load!("sj.parent"),
     args: &[T::TEXTOID],
+};
+
+/// SUBJECT_LOAD on the tables of a version before 0.8.0 (no parents; see catalog::Shape).
+static SUBJECT_LOAD_0_7: Stmt = Stmt {
+    sql: subject_load!("NULL::text"),
+    args: SUBJECT_LOAD.args,
 };
 
 fn plan_limits(client: &mut SpiClient<'_>, plan: &str, metric: &str) -> Rc<Vec<(String, i64)>> {
@@ -244,7 +264,8 @@ fn plan_limits(client: &mut SpiClient<'_>, plan: &str, metric: &str) -> Rc<Vec<(
     periods
 }
 
-fn subject(client: &mut SpiClient<'_>, subject: &str) -> Rc<Subject> {
+/// A subject's row of quota.subjects and its overrides, from the backend cache.
+pub fn subject(client: &mut SpiClient<'_>, subject: &str) -> Rc<Subject> {
     if let Some(hit) = SUBJECTS.with(|l| l.borrow().get(subject).cloned()) {
         return hit;
     }
@@ -262,21 +283,30 @@ fn subject(client: &mut SpiClient<'_>, subject: &str) -> Rc<Subject> {
         e
     });
     let mut info = Subject {
+        exists: false,
         plan: None,
         time_zone: "UTC".into(),
+        parent: None,
         overrides: Vec::new(),
     };
     if empty != (true, true) {
-        for row in spi::run(client, &SUBJECT_LOAD, &[subject.into()]) {
-            if let Some(plan) = spi::get::<String>(&row, 1) {
-                info.plan = Some(plan);
-                info.time_zone = spi::get::<String>(&row, 2).expect("time_zone");
+        let load = if catalog::shape().subjects_parent {
+            &SUBJECT_LOAD
+        } else {
+            &SUBJECT_LOAD_0_7
+        };
+        for row in spi::run(client, load, &[subject.into()]) {
+            if spi::get::<bool>(&row, 1) == Some(true) {
+                info.exists = true;
+                info.plan = spi::get::<String>(&row, 2);
+                info.time_zone = spi::get::<String>(&row, 3).expect("time_zone");
+                info.parent = spi::get::<String>(&row, 4);
             }
-            if let Some(metric) = spi::get::<String>(&row, 3) {
+            if let Some(metric) = spi::get::<String>(&row, 5) {
                 info.overrides.push((
                     metric,
-                    spi::get::<String>(&row, 4).expect("period"),
-                    spi::get::<i64>(&row, 5).expect("max_amount"),
+                    spi::get::<String>(&row, 6).expect("period"),
+                    spi::get::<i64>(&row, 7).expect("max_amount"),
                 ));
             }
         }
@@ -334,42 +364,39 @@ fn effective_plan<'a>(
     }
 }
 
-/// The subject's plan limits for `metric`, its overrides replacing them (or adding periods).
-/// `claim`: the plan the caller's JWT claims, when the caller acts as itself.
-pub fn limits(
+/// The subject's plan limits for `metric`, its overrides replacing them (or adding periods);
+/// none when neither has one. `claim`: the plan the caller's JWT claims, when the caller acts
+/// as this subject.
+pub fn level_limits(
     client: &mut SpiClient<'_>,
-    subject_name: &str,
+    info: &Subject,
     metric: &str,
     default_plan: &str,
     claim: Option<&str>,
-) -> Result<SubjectLimits> {
-    follow_committed_changes();
-    if WATCHED.with(|w| w.get()[0]) == 0 {
-        remember_watched_tables();
-    }
-    let info = subject(client, subject_name);
+) -> SubjectLimits {
     let plan = effective_plan(client, info.plan.as_deref(), claim, default_plan);
     let mut periods: Vec<(String, i64)> = plan_limits(client, plan, metric).as_ref().clone();
-    for (m, period, max) in info.overrides.iter().filter(|(m, _, _)| m == metric) {
-        let _ = m;
+    for (_, period, max) in info.overrides.iter().filter(|(m, _, _)| m == metric) {
         match periods.iter_mut().find(|(p, _)| p == period) {
             Some(slot) => slot.1 = *max,
             None => periods.push((period.clone(), *max)),
         }
     }
-    if periods.is_empty() {
-        return Err(QuotaError::NoLimit {
-            subject: subject_name.into(),
-            metric: metric.into(),
-            plan: plan.into(),
-        });
-    }
     periods.sort_by_key(|(p, _)| crate::quota::period::rank(p));
-    Ok(SubjectLimits {
+    SubjectLimits {
         plan: plan.to_string(),
         time_zone: info.time_zone.clone(),
         periods,
-    })
+    }
+}
+
+/// Make the caches follow changes committed anywhere, and know which tables to watch; before
+/// a look-up through them.
+pub fn prepare() {
+    follow_committed_changes();
+    if WATCHED.with(|w| w.get()[0]) == 0 {
+        remember_watched_tables();
+    }
 }
 
 static WINDOW: Stmt = Stmt {
@@ -431,6 +458,7 @@ mod trigger {
 /// followed committed changes.
 pub fn caller_plan(subject_name: &str, claim: Option<&str>, default_plan: &str) -> String {
     let recorded = SUBJECTS.with(|l| l.borrow().get(subject_name).map(|s| s.plan.clone()));
+    // (Only the plan: a pooled policy's parent is found by the rate path through subject().)
     let known_claim = claim.and_then(|c| PLANS.with(|p| p.borrow().as_ref().map(|p| p.contains(c))));
     match (recorded, claim, known_claim) {
         (Some(Some(p)), _, _) => return p,
@@ -446,4 +474,23 @@ pub fn caller_plan(subject_name: &str, claim: Option<&str>, default_plan: &str) 
         let info = subject(client, subject_name);
         effective_plan(client, info.plan.as_deref(), claim, default_plan).to_string()
     })
+}
+
+/// The parent whose bucket a pooled rate policy spends for the caller acting as `subject_name`:
+/// its parent in quota.subjects, else the parent its JWT names (`claim`) when that is a subject
+/// of quota.subjects. From the backend caches; the rate path asks right after policy().
+pub fn caller_parent(subject_name: &str, claim: Option<&str>) -> Option<String> {
+    let lookup = |s: &str| -> Rc<Subject> {
+        if let Some(hit) = SUBJECTS.with(|l| l.borrow().get(s).cloned()) {
+            return hit;
+        }
+        prepare();
+        let _owner = crate::request::AsOwner::enter();
+        Spi::connect_mut(|client| subject(client, s))
+    };
+    if let Some(p) = &lookup(subject_name).parent {
+        return Some(p.clone());
+    }
+    let c = claim.filter(|c| *c != subject_name)?;
+    lookup(c).exists.then(|| c.to_string())
 }

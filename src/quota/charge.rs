@@ -1,5 +1,6 @@
-//! Checking and charging the windows of one (subject, metric): the usage statements, the
-//! plan's windows, a peek, a charge and its audit row.
+//! Checking and charging the windows of one (subject, metric), and of its ancestors that limit
+//! the metric (pooled quotas): the usage statements, the windows, a peek, a charge and its
+//! audit row.
 
 use super::cache;
 use super::decision::{latest_reset, least_remaining, Decision, Window};
@@ -15,24 +16,28 @@ use pgrx::spi::SpiClient;
 use pgrx::PgBuiltInOids as T;
 use serde_json::json;
 
-/// Add `amount` to every window whose limit still has room. Rows are locked in the order given
-/// (periods sorted), so concurrent callers cannot deadlock. Returns the windows incremented.
+/// Add `amount` to every window whose limit still has room; the windows may belong to several
+/// subjects (a chain). Rows are locked in the order given, sorted by subject and period
+/// (window_order), the one order every caller uses, whatever its chain: concurrent callers
+/// cannot deadlock. A window's limit is found by its key `<period>:<subject>` (a period has no
+/// colon, so the key is unambiguous). Returns the windows incremented.
 static UPSERT: Stmt = Stmt {
     sql: "
 INSERT INTO quota.usage AS u (subject, metric, period, window_start, used)
-SELECT $1, $2, t.period, t.window_start, $3
-  FROM unnest($4::text[], $5::timestamptz[]) AS t(period, window_start)
+SELECT t.subject, $2, t.period, t.window_start, $3
+  FROM unnest($1::text[], $4::text[], $5::timestamptz[]) AS t(subject, period, window_start)
     ON CONFLICT (subject, metric, period, window_start) DO UPDATE
    SET used = u.used + excluded.used
- WHERE u.used <= ($6::bigint[])[pg_catalog.array_position($4::text[], u.period)] - excluded.used
-RETURNING u.period, u.used",
+ WHERE u.used <= ($6::bigint[])[pg_catalog.array_position($7::text[], u.period || ':' || u.subject)] - excluded.used
+RETURNING u.subject, u.period, u.used",
     args: &[
-        T::TEXTOID,
+        T::TEXTARRAYOID,
         T::TEXTOID,
         T::INT8OID,
         T::TEXTARRAYOID,
         T::TIMESTAMPTZARRAYOID,
         T::INT8ARRAYOID,
+        T::TEXTARRAYOID,
     ],
 };
 
@@ -46,7 +51,7 @@ VALUES ($1, $2, $3, $4, $5)
     ON CONFLICT (subject, metric, period, window_start) DO UPDATE
    SET used = u.used + excluded.used
  WHERE u.used <= $6 - excluded.used
-RETURNING u.period, u.used"
+RETURNING u.subject, u.period, u.used"
     };
 }
 
@@ -67,7 +72,7 @@ a AS (
             $actor_value,
             "
       FROM u)
-SELECT period, used FROM u"
+SELECT subject, period, used FROM u"
         )
     };
 }
@@ -105,39 +110,48 @@ static UPSERT_ONE_AUDITED_0_5: Stmt = Stmt {
     args: UPSERT_ONE_AUDITED.args,
 };
 
-/// Take back an increment this call made (the rows are still locked by it) when another period
-/// denied: all-or-nothing.
-/// The parameters of a statement run by on_windows: subject, metric, amount, periods, window
-/// starts.
+/// The parameters of a statement run by on_windows: subjects, metric, amount, periods, window
+/// starts (one element per window in each array).
 pub(super) const ON_WINDOWS_ARGS: &[T] = &[
-    T::TEXTOID,
+    T::TEXTARRAYOID,
     T::TEXTOID,
     T::INT8OID,
     T::TEXTARRAYOID,
     T::TIMESTAMPTZARRAYOID,
 ];
 
+/// Take back an increment this call made (the rows are still locked by it) when another window
+/// denied: all-or-nothing.
 static UNDO: Stmt = Stmt {
     sql: "
 UPDATE quota.usage AS u SET used = u.used - $3
-  FROM unnest($4::text[], $5::timestamptz[]) AS t(period, window_start)
- WHERE u.subject = $1 AND u.metric = $2 AND u.period = t.period AND u.window_start = t.window_start",
+  FROM unnest($1::text[], $4::text[], $5::timestamptz[]) AS t(subject, period, window_start)
+ WHERE u.subject = t.subject AND u.metric = $2 AND u.period = t.period AND u.window_start = t.window_start",
     args: ON_WINDOWS_ARGS,
 };
 
 static READ: Stmt = Stmt {
     sql: "
-SELECT t.period, coalesce(u.used, 0)
-  FROM unnest($3::text[], $4::timestamptz[]) AS t(period, window_start)
+SELECT t.subject, t.period, coalesce(u.used, 0)
+  FROM unnest($1::text[], $3::text[], $4::timestamptz[]) AS t(subject, period, window_start)
   LEFT JOIN quota.usage AS u
-    ON u.subject = $1 AND u.metric = $2 AND u.period = t.period AND u.window_start = t.window_start",
-    args: &[T::TEXTOID, T::TEXTOID, T::TEXTARRAYOID, T::TIMESTAMPTZARRAYOID],
+    ON u.subject = t.subject AND u.metric = $2 AND u.period = t.period
+   AND u.window_start = t.window_start",
+    args: &[
+        T::TEXTARRAYOID,
+        T::TEXTOID,
+        T::TEXTARRAYOID,
+        T::TIMESTAMPTZARRAYOID,
+    ],
 };
 
-/// The plan that applies to a subject and metric, and the current window of each period it
-/// limits.
+/// The plan that applies to a subject and metric, the plan of each level of its chain that
+/// limits the metric, and the current window of each period each level limits, in lock order.
 pub(crate) struct PlanWindows {
+    /// The subject's own plan.
     pub plan: String,
+    /// (subject, plan) of each level that limits the metric, nearest first.
+    pub levels: Vec<(String, String)>,
     pub windows: Vec<Window>,
 }
 
@@ -145,82 +159,121 @@ pub(super) fn ts(row: &pgrx::spi::SpiHeapTupleData<'_>, n: usize) -> Option<i64>
     spi::get::<TimestampWithTimeZone>(row, n).map(|t| t.into_inner())
 }
 
-pub(crate) fn load_limits(
-    client: &mut SpiClient<'_>,
-    subject: &str,
-    metric: &str,
-    claim: Option<&str>,
-) -> Result<PlanWindows> {
-    let cached = cache::limits(client, subject, metric, &guc::default_plan_str(), claim)?;
-    let windows: Vec<Window> = cached
-        .periods
-        .iter()
-        .map(|(period, limit)| {
-            let (start, reset_at) = cache::window(client, period, &cached.time_zone);
-            Window {
+/// The one order in which every caller locks usage rows: by subject, then period.
+pub(super) fn window_order(ws: &mut [Window]) {
+    ws.sort_by(|a, b| {
+        (a.subject.as_bytes(), super::period::rank(&a.period))
+            .cmp(&(b.subject.as_bytes(), super::period::rank(&b.period)))
+    });
+}
+
+pub(crate) fn load_limits(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<PlanWindows> {
+    let (plan, levels) = super::chain::levels(client, req.subject, req.metric, req.claim, req.parent_claim)?;
+    let mut windows: Vec<Window> = Vec::with_capacity(levels.iter().map(|l| l.limits.periods.len()).sum());
+    for level in &levels {
+        for (period, limit) in &level.limits.periods {
+            let (start, reset_at) = cache::window(client, period, &level.limits.time_zone);
+            windows.push(Window {
+                subject: level.subject.clone(),
                 period: period.clone(),
                 limit: *limit,
                 start,
                 reset_at,
                 used: 0,
-            }
-        })
-        .collect();
+            });
+        }
+    }
+    if levels.len() > 1 {
+        window_order(&mut windows);
+    }
     Ok(PlanWindows {
-        plan: cached.plan.clone(),
+        plan,
+        levels: levels.into_iter().map(|l| (l.subject, l.limits.plan)).collect(),
         windows,
     })
 }
 
-pub(super) fn window_args(ws: &[&Window]) -> (Vec<String>, Vec<TimestampWithTimeZone>) {
+/// (subjects, periods, window starts) of windows, as statement parameters.
+pub(super) fn window_args(ws: &[&Window]) -> (Vec<String>, Vec<String>, Vec<TimestampWithTimeZone>) {
+    let subjects = ws.iter().map(|w| w.subject.clone()).collect();
     let periods = ws.iter().map(|w| w.period.clone()).collect();
     let starts = ws
         .iter()
         .map(|w| TimestampWithTimeZone::try_from(w.start).expect("window start read from PostgreSQL"))
         .collect();
-    (periods, starts)
+    (subjects, periods, starts)
 }
 
-fn read_used(client: &mut SpiClient<'_>, subject: &str, metric: &str, ws: &mut [Window]) {
+fn read_used(client: &mut SpiClient<'_>, metric: &str, ws: &mut [Window]) {
     let refs: Vec<&Window> = ws.iter().collect();
-    let (periods, starts) = window_args(&refs);
+    let (subjects, periods, starts) = window_args(&refs);
     let rows = spi::run(
         client,
         &READ,
-        &[subject.into(), metric.into(), periods.into(), starts.into()],
+        &[subjects.into(), metric.into(), periods.into(), starts.into()],
     );
     for row in rows {
-        let p = spi::get::<String>(&row, 1).expect("period");
-        let used = spi::get::<i64>(&row, 2).unwrap_or(0);
-        if let Some(w) = ws.iter_mut().find(|w| w.period == p) {
+        let s = spi::get::<String>(&row, 1).expect("subject");
+        let p = spi::get::<String>(&row, 2).expect("period");
+        let used = spi::get::<i64>(&row, 3).unwrap_or(0);
+        if let Some(w) = ws.iter_mut().find(|w| w.period == p && w.subject == s) {
             w.used = used;
         }
     }
 }
 
-pub(super) fn apply_returned(rows: pgrx::spi::SpiTupleTable<'_>, ws: &mut [Window]) -> Vec<String> {
+/// Note the usage of the windows a statement returned (subject, period, used); returns their
+/// (subject, period).
+pub(super) fn apply_returned(rows: pgrx::spi::SpiTupleTable<'_>, ws: &mut [Window]) -> Vec<(String, String)> {
     let mut touched = Vec::new();
     for row in rows {
-        let p = spi::get::<String>(&row, 1).expect("period");
-        let used = spi::get::<i64>(&row, 2).expect("used");
-        if let Some(w) = ws.iter_mut().find(|w| w.period == p) {
+        let s = spi::get::<String>(&row, 1).expect("subject");
+        let p = spi::get::<String>(&row, 2).expect("period");
+        let used = spi::get::<i64>(&row, 3).expect("used");
+        if let Some(w) = ws.iter_mut().find(|w| w.period == p && w.subject == s) {
             w.used = used;
         }
-        touched.push(p);
+        touched.push((s, p));
     }
     touched
 }
 
+fn is_in(w: &Window, touched: &[(String, String)]) -> bool {
+    touched.iter().any(|(s, p)| *s == w.subject && *p == w.period)
+}
+
 /// Audit details of a quota decision: the plan, and the binding window's period, usage and limit;
-/// when several periods apply, every window too.
-pub(super) fn details_json(plan: &str, binding: &Window, ws: &[Window]) -> serde_json::Value {
+/// when several periods apply, every window too. When the windows belong to a chain (pooled
+/// quotas): also the binding subject, and each level's subject, plan and windows.
+pub(super) fn details_json(
+    subject: &str,
+    plan: &str,
+    levels: &[(String, String)],
+    binding: &Window,
+    ws: &[Window],
+) -> serde_json::Value {
     let mut d = json!({
         "plan": plan,
         "period": binding.period,
         "used": binding.used,
         "limit": binding.limit,
     });
-    if ws.len() > 1 {
+    let pooled = levels.len() > 1 || levels.iter().any(|(s, _)| s != subject);
+    if pooled {
+        d["binding_subject"] = json!(binding.subject);
+        d["chain"] = levels
+            .iter()
+            .map(|(subject, plan)| {
+                json!({
+                    "subject": subject,
+                    "plan": plan,
+                    "windows": ws.iter().filter(|w| w.subject == *subject)
+                        .map(|w| json!({"period": w.period, "used": w.used, "limit": w.limit}))
+                        .collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+    } else if ws.len() > 1 {
         d["windows"] = ws
             .iter()
             .map(|w| json!({"period": w.period, "used": w.used, "limit": w.limit}))
@@ -239,7 +292,7 @@ pub(super) struct Outcome {
 
 /// A peek: no write, no audit row. Allowed when one more unit would fit everywhere.
 pub(super) fn peek(client: &mut SpiClient<'_>, req: &Request<'_>, ws: &mut [Window]) -> Decision {
-    read_used(client, req.subject, req.metric, ws);
+    read_used(client, req.metric, ws);
     let full: Vec<&Window> = ws.iter().filter(|w| w.remaining() == 0).collect();
     if full.is_empty() {
         Decision::from_window(req.subject, req.metric, least_remaining(ws), true, false)
@@ -254,18 +307,14 @@ pub(super) fn peek(client: &mut SpiClient<'_>, req: &Request<'_>, ws: &mut [Wind
     }
 }
 
-/// A consume of at least one unit: every window incremented, or none.
-pub(super) fn charge(
-    client: &mut SpiClient<'_>,
-    req: &Request<'_>,
-    plan: &str,
-    ws: &mut [Window],
-) -> Result<Outcome> {
+/// A consume of at least one unit: every window of every level incremented, or none.
+pub(super) fn charge(client: &mut SpiClient<'_>, req: &Request<'_>, pw: &mut PlanWindows) -> Result<Outcome> {
     let (subject, metric, amount) = (req.subject, req.metric, req.amount);
+    let ws = &mut pw.windows;
     if let Some(out) = never_fits(client, req, ws) {
         return Ok(out);
     }
-    let (rows, audited) = increment(client, req, plan, ws);
+    let (rows, audited) = increment(client, req, &pw.plan, ws);
     let granted = apply_returned(rows, ws);
     if granted.len() == ws.len() {
         return Ok(Outcome {
@@ -274,13 +323,14 @@ pub(super) fn charge(
             audited,
         });
     }
-    // Some period denied: take back what the others were given (their rows are still locked by
+    // Some window denied: take back what the others were given (their rows are still locked by
     // this call), then answer with the windows that denied.
     if !granted.is_empty() {
-        undo(client, req, ws, &granted);
+        let undo: Vec<&Window> = ws.iter().filter(|w| is_in(w, &granted)).collect();
+        on_windows(client, &UNDO, req, &undo);
     }
-    read_used(client, subject, metric, ws);
-    let denying: Vec<&Window> = ws.iter().filter(|w| !granted.contains(&w.period)).collect();
+    read_used(client, metric, ws);
+    let denying: Vec<&Window> = ws.iter().filter(|w| !is_in(w, &granted)).collect();
     if let Some(w) = denying.iter().find(|w| w.used > i64::MAX - amount) {
         return Err(QuotaError::UsageOverflow {
             metric: metric.into(),
@@ -299,43 +349,33 @@ pub(super) fn charge(
 /// The denial of an amount above one of the limits, which no window can ever grant, found
 /// without touching usage.
 fn never_fits(client: &mut SpiClient<'_>, req: &Request<'_>, ws: &mut [Window]) -> Option<Outcome> {
-    let period = ws
+    let at = ws
         .iter()
-        .filter(|w| req.amount > w.limit)
-        .min_by_key(|w| w.limit)
-        .map(|w| w.period.clone())?;
-    read_used(client, req.subject, req.metric, ws);
-    let w = ws
-        .iter()
-        .find(|x| x.period == period)
-        .expect("the window just found");
+        .enumerate()
+        .filter(|(_, w)| req.amount > w.limit)
+        .min_by_key(|(_, w)| w.limit)
+        .map(|(i, _)| i)?;
+    read_used(client, req.metric, ws);
     Some(Outcome {
-        decision: Decision::from_window(req.subject, req.metric, w, false, true),
+        decision: Decision::from_window(req.subject, req.metric, &ws[at], false, true),
         reason: "exceeds_limit",
         audited: false,
     })
 }
 
-/// Take back what the `granted` periods were given when another period denied (their rows are
-/// still locked by this call).
-fn undo(client: &mut SpiClient<'_>, req: &Request<'_>, ws: &[Window], granted: &[String]) {
-    let undo: Vec<&Window> = ws.iter().filter(|w| granted.contains(&w.period)).collect();
-    on_windows(client, &UNDO, req, &undo);
-}
-
-/// Run a statement of parameters (subject, metric, amount, periods, window starts) on windows.
+/// Run a statement of parameters (subjects, metric, amount, periods, window starts) on windows.
 pub(super) fn on_windows<'conn>(
     client: &mut SpiClient<'conn>,
     stmt: &'static Stmt,
     req: &Request<'_>,
     ws: &[&Window],
 ) -> pgrx::spi::SpiTupleTable<'conn> {
-    let (periods, starts) = window_args(ws);
+    let (subjects, periods, starts) = window_args(ws);
     spi::run(
         client,
         stmt,
         &[
-            req.subject.into(),
+            subjects.into(),
             req.metric.into(),
             req.amount.into(),
             periods.into(),
@@ -345,25 +385,26 @@ pub(super) fn on_windows<'conn>(
 }
 
 /// The increment itself: the windows it granted, and whether the statement also wrote the grant's
-/// audit row (the common case of one period, with auditing on, takes one statement).
+/// audit row (the common case of one window of the subject's own, with auditing on, takes one
+/// statement).
 fn increment<'conn>(
     client: &mut SpiClient<'conn>,
     req: &Request<'_>,
     plan: &str,
     ws: &[Window],
 ) -> (pgrx::spi::SpiTupleTable<'conn>, bool) {
-    let (subject, metric, amount) = (req.subject, req.metric, req.amount);
+    let (metric, amount) = (req.metric, req.amount);
     if let [w] = ws {
         let start = TimestampWithTimeZone::try_from(w.start).expect("window start");
         let mut args = vec![
-            subject.into(),
+            w.subject.as_str().into(),
             metric.into(),
             w.period.as_str().into(),
             start.into(),
             amount.into(),
             w.limit.into(),
         ];
-        if !guc::audit_wanted(true) {
+        if !guc::audit_wanted(true) || w.subject != req.subject {
             return (spi::run(client, &UPSERT_ONE, &args), false);
         }
         // The details but for `used`, which the statement adds.
@@ -378,18 +419,20 @@ fn increment<'conn>(
         return (spi::run(client, stmt, &args), true);
     }
     let refs: Vec<&Window> = ws.iter().collect();
-    let (periods, starts) = window_args(&refs);
+    let (subjects, periods, starts) = window_args(&refs);
     let limits: Vec<i64> = ws.iter().map(|w| w.limit).collect();
+    let keys: Vec<String> = ws.iter().map(|w| format!("{}:{}", w.period, w.subject)).collect();
     let rows = spi::run(
         client,
         &UPSERT,
         &[
-            subject.into(),
+            subjects.into(),
             metric.into(),
             amount.into(),
             periods.into(),
             starts.into(),
             limits.into(),
+            keys.into(),
         ],
     );
     (rows, false)
@@ -400,16 +443,19 @@ fn increment<'conn>(
 pub(super) fn audit_decision(
     client: &mut SpiClient<'_>,
     req: &Request<'_>,
-    plan: &str,
-    ws: &[Window],
+    pw: &PlanWindows,
     decision: &Decision,
     reason: &'static str,
 ) {
+    let ws = &pw.windows;
     let binding = ws
         .iter()
-        .find(|w| Some(&w.period) == decision.period.as_ref())
+        .find(|w| {
+            Some(&w.period) == decision.period.as_ref()
+                && Some(&w.subject) == decision.binding_subject.as_ref()
+        })
         .unwrap_or(&ws[0]);
-    let details = details_json(plan, binding, ws);
+    let details = details_json(req.subject, &pw.plan, &pw.levels, binding, ws);
     if req.queue_denial && !decision.allowed {
         refusal::refusal(Refusal {
             subject: Some(req.subject),

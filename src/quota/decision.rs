@@ -7,9 +7,11 @@ use serde_json::json;
 
 pub type DecisionRow = pgrx::composite_type!('static, "quota.decision");
 
-/// One calendar window of one period, with its limit and usage.
+/// One calendar window of one subject and period, with its limit and usage.
 #[derive(Clone, Debug)]
 pub struct Window {
+    /// Whose window: the subject charged, or one of its ancestors (pooled quotas).
+    pub subject: String,
     pub period: String,
     pub limit: i64,
     /// Microseconds since 2000-01-01 UTC, PostgreSQL's timestamptz.
@@ -36,6 +38,8 @@ pub struct Decision {
     pub reset_at: Option<i64>,
     pub retry_after_seconds: Option<i32>,
     pub replayed: bool,
+    /// The subject whose window binds: the subject itself or an ancestor.
+    pub binding_subject: Option<String>,
 }
 
 use crate::pg::now_micros;
@@ -64,6 +68,7 @@ impl Decision {
             reset_at: w.reset_at,
             retry_after_seconds: retry,
             replayed: false,
+            binding_subject: Some(w.subject.clone()),
         }
     }
 
@@ -79,6 +84,7 @@ impl Decision {
             "reset_at": self.reset_at.map(iso8601),
             "retry_after_seconds": self.retry_after_seconds,
             "replayed": self.replayed,
+            "binding_subject": self.binding_subject,
         })
     }
 
@@ -93,6 +99,9 @@ impl Decision {
             None => PgTupleDesc::for_composite_type_by_oid(catalog::quota_type(c"decision"))
                 .unwrap_or_else(|| pgrx::error!("quota.decision is not a composite type")),
         };
+        // A database still on a version before 0.8.0 (see catalog::Shape) has no
+        // binding_subject column.
+        let natts = tupdesc.len();
         let datums = [
             self.allowed.into_datum(),
             self.subject.into_datum(),
@@ -104,7 +113,9 @@ impl Decision {
             self.reset_at.map(pg_sys::Datum::from),
             self.retry_after_seconds.into_datum(),
             self.replayed.into_datum(),
+            self.binding_subject.into_datum(),
         ];
+        let datums = datums.into_iter().take(natts);
         // SAFETY: the datums are in quota.decision's column order and of its column types.
         unsafe { PgHeapTuple::from_datums(tupdesc, datums) }
             .unwrap_or_else(|e| pgrx::error!("cannot form quota.decision: {e}"))

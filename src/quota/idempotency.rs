@@ -21,7 +21,8 @@ pub(super) static KEY_CLAIM: Stmt = Stmt {
 static KEY_GET: Stmt = Stmt {
     sql: "
 SELECT k.response -> 'request', d.allowed AND NOT k.response ? 'refund', d.subject, d.metric,
-       d.period, d.used, d.quota_limit, d.remaining, d.reset_at, d.retry_after_seconds
+       d.period, d.used, d.quota_limit, d.remaining, d.reset_at, d.retry_after_seconds,
+       k.response -> 'decision' ->> 'binding_subject'
   FROM quota.idempotency_keys AS k,
        LATERAL pg_catalog.jsonb_populate_record(NULL::quota.decision, k.response -> 'decision') AS d
  WHERE k.subject = $1 AND k.key = $2",
@@ -64,16 +65,24 @@ pub(super) fn replay(client: &mut SpiClient<'_>, req: &Request<'_>, key: &str) -
         reset_at: ts(&row, 9),
         retry_after_seconds: spi::get::<i32>(&row, 10),
         replayed: true,
+        // A decision stored before 0.8.0 has none: it was the subject's own window.
+        binding_subject: spi::get::<String>(&row, 11).or_else(|| spi::get::<String>(&row, 3)),
     })
 }
 
 /// A window as kept in an idempotency key's response: what a refund of that grant gives back to.
 pub(super) fn window_json(w: &Window) -> serde_json::Value {
-    json!({"period": w.period, "start": w.start, "reset_at": w.reset_at, "limit": w.limit, "used": w.used})
+    json!({"subject": w.subject, "period": w.period, "start": w.start, "reset_at": w.reset_at, "limit": w.limit, "used": w.used})
 }
 
-pub(super) fn window_from_json(v: &serde_json::Value) -> Option<Window> {
+/// A window kept by window_json; one kept before 0.8.0 names no subject: it was `subject`'s.
+pub(super) fn window_from_json(v: &serde_json::Value, subject: &str) -> Option<Window> {
     Some(Window {
+        subject: v
+            .get("subject")
+            .and_then(|s| s.as_str())
+            .unwrap_or(subject)
+            .to_string(),
         period: v.get("period")?.as_str()?.to_string(),
         start: v.get("start")?.as_i64()?,
         reset_at: v.get("reset_at").and_then(|r| r.as_i64()),

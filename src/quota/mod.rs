@@ -6,6 +6,7 @@
 //! version, so the sum granted never passes the limit.
 
 pub mod cache;
+pub mod chain;
 pub mod decision;
 pub mod period;
 
@@ -93,6 +94,9 @@ pub(super) struct Request<'a> {
     trusted: bool,
     /// The plan the caller's JWT claims (app_metadata.plan), when it acts as its own subject.
     claim: Option<&'a str>,
+    /// The parent the caller's JWT names (quota_ext.parent_claim), when it acts as its own
+    /// subject.
+    parent_claim: Option<&'a str>,
     /// A denial is about to be raised (require): its audit row goes to the audit writer, as the
     /// raise will roll back the caller's transaction.
     queue_denial: bool,
@@ -118,18 +122,15 @@ fn decide(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
             return Ok(d);
         }
     }
-    let PlanWindows {
-        plan,
-        windows: mut ws,
-    } = load_limits(client, req.subject, req.metric, req.claim)?;
+    let mut pw: PlanWindows = load_limits(client, req)?;
     let outcome = match req.action {
-        Action::Refund => refund_current(client, req, &mut ws),
+        Action::Refund => refund_current(client, req, &mut pw.windows),
         Action::Consume if req.amount == 0 => {
-            let d = peek(client, req, &mut ws);
+            let d = peek(client, req, &mut pw.windows);
             store_key(client, req, &d, &[]);
             return Ok(d);
         }
-        Action::Consume => charge(client, req, &plan, &mut ws)?,
+        Action::Consume => charge(client, req, &mut pw)?,
     };
     let decision = outcome.decision;
     metrics::count(match (req.action, decision.allowed) {
@@ -138,10 +139,10 @@ fn decide(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
         (Action::Consume, false) => Counter::Denials,
     });
     if guc::audit_wanted(decision.allowed) && !(outcome.audited && decision.allowed) {
-        audit_decision(client, req, &plan, &ws, &decision, outcome.reason);
+        audit_decision(client, req, &pw, &decision, outcome.reason);
     }
     let charged: &[Window] = if req.action == Action::Consume && decision.allowed {
-        &ws
+        &pw.windows
     } else {
         &[]
     };
@@ -149,13 +150,16 @@ fn decide(client: &mut SpiClient<'_>, req: &Request<'_>) -> Result<Decision> {
     Ok(decision)
 }
 
-/// The JWT claim app_metadata.plan, when the call acts on the JWT's own subject (a trusted
-/// caller acting for someone else does not lend that subject its own claim). Claims that do
-/// not parse claim nothing: an untrusted caller was refused for them already (it needs its
-/// subject from them), and a trusted one naming a subject does not need them.
-pub(super) fn own_plan_claim(subject: &str) -> Option<String> {
-    let req = request::request_info().ok()?;
-    req.plan.filter(|_| req.sub.as_deref() == Some(subject))
+/// The JWT claims app_metadata.plan and quota_ext.parent_claim, when the call acts on the
+/// JWT's own subject (a trusted caller acting for someone else does not lend that subject its
+/// own claims). Claims that do not parse claim nothing: an untrusted caller was refused for them
+/// already (it needs its subject from them), and a trusted one naming a subject does not need
+/// them.
+pub(super) fn own_claims(subject: &str) -> (Option<String>, Option<String>) {
+    match request::request_info() {
+        Ok(req) if req.sub.as_deref() == Some(subject) => (req.plan, req.parent),
+        _ => (None, None),
+    }
 }
 
 fn run_request(
@@ -172,7 +176,7 @@ fn run_request(
     let key = check_idempotency_key(idempotency_key)?;
     let subject = request::resolve_subject(subject)?;
     let trusted = request::is_trusted();
-    let claim = own_plan_claim(&subject);
+    let (claim, parent_claim) = own_claims(&subject);
     let _owner = AsOwner::enter();
     Spi::connect_mut(|client| {
         decide(
@@ -185,6 +189,7 @@ fn run_request(
                 key: key.as_deref(),
                 trusted,
                 claim: claim.as_deref(),
+                parent_claim: parent_claim.as_deref(),
                 queue_denial,
             },
         )

@@ -24,9 +24,9 @@ use serde_json::json;
 static REFUND: Stmt = Stmt {
     sql: "
 UPDATE quota.usage AS u SET used = greatest(u.used - $3, 0)
-  FROM unnest($4::text[], $5::timestamptz[]) AS t(period, window_start)
- WHERE u.subject = $1 AND u.metric = $2 AND u.period = t.period AND u.window_start = t.window_start
-RETURNING u.period, u.used",
+  FROM unnest($1::text[], $4::text[], $5::timestamptz[]) AS t(subject, period, window_start)
+ WHERE u.subject = t.subject AND u.metric = $2 AND u.period = t.period AND u.window_start = t.window_start
+RETURNING u.subject, u.period, u.used",
     args: ON_WINDOWS_ARGS,
 };
 
@@ -94,9 +94,10 @@ enum Refundable {
     Yes(Vec<Window>),
 }
 
-fn windows_in(v: &serde_json::Value) -> Vec<Window> {
+/// The windows kept in a key's response; those of a grant made before 0.8.0 are the subject's.
+fn windows_in(v: &serde_json::Value, subject: &str) -> Vec<Window> {
     v.as_array()
-        .map(|a| a.iter().filter_map(window_from_json).collect())
+        .map(|a| a.iter().filter_map(|w| window_from_json(w, subject)).collect())
         .unwrap_or_default()
 }
 
@@ -113,7 +114,7 @@ fn refundable(response: &serde_json::Value, req: &Request<'_>) -> Refundable {
         return Refundable::No("that grant was made by a trusted role, which alone can refund it");
     }
     if let Some(first) = response.get("refund") {
-        let ws = windows_in(&first["windows"]);
+        let ws = windows_in(&first["windows"], req.subject);
         if first["amount"].as_i64() != Some(req.amount) || ws.is_empty() {
             return Refundable::No("that grant was refunded already");
         }
@@ -122,7 +123,7 @@ fn refundable(response: &serde_json::Value, req: &Request<'_>) -> Refundable {
     if req.amount > granted {
         return Refundable::No("a refund may not exceed the grant");
     }
-    let ws = windows_in(&response["windows"]);
+    let ws = windows_in(&response["windows"], req.subject);
     if ws.is_empty() {
         return Refundable::No(
             "the grant was made before quota_ext 0.6.0, which does not know the windows it charged; a trusted caller can refund it",
@@ -144,13 +145,14 @@ fn give_back(
     for w in &mut ws {
         w.used = 0;
     }
+    super::charge::window_order(&mut ws);
     let refs: Vec<&Window> = ws.iter().collect();
-    let (periods, starts) = window_args(&refs);
+    let (subjects, periods, starts) = window_args(&refs);
     let rows = spi::run(
         client,
         &REFUND,
         &[
-            subject.into(),
+            subjects.into(),
             metric.into(),
             amount.into(),
             periods.into(),
@@ -163,9 +165,15 @@ fn give_back(
     if guc::audit_wanted(true) {
         let binding = ws
             .iter()
-            .find(|w| Some(&w.period) == d.period.as_ref())
+            .find(|w| Some(&w.period) == d.period.as_ref() && Some(&w.subject) == d.binding_subject.as_ref())
             .unwrap_or(&ws[0]);
-        let mut details = details_json("", binding, &ws);
+        let mut levels: Vec<(String, String)> = Vec::new();
+        for w in &ws {
+            if !levels.iter().any(|(s, _)| *s == w.subject) {
+                levels.push((w.subject.clone(), String::new()));
+            }
+        }
+        let mut details = details_json(subject, "", &levels, binding, &ws);
         details["plan"] = serde_json::Value::Null;
         details["grant"] = json!(key);
         audit::record(

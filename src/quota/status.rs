@@ -2,7 +2,7 @@
 
 use super::charge::ts;
 use super::decision::{Decision, DecisionRow, Window};
-use super::own_plan_claim;
+use super::own_claims;
 use crate::pg::error::{OrRaise, QuotaError};
 use crate::pg::guc;
 use crate::pg::spi::{self, Stmt};
@@ -32,34 +32,48 @@ SELECT lim.metric, lim.period, lim.max_amount, w.window_start, w.reset_at, coale
     args: &[T::TEXTOID, T::TEXTOID, T::TEXTOID],
 };
 
-/// One row per metric and period that applies to the subject; consumes nothing. `allowed` says
-/// whether one more unit would fit in that window.
+/// One row per metric and period that applies to the subject, then to each of its ancestors
+/// (pooled quotas), each row's binding_subject naming whose window it is; consumes nothing.
+/// `allowed` says whether one more unit would fit in that window.
 #[pg_extern(stable, parallel_restricted)]
 fn status(
     subject: default!(Option<&str>, "NULL"),
 ) -> SetOfIterator<'static, pgrx::composite_type!('static, "quota.decision")> {
     let subject = request::resolve_subject(subject).or_raise();
-    let claim = own_plan_claim(&subject);
+    let (claim, parent_claim) = own_claims(&subject);
     let _owner = AsOwner::enter();
     let rows: Vec<(String, Window)> = Spi::connect_mut(|client| {
-        spi::run(
-            client,
-            &STATUS,
-            &[subject.as_str().into(), guc::default_plan().into(), claim.into()],
-        )
-        .map(|row| {
-            (
-                spi::get::<String>(&row, 1).expect("metric"),
-                Window {
-                    period: spi::get::<String>(&row, 2).expect("period"),
-                    limit: spi::get::<i64>(&row, 3).expect("limit"),
-                    start: ts(&row, 4).expect("window_start"),
-                    reset_at: ts(&row, 5),
-                    used: spi::get::<i64>(&row, 6).unwrap_or(0),
-                },
-            )
-        })
-        .collect()
+        super::cache::prepare();
+        let chain = super::chain::ancestors(client, &subject, parent_claim.as_deref()).or_raise();
+        let mut rows = Vec::new();
+        for (i, link) in chain.iter().enumerate() {
+            let claim = if i == 0 { claim.as_deref() } else { None };
+            rows.extend(
+                spi::run(
+                    client,
+                    &STATUS,
+                    &[
+                        link.subject.as_str().into(),
+                        guc::default_plan().into(),
+                        claim.into(),
+                    ],
+                )
+                .map(|row| {
+                    (
+                        spi::get::<String>(&row, 1).expect("metric"),
+                        Window {
+                            subject: link.subject.clone(),
+                            period: spi::get::<String>(&row, 2).expect("period"),
+                            limit: spi::get::<i64>(&row, 3).expect("limit"),
+                            start: ts(&row, 4).expect("window_start"),
+                            reset_at: ts(&row, 5),
+                            used: spi::get::<i64>(&row, 6).unwrap_or(0),
+                        },
+                    )
+                }),
+            );
+        }
+        rows
     });
     drop(_owner);
     let decisions: Vec<DecisionRow> = rows
@@ -71,23 +85,35 @@ fn status(
     SetOfIterator::new(decisions)
 }
 
+/// The current window of each period in each time zone in use, then the usage rows of those
+/// windows only, found through usage_period_window_idx: the cost follows the current windows, not
+/// the history of old ones. A row counts when its window is the current one in its subject's
+/// time zone; organizations are subjects like any other.
 static NEAR: Stmt = Stmt {
     sql: "
+WITH zones AS (SELECT sj.time_zone FROM quota.subjects AS sj UNION SELECT 'UTC'),
+     cur AS (SELECT z.time_zone, p.period, w.window_start, w.reset_at
+               FROM zones AS z
+              CROSS JOIN unnest('{minute,hour,day,week,month,year,total}'::text[]) AS p(period)
+              CROSS JOIN LATERAL quota.window_bounds(p.period, z.time_zone) AS w),
+     starts AS (SELECT DISTINCT c.period, c.window_start FROM cur AS c)
 SELECT u.subject, u.metric, u.period, u.used, e.max_amount,
        CASE WHEN e.max_amount > 0 THEN u.used::float8 / e.max_amount
             ELSE 'Infinity'::float8 END AS ratio,
-       w.reset_at
-  FROM quota.usage AS u
+       c.reset_at
+  FROM starts AS st
+  JOIN quota.usage AS u ON u.period = st.period AND u.window_start = st.window_start
   LEFT JOIN quota.subjects AS s ON s.subject = u.subject
+  JOIN cur AS c
+    ON c.time_zone = coalesce(s.time_zone, 'UTC') AND c.period = u.period
+   AND c.window_start = u.window_start
  CROSS JOIN LATERAL (SELECT coalesce(
           (SELECT o.max_amount FROM quota.overrides AS o
             WHERE o.subject = u.subject AND o.metric = u.metric AND o.period = u.period),
           (SELECT l.max_amount FROM quota.limits AS l
             WHERE l.plan = coalesce(s.plan, $2) AND l.metric = u.metric AND l.period = u.period))
        ) AS e(max_amount)
- CROSS JOIN LATERAL quota.window_bounds(u.period, coalesce(s.time_zone, 'UTC')) AS w
- WHERE u.window_start = w.window_start
-   AND e.max_amount IS NOT NULL
+ WHERE e.max_amount IS NOT NULL
    AND u.used > 0
    AND u.used >= $1 * e.max_amount
  ORDER BY ratio DESC, u.subject, u.metric,
@@ -95,7 +121,8 @@ SELECT u.subject, u.metric, u.period, u.used, e.max_amount,
     args: &[T::FLOAT8OID, T::TEXTOID],
 };
 
-/// Subjects whose current-window usage is at least `threshold` of their limit, highest first.
+/// Subjects (members and organizations alike) whose current-window usage is at least
+/// `threshold` of their limit, highest first.
 #[pg_extern(stable, parallel_safe)]
 #[search_path(pg_catalog, pg_temp)]
 fn near_limit(
@@ -140,4 +167,22 @@ fn near_limit(
             .collect()
     });
     TableIterator::new(rows)
+}
+
+/// The caller's JWT subject and its ancestors, nearest first (NULL without a JWT subject): what
+/// row level security lets a member read of quota.usage, its own windows and its
+/// organization's. A chain that cannot be followed (a cycle written by hand) gives the subject
+/// alone.
+#[pg_extern(stable, parallel_restricted)]
+fn own_chain() -> Option<Vec<String>> {
+    let req = request::request_info().ok()?;
+    let sub = req.sub?;
+    let _owner = AsOwner::enter();
+    Some(Spi::connect_mut(|client| {
+        super::cache::prepare();
+        match super::chain::ancestors(client, &sub, req.parent.as_deref()) {
+            Ok(chain) => chain.into_iter().map(|l| l.subject).collect(),
+            Err(_) => vec![sub.clone()],
+        }
+    }))
 }

@@ -81,7 +81,7 @@ fn resolve<'a>(
             })
         }
     };
-    let policy = policies
+    let mut policy = policies
         .get(plan)
         .or_else(|| policies.get(&*default_plan))
         .copied()
@@ -89,6 +89,24 @@ fn resolve<'a>(
             policy: policy_name.to_string(),
             plan: plan.to_string(),
         })?;
+    let mut key = key;
+    // A pooled policy: the caller's own bucket is its parent's, with the parent's limits (one
+    // bucket per organization, whichever member spends it). Untrusted callers cannot name their
+    // own key to get out of it: the own key is pooled however it is given.
+    if policy.pooled {
+        if let Some(sub) = req.sub.as_deref().filter(|s| *key == **s) {
+            if let Some(parent) = crate::quota::cache::caller_parent(sub, req.parent.as_deref()) {
+                let parent_plan = crate::quota::cache::caller_plan(&parent, None, &default_plan);
+                if let Some(p) = policies
+                    .get(&parent_plan)
+                    .or_else(|| policies.get(&*default_plan))
+                {
+                    policy = *p;
+                }
+                key = Cow::Owned(parent);
+            }
+        }
+    }
     Ok(Some(Resolved { key, policy }))
 }
 

@@ -22,10 +22,19 @@ pub struct Policy {
     pub t_ns: i64,
     pub burst: i64,
     pub shadow: bool,
+    /// One bucket per organization: a caller with a parent spends its parent's bucket.
+    pub pooled: bool,
 }
 
 static POLICY_LOAD: Stmt = Stmt {
-    sql: "SELECT plan, rate, per, burst, shadow FROM quota.rate_policies WHERE policy = $1",
+    sql: "SELECT plan, rate, per, burst, shadow, pooled FROM quota.rate_policies WHERE policy = $1",
+    args: &[T::TEXTOID],
+};
+
+/// POLICY_LOAD on the tables of a version before 0.8.0 (no pooled policies; see
+/// catalog::Shape).
+static POLICY_LOAD_0_7: Stmt = Stmt {
+    sql: "SELECT plan, rate, per, burst, shadow, false FROM quota.rate_policies WHERE policy = $1",
     args: &[T::TEXTOID],
 };
 
@@ -46,7 +55,12 @@ pub fn policy(name: &str) -> Rc<HashMap<String, Policy>> {
     cache::watch_tables();
     let _owner = crate::request::AsOwner::enter();
     let map: HashMap<String, Policy> = Spi::connect_mut(|client| {
-        spi::run(client, &POLICY_LOAD, &[name.into()])
+        let load = if crate::pg::catalog::shape().policies_pooled {
+            &POLICY_LOAD
+        } else {
+            &POLICY_LOAD_0_7
+        };
+        spi::run(client, load, &[name.into()])
             .map(|r| {
                 let plan = spi::get::<String>(&r, 1).expect("plan");
                 let (t_ns, burst) = rate_params(
@@ -61,6 +75,7 @@ pub fn policy(name: &str) -> Rc<HashMap<String, Policy>> {
                         t_ns,
                         burst,
                         shadow: spi::get::<bool>(&r, 5).unwrap_or(false),
+                        pooled: spi::get::<bool>(&r, 6).unwrap_or(false),
                     },
                 )
             })

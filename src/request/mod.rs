@@ -99,52 +99,76 @@ pub fn resolve_subject(arg: Option<&str>) -> Result<String> {
     }
 }
 
-/// The parts of the JWT the rate limiter needs, parsed once per distinct text of
-/// request.jwt.claims (PostgREST sets it per request; a pooled backend sees the same text many
-/// times in a row).
+/// The parts of the JWT the quota and rate paths need, parsed once per distinct text of
+/// request.jwt.claims and quota_ext.parent_claim (PostgREST sets the claims per request; a
+/// pooled backend sees the same text many times in a row).
 #[derive(Clone, Debug, Default)]
 pub struct RequestInfo {
     pub sub: Option<String>,
     /// JWT claim app_metadata.plan.
     pub plan: Option<String>,
+    /// The claim quota_ext.parent_claim names (a string or a number), if set and present.
+    pub parent: Option<String>,
 }
 
+/// What one text of the claims said: (claims, parent_claim path, sub, plan, parent).
+type ParsedClaims = (String, String, Option<String>, Option<String>, Option<String>);
+
 thread_local! {
-    static LAST_CLAIMS: std::cell::RefCell<(String, Option<String>, Option<String>)> =
-        const { std::cell::RefCell::new((String::new(), None, None)) };
+    static LAST_CLAIMS: std::cell::RefCell<ParsedClaims> =
+        const { std::cell::RefCell::new((String::new(), String::new(), None, None, None)) };
     /// (request.headers, the address found, client_ip_header, trusted_proxy_hops)
     pub(super) static LAST_HEADERS: std::cell::RefCell<(String, Option<String>, String, usize)> =
         const { std::cell::RefCell::new((String::new(), None, String::new(), 0)) };
 }
 
+/// A claim that names a subject: a non-empty string, or a number as its text.
+fn claim_text(v: Option<&serde_json::Value>) -> Option<String> {
+    match v {
+        Some(serde_json::Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The claim at a dotted path (`app_metadata.org_id`) of the claims.
+fn claim_at<'v>(claims: &'v serde_json::Value, path: &str) -> Option<&'v serde_json::Value> {
+    path.split('.').try_fold(claims, |v, part| v.get(part))
+}
+
+fn parse_claims(claims: &str, parent_path: &str) -> Result<(Option<String>, Option<String>, Option<String>)> {
+    if claims.trim().is_empty() {
+        return Ok((None, None, None));
+    }
+    let v: serde_json::Value = serde_json::from_str(claims).map_err(|e| QuotaError::MalformedClaims {
+        detail: e.to_string(),
+    })?;
+    let plan = v
+        .pointer("/app_metadata/plan")
+        .and_then(|p| p.as_str())
+        .map(str::to_string);
+    let parent = if parent_path.trim().is_empty() {
+        None
+    } else {
+        claim_text(claim_at(&v, parent_path.trim()))
+    };
+    Ok((claim_text(v.get("sub")), plan, parent))
+}
+
 pub fn request_info() -> Result<RequestInfo> {
     let raw_claims = CLAIMS.text();
-    let (sub, plan) = LAST_CLAIMS.with(|c| -> Result<(Option<String>, Option<String>)> {
-        let mut c = c.borrow_mut();
-        if !same_text(c.0.as_bytes(), raw_claims) {
-            let claims = String::from_utf8_lossy(raw_claims).into_owned();
-            let (sub, plan) = if claims.trim().is_empty() {
-                (None, None)
-            } else {
-                let v: serde_json::Value =
-                    serde_json::from_str(&claims).map_err(|e| QuotaError::MalformedClaims {
-                        detail: e.to_string(),
-                    })?;
-                let sub = match v.get("sub") {
-                    Some(serde_json::Value::String(s)) if !s.is_empty() => Some(s.clone()),
-                    Some(serde_json::Value::Number(n)) => Some(n.to_string()),
-                    _ => None,
-                };
-                let plan = v
-                    .pointer("/app_metadata/plan")
-                    .and_then(|p| p.as_str())
-                    .map(str::to_string);
-                (sub, plan)
-            };
-            *c = (claims, sub, plan);
-        }
-        Ok((c.1.clone(), c.2.clone()))
-    })?;
+    let parent_path = crate::pg::guc::parent_claim_bytes();
+    let (sub, plan, parent) =
+        LAST_CLAIMS.with(|c| -> Result<(Option<String>, Option<String>, Option<String>)> {
+            let mut c = c.borrow_mut();
+            if !same_text(c.0.as_bytes(), raw_claims) || c.1.as_bytes() != parent_path {
+                let claims = String::from_utf8_lossy(raw_claims).into_owned();
+                let path = String::from_utf8_lossy(parent_path).into_owned();
+                let (sub, plan, parent) = parse_claims(&claims, &path)?;
+                *c = (claims, path, sub, plan, parent);
+            }
+            Ok((c.2.clone(), c.3.clone(), c.4.clone()))
+        })?;
     let sub = match sub {
         Some(s) => Some(s),
         None => {
@@ -158,5 +182,6 @@ pub fn request_info() -> Result<RequestInfo> {
     Ok(RequestInfo {
         sub: check_jwt_subject(sub)?,
         plan,
+        parent: parent.filter(|p| p.len() <= MAX_NAME_BYTES),
     })
 }

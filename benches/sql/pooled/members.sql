@@ -1,0 +1,3 @@
+\set o random(1, 1000)
+\set k random(1, 10)
+SELECT quota.consume('m-' || :o || '-' || :k, 'api');

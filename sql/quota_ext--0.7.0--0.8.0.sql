@@ -1,0 +1,111 @@
+\echo Use "ALTER EXTENSION quota_ext UPDATE TO '0.8.0'" to load this file. \quit
+
+-- 0.7.0 -> 0.8.0: pooled quotas (organizations and their members), near_limit on the current
+-- windows only, a retention for old usage windows.
+
+-- A subject's parent (quota.set_parent); a row may now exist only to hold it, without a plan.
+ALTER TABLE quota.subjects ALTER COLUMN plan DROP NOT NULL;
+ALTER TABLE quota.subjects
+    ADD COLUMN parent text CONSTRAINT subjects_parent_fkey REFERENCES quota.subjects (subject)
+                           ON UPDATE CASCADE ON DELETE SET NULL,
+    ADD CONSTRAINT subjects_parent_not_self CHECK (parent <> subject);
+CREATE INDEX subjects_parent_idx ON quota.subjects (parent) WHERE parent IS NOT NULL;
+
+-- near_limit reads the current windows only, and prune's usage retention the old ones, through
+-- this index instead of every row ever written; inserts of a new window update it, increments
+-- of `used` (HOT updates) do not.
+CREATE INDEX usage_period_window_idx ON quota.usage (period, window_start);
+
+-- The subject whose window binds: the subject itself or one of its ancestors.
+ALTER TYPE quota.decision ADD ATTRIBUTE binding_subject text;
+
+-- A caller with a parent spends its parent's bucket, with the parent's plan's limits.
+ALTER TABLE quota.rate_policies ADD COLUMN pooled boolean NOT NULL DEFAULT false;
+
+CREATE FUNCTION quota.set_parent(subject text, parent text) RETURNS void
+VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'set_parent_wrapper';
+
+CREATE FUNCTION quota.own_chain() RETURNS text[]
+STRICT STABLE PARALLEL RESTRICTED
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'own_chain_wrapper';
+
+-- prune gains usage_older_than (default NULL: keep usage) and its count.
+DROP FUNCTION quota.prune(interval, interval);
+CREATE FUNCTION quota.prune(
+    audit_older_than interval DEFAULT '90 days',
+    idempotency_older_than interval DEFAULT '7 days',
+    usage_older_than interval DEFAULT NULL
+) RETURNS TABLE (audit_deleted bigint, idempotency_deleted bigint, usage_deleted bigint)
+VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'prune_wrapper';
+
+CREATE OR REPLACE FUNCTION quota.require(subject text DEFAULT NULL, metric text DEFAULT NULL,
+                              amount bigint DEFAULT 1, idempotency_key text DEFAULT NULL)
+RETURNS quota.decision
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    d quota.decision;
+BEGIN
+    -- consume, but a denial's audit row is queued: the raise below rolls this transaction back.
+    d := quota.require_decision(subject, metric, amount, idempotency_key);
+    IF NOT d.allowed THEN
+        RAISE EXCEPTION USING
+            ERRCODE = 'PT429',
+            MESSAGE = format('quota exceeded: %s of %s for subject %s (%s/%s used)',
+                             metric, d.period, coalesce(d.binding_subject, d.subject), d.used, d.quota_limit),
+            DETAIL  = pg_catalog.to_json(d)::text,
+            HINT    = CASE WHEN d.retry_after_seconds IS NULL
+                           THEN 'The amount exceeds the limit; it can never be granted.'
+                           ELSE format('Retry after %s seconds.', d.retry_after_seconds) END;
+    END IF;
+    RETURN d;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION quota.replace_shipped_rate_policy()
+RETURNS trigger
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE quota.rate_policies r
+       SET rate = NEW.rate, per = NEW.per, burst = NEW.burst, shadow = NEW.shadow, pooled = NEW.pooled
+     WHERE (r.policy, r.plan) = (NEW.policy, NEW.plan)
+       AND r.burst IS NULL AND NOT r.shadow AND NOT r.pooled
+       AND (r.policy, r.plan, r.rate, r.per) IN (VALUES
+            ('default', 'anonymous',     20::bigint, '1 minute'::interval),
+            ('default', 'free',         100, '1 minute'),
+            ('default', 'pro',         1000, '1 minute'),
+            ('default', 'enterprise', 10000, '1 minute'));
+    IF FOUND THEN
+        RETURN NULL;
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+-- A member reads its organization's usage rows too: quota.own_chain() is the JWT subject and
+-- its ancestors.
+ALTER POLICY usage_own_rows ON quota.usage USING (subject = ANY ((SELECT quota.own_chain())::text[]));
+
+REVOKE ALL ON FUNCTION quota.set_parent(text, text), quota.own_chain(),
+    quota.prune(interval, interval, interval) FROM PUBLIC;
+DO $grants$
+BEGIN
+    IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'service_role') THEN
+        GRANT EXECUTE ON FUNCTION quota.set_parent(text, text), quota.own_chain(),
+            quota.prune(interval, interval, interval) TO service_role;
+    END IF;
+    IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'authenticated') THEN
+        GRANT EXECUTE ON FUNCTION quota.own_chain() TO authenticated;
+    END IF;
+END
+$grants$;
