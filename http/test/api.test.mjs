@@ -19,7 +19,7 @@ const DENIED = { service_role: [200, 204], authenticated: 403, anon: 401 }
 const callers = () => ({ service_role: service, authenticated: user, anon })
 
 // What a 200 answer of each function looks like in JSON.
-const DECISION = ['allowed', 'subject', 'metric', 'period', 'used', 'quota_limit', 'remaining', 'reset_at', 'retry_after_seconds', 'replayed']
+const DECISION = ['allowed', 'subject', 'metric', 'period', 'used', 'quota_limit', 'remaining', 'reset_at', 'retry_after_seconds', 'replayed', 'binding_subject']
 const RATE = ['allowed', 'key', 'rate_limit', 'remaining', 'reset_after_seconds', 'retry_after_seconds']
 const has = (keys) => (o) => o !== null && typeof o === 'object' && keys.every((k) => k in o)
 const rows = (keys) => (a) => Array.isArray(a) && a.every(has(keys))
@@ -45,6 +45,8 @@ const SHAPES = {
   consume_item: rows(['batch_id', 'consumed', 'remaining', 'version']),
   window_bounds: rows(['window_start', 'reset_at']),
   set_plan: () => true,
+  set_parent: () => true,
+  own_chain: (d) => d === null || (Array.isArray(d) && d.every((s) => typeof s === 'string')),
   set_limit: () => true,
   set_override: () => true,
   pre_request: () => true,
@@ -62,6 +64,8 @@ test('the quota functions answer each role as its grants and the trust rules say
     ['rate_limit', () => ({ policy: 'default' }), { service_role: 200, authenticated: 200, anon: 200 }],
     ['request_rate_decision', () => ({ method: 'POST' }), { service_role: 200, authenticated: 200, anon: 200 }],
     ['set_plan', () => ({ subject: unique('planned'), plan: 'pro' }), DENIED],
+    ['set_parent', () => ({ subject: unique('member'), parent: null }), DENIED],
+    ['own_chain', () => ({}), { service_role: 200, authenticated: 200, anon: 401 }],
     ['set_limit', () => ({ plan: 'pro', metric: unique('m'), period: 'day', max_amount: 5 }), DENIED],
     ['set_override', () => ({ subject: sub, metric: unique('m'), period: 'day', max_amount: 5 }), DENIED],
     ['reset_usage', () => ({ subject: unique('nobody'), metric: 'api_calls' }), DENIED],
@@ -93,6 +97,34 @@ test('the quota functions answer each role as its grants and the trust rules say
       if (status === 200) assert.ok(SHAPES[fn](data), `${fn} as ${role} answered ${JSON.stringify(data)}`)
     }
   }
+})
+
+test('a member spends its organization\'s quota and reads its usage', async () => {
+  const org = unique('org')
+  const member = unique('member')
+  sql(`INSERT INTO quota.plans VALUES ('http-team', '') ON CONFLICT DO NOTHING;
+       SELECT quota.set_limit('http-team', 'seats_api', 'day', 3);
+       SELECT quota.set_plan('${org}', 'http-team');
+       SELECT quota.set_parent('${member}', '${org}');
+       SELECT quota.set_limit('free', 'seats_api', 'day', 10);`)
+  const m = await client('authenticated', member)
+  const first = await m.schema('quota').rpc('consume', { metric: 'seats_api', amount: 2 })
+  assert.equal(first.status, 200)
+  assert.equal(first.data.subject, member)
+  assert.equal(first.data.binding_subject, org)
+  assert.equal(first.data.remaining, 1)
+  const denied = await m.schema('quota').rpc('consume', { metric: 'seats_api', amount: 2 })
+  assert.equal(denied.data.allowed, false)
+  assert.equal(denied.data.binding_subject, org)
+  const named = await m.schema('quota').rpc('consume', { subject: org, metric: 'seats_api' })
+  assert.equal(named.status, 403)
+  const status = await m.schema('quota').rpc('status', {})
+  assert.deepEqual(status.data.filter((d) => d.metric === 'seats_api').map((d) => [d.binding_subject, d.used]), [[member, 2], [org, 2]])
+  const chain = await m.schema('quota').rpc('own_chain', {})
+  assert.deepEqual(chain.data, [member, org])
+  const usage = await m.schema('quota').from('usage').select('subject, used').eq('metric', 'seats_api').order('subject')
+  assert.equal(usage.status, 200)
+  assert.deepEqual(usage.data.map((r) => r.subject).sort(), [member, org].sort())
 })
 
 test('a consume answers the decision as JSON', async () => {
