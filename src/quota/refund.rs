@@ -3,7 +3,6 @@
 
 use super::charge::apply_returned;
 use super::charge::details_json;
-use super::charge::window_args;
 use super::charge::Outcome;
 use super::charge::{on_windows, ON_WINDOWS_ARGS};
 use super::decision::{least_remaining, Decision, Window};
@@ -24,9 +23,9 @@ use serde_json::json;
 static REFUND: Stmt = Stmt {
     sql: "
 UPDATE quota.usage AS u SET used = greatest(u.used - $3, 0)
-  FROM unnest($1::text[], $4::text[], $5::timestamptz[]) AS t(subject, period, window_start)
- WHERE u.subject = t.subject AND u.metric = $2 AND u.period = t.period AND u.window_start = t.window_start
-RETURNING u.subject, u.period, u.used",
+  FROM unnest($4::text[], $5::timestamptz[]) AS t(period, window_start)
+ WHERE u.subject = $1 AND u.metric = $2 AND u.period = t.period AND u.window_start = t.window_start
+RETURNING u.period, u.used",
     args: ON_WINDOWS_ARGS,
 };
 
@@ -147,18 +146,7 @@ fn give_back(
     }
     super::charge::window_order(&mut ws);
     let refs: Vec<&Window> = ws.iter().collect();
-    let (subjects, periods, starts) = window_args(&refs);
-    let rows = spi::run(
-        client,
-        &REFUND,
-        &[
-            subjects.into(),
-            metric.into(),
-            amount.into(),
-            periods.into(),
-            starts.into(),
-        ],
-    );
+    let rows = on_windows(client, &REFUND, req, &refs);
     apply_returned(rows, &mut ws);
     let d = Decision::from_window(subject, metric, least_remaining(&ws), true, false);
     metrics::count(Counter::Refunds);
