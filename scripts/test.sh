@@ -16,7 +16,7 @@
 # server starts (seen once: the crash server could not bind).
 SERVERS=(
     "TEST|25316|the main test server, with the roles of a Supabase project|"
-    "TINY|25321|a small bucket table, and a tiny audit queue no writer can drain|quota_ext.rate_max_keys = 1024;quota_ext.audit_queue_size = 16;max_worker_processes = 0"
+    "TINY|25321|a small bucket table, a tiny audit queue no writer can drain, four breakers|quota_ext.rate_max_keys = 1024;quota_ext.audit_queue_size = 16;max_worker_processes = 0;quota_ext.breaker_max = 4"
     "SCARCE|25323|one background worker slot, which a parallel query can take|max_worker_processes = 1;max_logical_replication_workers = 0"
     "WRITERS|25324|worker slots to spare: more databases at once than the audit writer's 8 slots|max_worker_processes = 16"
     "NOPRELOAD|25318|without the preload|shared_preload_libraries = ''"

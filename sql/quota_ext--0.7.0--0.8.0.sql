@@ -1,7 +1,7 @@
 \echo Use "ALTER EXTENSION quota_ext UPDATE TO '0.8.0'" to load this file. \quit
 
 -- 0.7.0 -> 0.8.0: pooled quotas (organizations and their members), near_limit on the current
--- windows only, a retention for old usage windows.
+-- windows only, a retention for old usage windows, circuit breakers shared by every backend.
 
 -- A subject's parent (quota.set_parent); a row may now exist only to hold it, without a plan.
 ALTER TABLE quota.subjects ALTER COLUMN plan DROP NOT NULL;
@@ -21,6 +21,41 @@ ALTER TYPE quota.decision ADD ATTRIBUTE binding_subject text;
 
 -- A caller with a parent spends its parent's bucket, with the parent's plan's limits.
 ALTER TABLE quota.rate_policies ADD COLUMN pooled boolean NOT NULL DEFAULT false;
+
+-- Circuit breakers: rules per name (state in shared memory), the answer type, the functions.
+CREATE TABLE quota.breakers (
+    name              text             PRIMARY KEY CHECK (btrim(name) <> '' AND octet_length(name) <= 256),
+    failure_threshold integer          NOT NULL DEFAULT 5 CHECK (failure_threshold > 0),
+    open_seconds      double precision NOT NULL DEFAULT 60 CHECK (open_seconds > 0 AND open_seconds <= 31536000),
+    half_open_probes  integer          NOT NULL DEFAULT 1 CHECK (half_open_probes > 0)
+);
+ALTER TABLE quota.breakers ENABLE ROW LEVEL SECURITY;
+SELECT pg_catalog.pg_extension_config_dump('quota.breakers', '');
+CREATE TRIGGER limits_cache_invalidation AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON quota.breakers
+    FOR EACH STATEMENT EXECUTE FUNCTION quota.invalidate_limits_cache();
+
+CREATE TYPE quota.breaker_decision AS (
+    allowed             boolean,
+    name                text,
+    state               text,
+    failures            integer,
+    retry_after_seconds double precision
+);
+
+CREATE FUNCTION quota.breaker_allow(name text) RETURNS quota.breaker_decision
+VOLATILE PARALLEL RESTRICTED
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'breaker_allow_wrapper';
+
+CREATE FUNCTION quota.breaker_record(name text, success boolean) RETURNS quota.breaker_decision
+VOLATILE PARALLEL RESTRICTED
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'breaker_record_wrapper';
+
+CREATE FUNCTION quota.breaker_reset(name text) RETURNS quota.breaker_decision
+VOLATILE PARALLEL RESTRICTED
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'breaker_reset_wrapper';
 
 CREATE FUNCTION quota.set_parent(subject text, parent text) RETURNS void
 VOLATILE PARALLEL UNSAFE
@@ -97,12 +132,16 @@ $$;
 ALTER POLICY usage_own_rows ON quota.usage USING (subject = ANY ((SELECT quota.own_chain())::text[]));
 
 REVOKE ALL ON FUNCTION quota.set_parent(text, text), quota.own_chain(),
-    quota.prune(interval, interval, interval) FROM PUBLIC;
+    quota.prune(interval, interval, interval), quota.breaker_allow(text),
+    quota.breaker_record(text, boolean), quota.breaker_reset(text) FROM PUBLIC;
+REVOKE ALL ON quota.breakers FROM PUBLIC;
 DO $grants$
 BEGIN
     IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'service_role') THEN
         GRANT EXECUTE ON FUNCTION quota.set_parent(text, text), quota.own_chain(),
-            quota.prune(interval, interval, interval) TO service_role;
+            quota.prune(interval, interval, interval), quota.breaker_allow(text),
+            quota.breaker_record(text, boolean), quota.breaker_reset(text) TO service_role;
+        GRANT SELECT ON quota.breakers TO service_role;
     END IF;
     IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'authenticated') THEN
         GRANT EXECUTE ON FUNCTION quota.own_chain() TO authenticated;

@@ -184,6 +184,24 @@ AS $$
                          + CAST(pg_catalog.concat('1 ', period) AS pg_catalog.interval)) END
 $$;
 
+-- Circuit breakers (quota.breaker_allow / breaker_record): their state is in shared memory;
+-- this table holds the rules of the named ones (a name without a row uses the defaults, the
+-- seed's: 5 failures open it, after 60 s one probe goes through).
+CREATE TABLE quota.breakers (
+    name              text             PRIMARY KEY CHECK (btrim(name) <> '' AND octet_length(name) <= 256),
+    failure_threshold integer          NOT NULL DEFAULT 5 CHECK (failure_threshold > 0),
+    open_seconds      double precision NOT NULL DEFAULT 60 CHECK (open_seconds > 0 AND open_seconds <= 31536000),
+    half_open_probes  integer          NOT NULL DEFAULT 1 CHECK (half_open_probes > 0)
+);
+
+CREATE TYPE quota.breaker_decision AS (
+    allowed             boolean,
+    name                text,
+    state               text,
+    failures            integer,
+    retry_after_seconds double precision
+);
+
 -- Inventory batches: quantities consumed under row locks, with a version for optimistic checks.
 CREATE TABLE quota.batches (
     id               uuid        PRIMARY KEY DEFAULT gen_random_uuid(),

@@ -12,6 +12,7 @@ use pgrx::prelude::*;
 
 mod audit;
 mod batch;
+mod breaker;
 mod metrics;
 mod pg;
 mod quota;
@@ -36,7 +37,7 @@ pub extern "C-unwind" fn _PG_init() {
 }
 
 /// What lives in shared memory besides pgrx's own atomics.
-static SHARED_STRUCTURES: [pg::shmem::Structure; 2] = [
+static SHARED_STRUCTURES: [pg::shmem::Structure; 3] = [
     pg::shmem::Structure {
         request: rate::table::shmem_request,
         startup: rate::table::shmem_startup,
@@ -45,10 +46,14 @@ static SHARED_STRUCTURES: [pg::shmem::Structure; 2] = [
         request: audit::queue::shmem_request,
         startup: audit::queue::shmem_startup,
     },
+    pg::shmem::Structure {
+        request: breaker::table::shmem_request,
+        startup: breaker::table::shmem_startup,
+    },
 ];
 
 /// The gauges quota.metrics() shows after the counters.
-static GAUGES: [metrics::Gauge; 3] = [
+static GAUGES: [metrics::Gauge; 5] = [
     metrics::Gauge {
         name: "keys_in_use",
         description: "rate-limit buckets in shared memory now",
@@ -63,6 +68,16 @@ static GAUGES: [metrics::Gauge; 3] = [
         name: "key_capacity",
         description: "rate-limit buckets that fit (quota_ext.rate_max_keys, rounded up per partition)",
         read: rate::table::key_capacity,
+    },
+    metrics::Gauge {
+        name: "breakers_in_use",
+        description: "circuit breakers in shared memory now (at most quota_ext.breaker_max)",
+        read: || breaker::table::in_use().map_or(0, |(n, _)| n),
+    },
+    metrics::Gauge {
+        name: "breakers_open",
+        description: "circuit breakers open now (one past open_seconds goes half-open at its next call)",
+        read: || breaker::table::in_use().map_or(0, |(_, open)| open),
     },
 ];
 

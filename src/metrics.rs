@@ -30,9 +30,13 @@ pub enum Counter {
     AuditWritten,
     AuditDropped,
     AuditRejected,
+    BreakerAllowed,
+    BreakerDenied,
+    BreakerOpened,
+    BreakerFull,
 }
 
-const COUNTERS: [(&str, &str); 16] = [
+const COUNTERS: [(&str, &str); 20] = [
     ("consumes", "quota.consume/require calls that granted"),
     ("denials", "quota.consume/require calls that denied"),
     ("refunds", "quota.refund calls"),
@@ -72,6 +76,22 @@ const COUNTERS: [(&str, &str); 16] = [
     (
         "audit_rejected",
         "audit rows of refusals that found the queue full (never queued)",
+    ),
+    (
+        "breaker_allowed",
+        "breaker_allow calls that let the caller through",
+    ),
+    (
+        "breaker_denied",
+        "breaker_allow calls refused by an open or busy half-open breaker",
+    ),
+    (
+        "breaker_opened",
+        "times a breaker opened (closed or half-open to open)",
+    ),
+    (
+        "breaker_full",
+        "calls for a new breaker that found the table full (quota_ext.breaker_max)",
     ),
 ];
 

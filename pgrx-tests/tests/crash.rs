@@ -18,6 +18,12 @@ fn key_allowed(c: &mut Client) -> bool {
     )
 }
 
+fn breaker_allowed(c: &mut Client) -> bool {
+    c.query_one("SELECT allowed FROM quota.breaker_allow('crash-breaker')", &[])
+        .unwrap()
+        .get(0)
+}
+
 fn connect(port: u16, db: &str) -> Result<Client, postgres::Error> {
     Client::connect(
         &format!("host=127.0.0.1 port={port} user=postgres dbname={db} application_name=crash-client"),
@@ -42,6 +48,13 @@ fn sigkill_of_a_backend_loses_no_acknowledged_consume() {
 
     let spent = key_allowed(&mut c);
     assert!(spent);
+    // A breaker opened before the crash (its state is in shared memory too).
+    c.batch_execute(
+        "INSERT INTO quota.breakers (name, failure_threshold) VALUES ('crash-breaker', 1);
+         SELECT quota.breaker_record('crash-breaker', false);",
+    )
+    .unwrap();
+    assert!(!breaker_allowed(&mut c), "open before the crash");
 
     const SESSIONS: usize = 8;
     let stop = Arc::new(AtomicBool::new(false));
@@ -136,6 +149,11 @@ fn sigkill_of_a_backend_loses_no_acknowledged_consume() {
         "a bucket spent before the crash is full after it"
     );
     assert!(!key_allowed(&mut c), "and works: the next call is denied");
+    // The breaker table was re-created: the breaker is closed again, and works.
+    assert!(breaker_allowed(&mut c), "a breaker starts closed after the crash");
+    c.batch_execute("SELECT quota.breaker_record('crash-breaker', false)")
+        .unwrap();
+    assert!(!breaker_allowed(&mut c), "and opens again");
     // Shared memory was re-created: the counters work, from zero.
     let consumes = metric(&mut c, "consumes");
     c.batch_execute("SELECT quota.consume('after', 'api')").unwrap();

@@ -63,6 +63,9 @@ fn supabase_roles_get_what_api_md_grants() {
         "quota.near_limit(double precision)",
         "quota.prune(interval,interval,interval)",
         "quota.set_parent(text,text)",
+        "quota.breaker_allow(text)",
+        "quota.breaker_record(text,boolean)",
+        "quota.breaker_reset(text)",
         "quota.create_batch(text,text,bigint,timestamp with time zone,jsonb)",
         "quota.metrics()",
         "quota.metrics_prometheus()",
@@ -371,7 +374,8 @@ fn functions_pin_search_path_and_the_script_replaces_nothing() {
     // trigger that queues an invalidation, rate_check (shared memory only), consume_batch_quantity
     // (plpgsql whose every name and operator is schema-qualified); and the functions on
     // the request path (consume, require_decision, refund, status, take_batch_quantity,
-    // consume_item, rate_limit, request_rate_decision, request_rate_limit, own_chain), whose every
+    // consume_item, rate_limit, request_rate_decision, request_rate_limit, own_chain, the
+    // breaker functions), whose every
     // statement runs inside the
     // switch to the extension owner, which pins the search path for exactly those statements, so
     // a call does not pay for a function-level setting (hostile_objects_in_public_change_nothing
@@ -391,6 +395,9 @@ fn functions_pin_search_path_and_the_script_replaces_nothing() {
     assert_eq!(
         unpinned,
         [
+            "breaker_allow",
+            "breaker_record",
+            "breaker_reset",
             "consume",
             "consume_batch_quantity",
             "consume_item",
@@ -459,7 +466,7 @@ fn hostile_objects_in_public_change_nothing() {
     }
     c.batch_execute(
         "SELECT quota.refund('ann', 'api'); SELECT quota.status('ann'); SELECT quota.near_limit();
-         SELECT quota.own_chain();
+         SELECT quota.own_chain(); SELECT quota.breaker_allow('hostile');
          SELECT quota.rate_limit('default'); SELECT quota.request_rate_decision('GET');
          SELECT quota.request_rate_limit('GET');
          SELECT quota.require('bob', 'api');
@@ -743,7 +750,7 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
     // The admin, batch, rate and metrics functions, as service_role calls them. (A function
     // returning a scalar or void comes back as the column the call is aliased to, pgrst_call;
     // PostgREST answers such calls with the bare value.)
-    let admin_calls: [(&str, &[(&str, &str)], &str, &[&str]); 18] = [
+    let admin_calls: [(&str, &[(&str, &str)], &str, &[&str]); 21] = [
         (
             "window_bounds",
             &[
@@ -762,6 +769,24 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
             &[("subject", "text"), ("plan", "text"), ("time_zone", "text")],
             r#"{"subject":"user-9","plan":"pro","time_zone":"Europe/Paris"}"#,
             &[r#"{"pgrst_call":""}"#],
+        ),
+        (
+            "breaker_record",
+            &[("name", "text"), ("success", "boolean")],
+            r#"{"name":"rpc-breaker","success":false}"#,
+            &[r#""state":"closed""#, r#""failures":1"#],
+        ),
+        (
+            "breaker_allow",
+            &[("name", "text")],
+            r#"{"name":"rpc-breaker"}"#,
+            &[r#""allowed":true"#, r#""retry_after_seconds":0"#],
+        ),
+        (
+            "breaker_reset",
+            &[("name", "text")],
+            r#"{"name":"rpc-breaker"}"#,
+            &[r#""failures":0"#],
         ),
         (
             "set_parent",
@@ -891,6 +916,9 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
         "set_plan",
         "set_parent",
         "own_chain",
+        "breaker_allow",
+        "breaker_record",
+        "breaker_reset",
         "set_limit",
         "set_override",
         "reset_usage",

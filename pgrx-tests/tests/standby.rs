@@ -37,6 +37,16 @@ fn rate_limits_work_on_a_hot_standby() {
         "policies are read on the replica"
     );
     assert!(metric(&mut c, "rate_checks") >= 4);
+    // Circuit breakers work on the replica too, in its own shared memory.
+    let opened: String = c
+        .query_one(
+            "SELECT (quota.breaker_record('standby-breaker', false)).failures::text || ',' ||
+                    (quota.breaker_allow('standby-breaker')).state",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(opened, "1,closed");
 
     // A policy changed on the primary reaches this session's policy cache when the replica
     // replays the commit: the cache is invalidated by the invalidation messages the commit

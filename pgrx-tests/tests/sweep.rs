@@ -12,7 +12,7 @@ use quota_ext_itests::{
 /// argument's type (a value that is not a uuid, an interval, ...).
 const DOCUMENTED: &[&str] = &[
     "22004", "22023", "22001", "22003", "22P02", "42501", "42704", "PT429", "P0002", "23514", "40001",
-    "55000", "22007", "22008", "22P05", "42P19", "54000", "23503",
+    "55000", "22007", "22008", "22P05", "42P19", "54000", "23503", "53400",
 ];
 
 fn bad_values(ty: &str) -> Vec<String> {
@@ -63,6 +63,7 @@ fn bad_values(ty: &str) -> Vec<String> {
             "'infinity'::timestamptz".into(),
         ],
         "jsonb" => vec!["NULL".into(), "'[]'::jsonb".into(), "'\"x\"'::jsonb".into()],
+        "boolean" => vec!["NULL".into()],
         other => panic!("no bad values for {other}"),
     }
 }
@@ -79,6 +80,9 @@ fn functions(batch: &str) -> Vec<(&'static str, Vec<(&'static str, String)>)> {
         ("status", vec![t("ann")]),
         ("set_plan", vec![t("ann"), t("pro"), t("UTC")]),
         ("set_parent", vec![t("ann"), t("org")]),
+        ("breaker_allow", vec![t("svc")]),
+        ("breaker_record", vec![t("svc"), ("boolean", "false".into())]),
+        ("breaker_reset", vec![t("svc")]),
         ("set_limit", vec![t("free"), t("api"), t("day"), b(100)]),
         ("set_override", vec![t("ann"), t("api"), t("day"), b(100)]),
         ("reset_usage", vec![t("bob"), t("api")]),

@@ -108,6 +108,9 @@ pub enum QuotaError {
         depth: usize,
     },
 
+    #[error("no room for circuit breaker \"{name}\": quota_ext.breaker_max breakers are in use")]
+    BreakersFull { name: String },
+
     #[error("parent \"{0}\" is not a subject of quota.subjects")]
     UnknownParent(String),
 
@@ -152,6 +155,7 @@ impl QuotaError {
             ParentCycle { .. } => Code::ERRCODE_INVALID_RECURSION,
             ChainTooDeep { .. } => Code::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             UnknownParent(_) => Code::ERRCODE_FOREIGN_KEY_VIOLATION,
+            BreakersFull { .. } => Code::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
         }
     }
 
@@ -212,6 +216,9 @@ impl QuotaError {
             }
             UnknownParent(_) => {
                 "Register the parent first, e.g. with quota.set_plan(parent, plan).".into()
+            }
+            BreakersFull { .. } => {
+                "Raise quota_ext.breaker_max (a server restart), or reuse breaker names; quota.breaker_reset() does not free a slot.".into()
             }
             NotPreloaded => {
                 "Add quota_ext to shared_preload_libraries in postgresql.conf and restart PostgreSQL.".into()

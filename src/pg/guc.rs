@@ -51,6 +51,12 @@ pub static RATE_LIMIT_HEADERS: GucSetting<RateLimitHeaders> =
 // Postmaster settings, defined only while the library is being preloaded.
 static RATE_MAX_KEYS: GucSetting<i32> = GucSetting::<i32>::new(100_000);
 static AUDIT_QUEUE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024);
+static BREAKER_MAX: GucSetting<i32> = GucSetting::<i32>::new(1024);
+
+/// quota_ext.breaker_max: circuit breakers the shared table holds.
+pub fn breaker_max() -> usize {
+    BREAKER_MAX.get().max(1) as usize
+}
 
 /// quota_ext.rate_max_keys: buckets in the rate table (at least one per partition).
 pub fn rate_max_keys() -> usize {
@@ -175,6 +181,16 @@ fn define_shared_memory_settings() {
             c"Each entry takes 3 KiB.",
             &AUDIT_QUEUE_SIZE,
             16,
+            1 << 20,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+        GucRegistry::define_int_guc(
+            c"quota_ext.breaker_max",
+            c"Number of circuit breakers kept in shared memory (needs a restart).",
+            c"Each takes 56 bytes.",
+            &BREAKER_MAX,
+            1,
             1 << 20,
             GucContext::Postmaster,
             GucFlags::default(),

@@ -65,7 +65,7 @@ thread_local! {
     /// counts only when it names one.
     static PLANS: RefCell<Option<Rc<std::collections::HashSet<String>>>> = const { RefCell::new(None) };
     /// OIDs of the tables whose changes empty the caches above (0 = not known yet).
-    static WATCHED: Cell<[u32; 5]> = const { Cell::new([0; 5]) };
+    static WATCHED: Cell<[u32; 6]> = const { Cell::new([0; 6]) };
     /// Bumped by every invalidation that empties the caches. A loader notes it before its query
     /// and caches the result only if it did not move: an invalidation processed while the query
     /// ran (lock acquisitions during executor start-up process them) may concern a commit the
@@ -147,7 +147,7 @@ fn forget_limits() {
     TABLES_EMPTY.with(|t| t.set(None));
     PLANS.with(|p| *p.borrow_mut() = None);
     // Resolved again on next use: the tables may have been dropped and created anew.
-    WATCHED.with(|w| w.set([0; 5]));
+    WATCHED.with(|w| w.set([0; 6]));
     GENERATION.with(|g| g.set(g.get().wrapping_add(1)));
 }
 
@@ -188,10 +188,17 @@ pub fn watch_tables() {
 
 fn remember_watched_tables() {
     let (nsp, _) = catalog::quota_schema();
-    let mut ids = [0u32; 5];
-    for (i, name) in [c"limits", c"overrides", c"subjects", c"plans", c"rate_policies"]
-        .iter()
-        .enumerate()
+    let mut ids = [0u32; 6];
+    for (i, name) in [
+        c"limits",
+        c"overrides",
+        c"subjects",
+        c"plans",
+        c"rate_policies",
+        c"breakers",
+    ]
+    .iter()
+    .enumerate()
     {
         // SAFETY: syscache lookup by NUL-terminated name and namespace OID.
         ids[i] = unsafe { pg_sys::get_relname_relid(name.as_ptr(), nsp) }.to_u32();

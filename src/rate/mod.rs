@@ -22,7 +22,7 @@ use pgrx::prelude::*;
 use std::borrow::Cow;
 
 mod answer;
-mod gcra;
+pub mod gcra;
 mod headers;
 pub mod table;
 use answer::check_rate_key;
