@@ -8,6 +8,8 @@ ALTER TABLE quota.subjects ALTER COLUMN plan DROP NOT NULL;
 ALTER TABLE quota.subjects
     ADD COLUMN parent text CONSTRAINT subjects_parent_fkey REFERENCES quota.subjects (subject)
                            ON UPDATE CASCADE ON DELETE SET NULL,
+    -- set_parent(subject, NULL) was called: no parent, also none from a JWT claim.
+    ADD COLUMN detached boolean NOT NULL DEFAULT false,
     ADD CONSTRAINT subjects_parent_not_self CHECK (parent <> subject);
 CREATE INDEX subjects_parent_idx ON quota.subjects (parent) WHERE parent IS NOT NULL;
 
@@ -148,3 +150,19 @@ BEGIN
     END IF;
 END
 $grants$;
+
+-- The usage policy now calls quota.own_chain(): every role that may read quota.usage (granted
+-- by hand, without the Supabase roles) may call it too, or its reads would fail.
+DO $own_chain$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT DISTINCT a.grantee::pg_catalog.regrole AS role
+               FROM pg_catalog.pg_class AS c, pg_catalog.aclexplode(c.relacl) AS a
+              WHERE c.oid = 'quota.usage'::pg_catalog.regclass AND a.privilege_type = 'SELECT'
+                AND a.grantee <> 0 AND a.grantee <> c.relowner
+    LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION quota.own_chain() TO %s', r.role);
+    END LOOP;
+END
+$own_chain$;

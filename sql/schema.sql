@@ -60,6 +60,9 @@ CREATE TABLE quota.subjects (
     -- applies, set by quota.set_parent (which refuses cycles and chains of more than four).
     parent     text        CONSTRAINT subjects_parent_fkey REFERENCES quota.subjects (subject)
                            ON UPDATE CASCADE ON DELETE SET NULL,
+    -- set_parent(subject, NULL) was called: no parent, also none from a JWT claim
+    -- (quota_ext.parent_claim), until set_parent gives it one again.
+    detached   boolean     NOT NULL DEFAULT false,
     CONSTRAINT subjects_parent_not_self CHECK (parent <> subject)
 );
 CREATE INDEX subjects_plan_idx ON quota.subjects (plan);

@@ -433,6 +433,68 @@ fn a_parent_claim_pools_members_the_table_does_not_know_and_the_table_wins() {
     c.batch_execute("RESET ROLE").unwrap();
     assert_eq!(used(&mut c, "acme"), 3);
     assert_eq!(used(&mut c, "globex"), 1);
+    // A claim that is there but cannot name a parent is refused, not ignored (ignoring it would
+    // charge the member alone, outside its organization's quota).
+    for (claim, expected) in [
+        ("42.5", "22023"),
+        ("[1]", "22023"),
+        ("\"\"", "22023"),
+        (&format!("\"{}\"", "o".repeat(300)), "22001"),
+    ] {
+        as_role_with_claims(
+            &mut c,
+            "authenticated",
+            &format!(r#"{{"sub": "bad", "role": "authenticated", "app_metadata": {{"org_id": {claim}}}}}"#),
+        );
+        assert_eq!(
+            sqlstate(&mut c, "SELECT quota.consume(NULL, 'api')").as_deref(),
+            Some(expected),
+            "{claim}"
+        );
+    }
+    // An integer names the subject of its digits.
+    c.batch_execute("RESET ROLE; SELECT quota.set_plan('4242', 'org')")
+        .unwrap();
+    as_role_with_claims(
+        &mut c,
+        "authenticated",
+        r#"{"sub": "num", "role": "authenticated", "app_metadata": {"org_id": 4242}}"#,
+    );
+    assert_eq!(
+        one_text(
+            &mut c,
+            "SELECT binding_subject FROM quota.consume(NULL, 'api', 4)"
+        ),
+        "4242"
+    );
+    // A claim users write themselves cannot name a parent.
+    c.batch_execute("RESET ROLE; SET quota_ext.parent_claim = 'user_metadata.org_id'")
+        .unwrap();
+    as_role_with_claims(&mut c, "authenticated", &claims("ann", "acme"));
+    assert_eq!(
+        sqlstate(&mut c, "SELECT quota.consume(NULL, 'api')").as_deref(),
+        Some("22023")
+    );
+    c.batch_execute("RESET ROLE; SET quota_ext.parent_claim = 'app_metadata.org_id'")
+        .unwrap();
+    // Detaching a member whose JWT names its organization detaches it: the claim no longer
+    // counts, until set_parent attaches it again.
+    c.batch_execute("SELECT quota.set_parent('ann', NULL)").unwrap();
+    as_role_with_claims(&mut c, "authenticated", &claims("ann", "acme"));
+    assert_eq!(
+        one_text(
+            &mut c,
+            "SELECT binding_subject FROM quota.consume(NULL, 'api', 0)"
+        ),
+        "ann"
+    );
+    assert_eq!(one_text(&mut c, "SELECT quota.own_chain()::text"), "{ann}");
+    c.batch_execute("RESET ROLE; SELECT quota.set_parent('ann', 'globex')")
+        .unwrap();
+    as_role_with_claims(&mut c, "authenticated", &claims("ann", "acme"));
+    assert_eq!(one_text(&mut c, "SELECT quota.own_chain()::text"), "{ann,globex}");
+    c.batch_execute("RESET ROLE; SELECT quota.set_parent('ann', NULL)")
+        .unwrap();
     // A trusted caller acting for ann does not lend her its own claim.
     c.batch_execute(&format!(
         "SELECT set_config('request.jwt.claims', '{}', false)",
@@ -542,6 +604,28 @@ fn a_pooled_rate_policy_limits_an_organization_as_one() {
         assert_eq!(own.get::<_, String>(0), "acme");
     }
     assert_eq!(allowed, 5, "the organization's burst, whichever member spends it");
+    // Pooled by the organization's row alone: the members' plan row does not say so.
+    c.batch_execute(
+        "RESET ROLE;
+         INSERT INTO quota.rate_policies (policy, plan, rate, per, pooled) VALUES
+             ('org-only', 'seat', 100, '1 hour', false),
+             ('org-only', 'org', 2, '1 hour', true);",
+    )
+    .unwrap();
+    let mut allowed = 0;
+    for m in ["m1", "m2", "m3"] {
+        as_role_with_claims(
+            &mut c,
+            "authenticated",
+            &format!(r#"{{"sub": "{m}", "role": "authenticated"}}"#),
+        );
+        let r = c
+            .query_one("SELECT allowed, key FROM quota.rate_limit('org-only')", &[])
+            .unwrap();
+        assert_eq!(r.get::<_, String>(1), "acme");
+        allowed += r.get::<_, bool>(0) as i32;
+    }
+    assert_eq!(allowed, 2, "the organization's row: 2 for all its members");
     // A policy that is not pooled keeps a bucket per member.
     as_role_with_claims(
         &mut c,

@@ -85,6 +85,13 @@ fn upgrade_from(from: &str) {
         .unwrap();
     assert_eq!(version(&mut c), from);
     let batch = fill(&mut c, "pro");
+    // A role that reads usage rows, granted by hand (as without the Supabase roles).
+    let reader = format!("upgrade_reader_{}", from.replace('.', "_"));
+    c.batch_execute(&format!(
+        "DO $$ BEGIN CREATE ROLE {reader} NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         GRANT USAGE ON SCHEMA quota TO {reader}; GRANT SELECT ON quota.usage TO {reader};"
+    ))
+    .unwrap();
     let before = one_text(&mut c, &data_of_0_1_0());
 
     c.batch_execute("ALTER EXTENSION quota_ext UPDATE").unwrap();
@@ -95,7 +102,18 @@ fn upgrade_from(from: &str) {
         "the upgrade changed data"
     );
 
-    // Everything goes on from where it was.
+    // Everything goes on from where it was; the reader still reads (the usage policy now
+    // calls quota.own_chain(), which the upgrade granted it), then its grants go, so that the
+    // schema compares with a fresh install's.
+    c.batch_execute(&format!(
+        "SET ROLE {reader}; SELECT count(*) FROM quota.usage; RESET ROLE;"
+    ))
+    .unwrap_or_else(|e| panic!("{reader} cannot read quota.usage after the upgrade: {e}"));
+    c.batch_execute(&format!(
+        "REVOKE ALL ON quota.usage FROM {reader}; REVOKE ALL ON SCHEMA quota FROM {reader};
+         REVOKE ALL ON FUNCTION quota.own_chain() FROM {reader};"
+    ))
+    .unwrap();
     goes_on(&mut c, &batch);
     let audit_rows = one_i64(&mut c, "SELECT count(*) FROM quota.audit_page(NULL, NULL, 1000)");
     assert!(audit_rows >= 12, "{audit_rows}");

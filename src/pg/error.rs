@@ -108,6 +108,9 @@ pub enum QuotaError {
         depth: usize,
     },
 
+    #[error("the JWT claim quota_ext.parent_claim names ({path}) cannot name a parent: {why}")]
+    BadParentClaim { path: String, why: &'static str },
+
     #[error("no room for circuit breaker \"{name}\": quota_ext.breaker_max breakers are in use")]
     BreakersFull { name: String },
 
@@ -156,6 +159,7 @@ impl QuotaError {
             ChainTooDeep { .. } => Code::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             UnknownParent(_) => Code::ERRCODE_FOREIGN_KEY_VIOLATION,
             BreakersFull { .. } => Code::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            BadParentClaim { .. } => Code::ERRCODE_INVALID_PARAMETER_VALUE,
         }
     }
 
@@ -216,6 +220,9 @@ impl QuotaError {
             }
             UnknownParent(_) => {
                 "Register the parent first, e.g. with quota.set_plan(parent, plan).".into()
+            }
+            BadParentClaim { .. } => {
+                "Point quota_ext.parent_claim at a claim the token's issuer sets (app_metadata), holding the parent subject as a string or an integer, or leave it empty.".into()
             }
             BreakersFull { .. } => {
                 "Raise quota_ext.breaker_max (a server restart), or reuse breaker names; quota.breaker_reset() does not free a slot.".into()

@@ -183,6 +183,19 @@ fn set_override(
     Ok(())
 }
 
+/// The subject's rows locked first, in the order a consume locks them (metric, then period from
+/// the shortest), so that a reset and consumes of the subject or of its members cannot deadlock;
+/// the DELETE then finds them locked by this call already, whatever order it reads them in.
+static RESET_LOCK: Stmt = Stmt {
+    sql: "
+SELECT FROM quota.usage AS u WHERE u.subject = $1 AND ($2::text IS NULL OR u.metric = $2)
+ ORDER BY u.metric,
+          pg_catalog.array_position('{minute,hour,day,week,month,year,total}'::text[], u.period),
+          u.window_start
+   FOR UPDATE",
+    args: &[T::TEXTOID, T::TEXTOID],
+};
+
 static RESET: Stmt = Stmt {
     sql: "DELETE FROM quota.usage WHERE subject = $1 AND ($2::text IS NULL OR metric = $2)",
     args: &[T::TEXTOID, T::TEXTOID],
@@ -202,6 +215,7 @@ fn reset_usage(
     }
     let _owner = AsOwner::enter();
     Ok(Spi::connect_mut(|client| {
+        spi::run(client, &RESET_LOCK, &[subject.into(), metric.into()]);
         let n = spi::run(client, &RESET, &[subject.into(), metric.into()]).len() as i64;
         audit::admin(
             client,
@@ -257,13 +271,16 @@ SELECT max(depth)::bigint FROM down",
 
 static ATTACH: Stmt = Stmt {
     sql: "
-INSERT INTO quota.subjects AS s (subject, plan, parent) VALUES ($1, NULL, $2)
-    ON CONFLICT (subject) DO UPDATE SET parent = excluded.parent",
+INSERT INTO quota.subjects AS s (subject, plan, parent, detached) VALUES ($1, NULL, $2, false)
+    ON CONFLICT (subject) DO UPDATE SET parent = excluded.parent, detached = false",
     args: &[T::TEXTOID, T::TEXTOID],
 };
 
+/// No parent, and none from a JWT claim either (the row remembers it: `detached`).
 static DETACH: Stmt = Stmt {
-    sql: "UPDATE quota.subjects SET parent = NULL WHERE subject = $1",
+    sql: "
+INSERT INTO quota.subjects AS s (subject, plan, parent, detached) VALUES ($1, NULL, NULL, true)
+    ON CONFLICT (subject) DO UPDATE SET parent = NULL, detached = true",
     args: &[T::TEXTOID],
 };
 
@@ -271,7 +288,8 @@ static DETACH: Stmt = Stmt {
 /// parent's windows too); NULL detaches. The parent must be a subject of quota.subjects; a
 /// cycle is 42P19, a chain of more than four subjects 54000, and both change nothing. A subject
 /// without a row gets one, without a plan of its own (it keeps following its JWT claim or
-/// quota_ext.default_plan).
+/// quota_ext.default_plan). Detaching also stops a parent claim (quota_ext.parent_claim) from
+/// giving the subject a parent, until set_parent attaches it again.
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn set_parent(subject: Option<&str>, parent: Option<&str>) -> std::result::Result<(), ErrorReport> {

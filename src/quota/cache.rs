@@ -49,6 +49,9 @@ pub struct Subject {
     time_zone: String,
     /// quota.subjects.parent.
     pub parent: Option<String>,
+    /// quota.subjects.detached: set_parent(subject, NULL) said it has no parent, so a JWT
+    /// claim names none either.
+    pub detached: bool,
     /// (metric, period, max_amount)
     overrides: Vec<(String, String, i64)>,
 }
@@ -231,13 +234,13 @@ SELECT sj.subject IS NOT NULL, sj.plan, sj.time_zone, ",
 }
 
 static SUBJECT_LOAD: Stmt = Stmt {
-    sql: subject_load!("sj.parent"),
+    sql: subject_load!("sj.parent, sj.detached"),
     args: &[T::TEXTOID],
 };
 
 /// SUBJECT_LOAD on the tables of a version before 0.8.0 (no parents; see catalog::Shape).
 static SUBJECT_LOAD_0_7: Stmt = Stmt {
-    sql: subject_load!("NULL::text"),
+    sql: subject_load!("NULL::text, false"),
     args: SUBJECT_LOAD.args,
 };
 
@@ -294,6 +297,7 @@ pub fn subject(client: &mut SpiClient<'_>, subject: &str) -> Rc<Subject> {
         plan: None,
         time_zone: "UTC".into(),
         parent: None,
+        detached: false,
         overrides: Vec::new(),
     };
     if empty != (true, true) {
@@ -308,12 +312,13 @@ pub fn subject(client: &mut SpiClient<'_>, subject: &str) -> Rc<Subject> {
                 info.plan = spi::get::<String>(&row, 2);
                 info.time_zone = spi::get::<String>(&row, 3).expect("time_zone");
                 info.parent = spi::get::<String>(&row, 4);
+                info.detached = spi::get::<bool>(&row, 5).unwrap_or(false);
             }
-            if let Some(metric) = spi::get::<String>(&row, 5) {
+            if let Some(metric) = spi::get::<String>(&row, 6) {
                 info.overrides.push((
                     metric,
-                    spi::get::<String>(&row, 6).expect("period"),
-                    spi::get::<i64>(&row, 7).expect("max_amount"),
+                    spi::get::<String>(&row, 7).expect("period"),
+                    spi::get::<i64>(&row, 8).expect("max_amount"),
                 ));
             }
         }
@@ -495,8 +500,12 @@ pub fn caller_parent(subject_name: &str, claim: Option<&str>) -> Option<String> 
         let _owner = crate::request::AsOwner::enter();
         Spi::connect_mut(|client| subject(client, s))
     };
-    if let Some(p) = &lookup(subject_name).parent {
+    let me = lookup(subject_name);
+    if let Some(p) = &me.parent {
         return Some(p.clone());
+    }
+    if me.detached {
+        return None;
     }
     let c = claim.filter(|c| *c != subject_name)?;
     lookup(c).exists.then(|| c.to_string())

@@ -18,7 +18,7 @@ pub struct Link {
 
 /// `subject` and its ancestors, nearest first. `parent_claim`: the parent the caller's JWT
 /// names, when the caller acts as `subject`; it counts only when quota.subjects gives `subject`
-/// no parent and names a subject of quota.subjects. set_parent keeps the table free of cycles
+/// no parent (and set_parent did not detach it) and names a subject of quota.subjects. set_parent keeps the table free of cycles
 /// and of chains too deep, but rows written by hand or a claim can still make one: refused here.
 pub fn ancestors(client: &mut SpiClient<'_>, subject: &str, parent_claim: Option<&str>) -> Result<Vec<Link>> {
     let mut chain: Vec<Link> = Vec::with_capacity(1);
@@ -39,7 +39,7 @@ pub fn ancestors(client: &mut SpiClient<'_>, subject: &str, parent_claim: Option
         }
         let info = cache::subject(client, &s);
         next = info.parent.clone();
-        if chain.is_empty() && next.is_none() {
+        if chain.is_empty() && next.is_none() && !info.detached {
             next = parent_claim
                 .filter(|c| *c != s && cache::subject(client, c).exists)
                 .map(str::to_string);

@@ -4,7 +4,7 @@
 use super::charge::apply_returned;
 use super::charge::details_json;
 use super::charge::Outcome;
-use super::charge::{on_windows, ON_WINDOWS_ARGS};
+use super::charge::Returned;
 use super::decision::{least_remaining, Decision, Window};
 use super::idempotency::window_from_json;
 use super::idempotency::window_json;
@@ -16,18 +16,47 @@ use crate::metrics::{self, Counter};
 use crate::pg::error::{QuotaError, Result};
 use crate::pg::guc;
 use crate::pg::spi::{self, Stmt};
+use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::PgBuiltInOids as T;
 use serde_json::json;
 
-static REFUND: Stmt = Stmt {
+/// One window given back. One statement per window, run in the windows' lock order (subject,
+/// then period): an UPDATE joining several windows locks them in whatever order its plan reads
+/// them (a merge join on the window index, seen with four periods), which could deadlock with a
+/// consume locking them in period order.
+static REFUND_ONE: Stmt = Stmt {
     sql: "
 UPDATE quota.usage AS u SET used = greatest(u.used - $3, 0)
-  FROM unnest($4::text[], $5::timestamptz[]) AS t(period, window_start)
- WHERE u.subject = $1 AND u.metric = $2 AND u.period = t.period AND u.window_start = t.window_start
+ WHERE u.subject = $1 AND u.metric = $2 AND u.period = $4 AND u.window_start = $5
 RETURNING u.period, u.used",
-    args: ON_WINDOWS_ARGS,
+    args: &[T::TEXTOID, T::TEXTOID, T::INT8OID, T::TEXTOID, T::TIMESTAMPTZOID],
 };
+
+/// Give `req.amount` back to each window, in the order given (lock order).
+fn give_back_windows(client: &mut SpiClient<'_>, req: &Request<'_>, ws: &[&Window]) -> Vec<Returned> {
+    let mut out = Vec::with_capacity(ws.len());
+    for w in ws {
+        let start = TimestampWithTimeZone::try_from(w.start).expect("window start");
+        let rows = spi::run(
+            client,
+            &REFUND_ONE,
+            &[
+                w.subject.as_str().into(),
+                req.metric.into(),
+                req.amount.into(),
+                w.period.as_str().into(),
+                start.into(),
+            ],
+        );
+        for row in rows {
+            if let (Some(p), Some(used)) = (spi::get::<String>(&row, 1), spi::get::<i64>(&row, 2)) {
+                out.push((w.subject.clone(), p, used));
+            }
+        }
+    }
+    out
+}
 
 static GRANT_LOCK: Stmt = Stmt {
     sql: "SELECT response FROM quota.idempotency_keys WHERE subject = $1 AND key = $2 FOR UPDATE",
@@ -146,7 +175,7 @@ fn give_back(
     }
     super::charge::window_order(&mut ws);
     let refs: Vec<&Window> = ws.iter().collect();
-    let rows = on_windows(client, &REFUND, req, &refs);
+    let rows = give_back_windows(client, req, &refs);
     apply_returned(rows, &mut ws);
     let d = Decision::from_window(subject, metric, least_remaining(&ws), true, false);
     metrics::count(Counter::Refunds);
@@ -192,7 +221,7 @@ fn give_back(
 pub(super) fn refund_current(client: &mut SpiClient<'_>, req: &Request<'_>, ws: &mut [Window]) -> Outcome {
     if req.amount > 0 {
         let refs: Vec<&Window> = ws.iter().collect();
-        let rows = on_windows(client, &REFUND, req, &refs);
+        let rows = give_back_windows(client, req, &refs);
         apply_returned(rows, ws);
     }
     Outcome {

@@ -93,17 +93,16 @@ fn resolve<'a>(
     // A pooled policy: the caller's own bucket is its parent's, with the parent's limits (one
     // bucket per organization, whichever member spends it). Untrusted callers cannot name their
     // own key to get out of it: the own key is pooled however it is given.
-    if policy.pooled {
+    // The policy is pooled when the caller's row or its parent's plan's row says so.
+    if policies.values().any(|p| p.pooled) {
         if let Some(sub) = req.sub.as_deref().filter(|s| *key == **s) {
             if let Some(parent) = crate::quota::cache::caller_parent(sub, req.parent.as_deref()) {
                 let parent_plan = crate::quota::cache::caller_plan(&parent, None, &default_plan);
-                if let Some(p) = policies
-                    .get(&parent_plan)
-                    .or_else(|| policies.get(&*default_plan))
-                {
-                    policy = *p;
+                let parents = policies.get(&parent_plan).copied();
+                if policy.pooled || parents.is_some_and(|p| p.pooled) {
+                    policy = parents.unwrap_or(policy);
+                    key = Cow::Owned(parent);
                 }
-                key = Cow::Owned(parent);
             }
         }
     }

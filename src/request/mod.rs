@@ -147,12 +147,42 @@ fn parse_claims(claims: &str, parent_path: &str) -> Result<(Option<String>, Opti
         .pointer("/app_metadata/plan")
         .and_then(|p| p.as_str())
         .map(str::to_string);
-    let parent = if parent_path.trim().is_empty() {
-        None
-    } else {
-        claim_text(claim_at(&v, parent_path.trim()))
+    Ok((
+        claim_text(v.get("sub")),
+        plan,
+        parent_claim(&v, parent_path.trim())?,
+    ))
+}
+
+/// The parent a JWT names at quota_ext.parent_claim's path: absent (or null) names none; a
+/// claim that is there but unusable is refused rather than ignored, since ignoring it would
+/// charge the member alone, out of its organization's quota. A path under `user_metadata`
+/// (which Supabase lets users edit themselves) is refused: a user could name any parent.
+fn parent_claim(claims: &serde_json::Value, path: &str) -> Result<Option<String>> {
+    if path.is_empty() {
+        return Ok(None);
+    }
+    let bad = |why: &'static str| QuotaError::BadParentClaim {
+        path: path.to_string(),
+        why,
     };
-    Ok((claim_text(v.get("sub")), plan, parent))
+    if path == "user_metadata" || path.starts_with("user_metadata.") {
+        return Err(bad(
+            "user_metadata is written by users themselves, so they could name any parent",
+        ));
+    }
+    match claim_at(claims, path) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) if s.trim().is_empty() => Err(bad("it is empty")),
+        Some(serde_json::Value::String(s)) if s.len() > MAX_NAME_BYTES => Err(QuotaError::TooLong {
+            what: "parent claim",
+            len: s.len(),
+            max: MAX_NAME_BYTES,
+        }),
+        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+        Some(serde_json::Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(Some(n.to_string())),
+        Some(_) => Err(bad("it is neither a string nor an integer")),
+    }
 }
 
 pub fn request_info() -> Result<RequestInfo> {
@@ -182,6 +212,6 @@ pub fn request_info() -> Result<RequestInfo> {
     Ok(RequestInfo {
         sub: check_jwt_subject(sub)?,
         plan,
-        parent: parent.filter(|p| p.len() <= MAX_NAME_BYTES),
+        parent,
     })
 }
