@@ -59,6 +59,23 @@ VOLATILE PARALLEL RESTRICTED
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'breaker_reset_wrapper';
 
+-- Per-route rate limits for quota.pre_request: every row whose method (or '*') and LIKE pattern
+-- match the request (request.method, request.path) applies its policy, in priority order, to a
+-- bucket keyed by the caller ('user': the JWT subject, the address for anon) or by its address
+-- ('ip'); all must allow. With no matching row, the method rule (read / write / default).
+CREATE TABLE quota.rate_routes (
+    method       text    NOT NULL CHECK (method = '*' OR method ~ '^[A-Z]+$'),
+    path_pattern text    NOT NULL CHECK (path_pattern <> '' AND octet_length(path_pattern) <= 1024),
+    policy       text    NOT NULL CHECK (btrim(policy) <> '' AND octet_length(policy) <= 256),
+    key_by       text    NOT NULL DEFAULT 'user' CHECK (key_by IN ('user', 'ip')),
+    priority     integer NOT NULL DEFAULT 100,
+    PRIMARY KEY (method, path_pattern, policy)
+);
+ALTER TABLE quota.rate_routes ENABLE ROW LEVEL SECURITY;
+SELECT pg_catalog.pg_extension_config_dump('quota.rate_routes', '');
+CREATE TRIGGER limits_cache_invalidation AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON quota.rate_routes
+    FOR EACH STATEMENT EXECUTE FUNCTION quota.invalidate_limits_cache();
+
 CREATE FUNCTION quota.set_parent(subject text, parent text) RETURNS void
 VOLATILE PARALLEL UNSAFE
 SET search_path TO pg_catalog, pg_temp
@@ -136,14 +153,14 @@ ALTER POLICY usage_own_rows ON quota.usage USING (subject = ANY ((SELECT quota.o
 REVOKE ALL ON FUNCTION quota.set_parent(text, text), quota.own_chain(),
     quota.prune(interval, interval, interval), quota.breaker_allow(text),
     quota.breaker_record(text, boolean), quota.breaker_reset(text) FROM PUBLIC;
-REVOKE ALL ON quota.breakers FROM PUBLIC;
+REVOKE ALL ON quota.breakers, quota.rate_routes FROM PUBLIC;
 DO $grants$
 BEGIN
     IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'service_role') THEN
         GRANT EXECUTE ON FUNCTION quota.set_parent(text, text), quota.own_chain(),
             quota.prune(interval, interval, interval), quota.breaker_allow(text),
             quota.breaker_record(text, boolean), quota.breaker_reset(text) TO service_role;
-        GRANT SELECT ON quota.breakers TO service_role;
+        GRANT SELECT ON quota.breakers, quota.rate_routes TO service_role;
     END IF;
     IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'authenticated') THEN
         GRANT EXECUTE ON FUNCTION quota.own_chain() TO authenticated;

@@ -161,6 +161,19 @@ INSERT INTO quota.rate_policies (policy, plan, rate, per) VALUES
     ('default', 'pro',        1000, '1 minute'),
     ('default', 'enterprise', 10000, '1 minute');
 
+-- Per-route rate limits for quota.pre_request: every row whose method (or '*') and LIKE pattern
+-- match the request (request.method, request.path) applies its policy, in priority order, to a
+-- bucket keyed by the caller ('user': the JWT subject, the address for anon) or by its address
+-- ('ip'); all must allow. With no matching row, the method rule (read / write / default).
+CREATE TABLE quota.rate_routes (
+    method       text    NOT NULL CHECK (method = '*' OR method ~ '^[A-Z]+$'),
+    path_pattern text    NOT NULL CHECK (path_pattern <> '' AND octet_length(path_pattern) <= 1024),
+    policy       text    NOT NULL CHECK (btrim(policy) <> '' AND octet_length(policy) <= 256),
+    key_by       text    NOT NULL DEFAULT 'user' CHECK (key_by IN ('user', 'ip')),
+    priority     integer NOT NULL DEFAULT 100,
+    PRIMARY KEY (method, path_pattern, policy)
+);
+
 CREATE TYPE quota.rate_decision AS (
     allowed             boolean,
     key                 text,

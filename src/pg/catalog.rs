@@ -142,12 +142,14 @@ pub struct Shape {
     pub subjects_parent: bool,
     /// quota.rate_policies.pooled (0.8.0).
     pub policies_pooled: bool,
+    /// The table quota.rate_routes (0.8.0).
+    pub rate_routes: bool,
 }
 
 thread_local! {
     /// (OIDs of the tables looked at, what they have), until a relcache invalidation of one of
     /// them (ALTER EXTENSION UPDATE adds the columns) or of everything.
-    static SHAPE: std::cell::Cell<Option<([pg_sys::Oid; 3], Shape)>> = const { std::cell::Cell::new(None) };
+    static SHAPE: std::cell::Cell<Option<([pg_sys::Oid; 4], Shape)>> = const { std::cell::Cell::new(None) };
 }
 
 /// The shape of the installed tables (see Shape), looked up once per backend and after
@@ -157,12 +159,13 @@ pub fn shape() -> Shape {
         return shape;
     }
     let (nsp, _) = quota_schema();
-    let mut relids = [pg_sys::InvalidOid; 3];
-    let mut has = [false; 3];
+    let mut relids = [pg_sys::InvalidOid; 4];
+    let mut has = [false; 4];
     for (i, (table, column)) in [
         (c"audit_log", c"actor"),
         (c"subjects", c"parent"),
         (c"rate_policies", c"pooled"),
+        (c"rate_routes", c"path_pattern"),
     ]
     .iter()
     .enumerate()
@@ -179,6 +182,7 @@ pub fn shape() -> Shape {
         audit_actor: has[0],
         subjects_parent: has[1],
         policies_pooled: has[2],
+        rate_routes: has[3],
     };
     SHAPE.with(|a| a.set(Some((relids, shape))));
     shape

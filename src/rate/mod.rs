@@ -13,6 +13,7 @@
 //! starts empty after a restart or a crash.
 
 pub mod policy;
+pub mod routes;
 
 use crate::metrics::{self, Counter};
 use crate::pg::error::{OrRaise, QuotaError};
@@ -44,9 +45,20 @@ struct Resolved<'a> {
 /// claim app_metadata.plan when it names a plan, else quota_ext.default_plan); callers without
 /// a JWT subject are plan `anonymous` keyed by `ip:<client address>` (request::client_ip). The warm path allocates only
 /// the key of a caller that does not name one.
+/// Whose bucket a policy call spends.
+#[derive(Clone, Copy)]
+enum KeyArg<'a> {
+    /// The caller's own: its JWT subject, `ip:<address>` when anonymous.
+    Own,
+    /// A key the caller names (only its own, unless it is trusted).
+    Named(&'a str),
+    /// The client's address, signed in or not (a route keyed by `ip`).
+    Ip,
+}
+
 fn resolve<'a>(
     policy_name: &str,
-    key: Option<&'a str>,
+    key: KeyArg<'a>,
     trusted: bool,
 ) -> Result<Option<Resolved<'a>>, QuotaError> {
     let policies = crate::rate::policy::policy(policy_name);
@@ -73,9 +85,13 @@ fn resolve<'a>(
         }
     };
     let key = match key {
-        None => own_key(),
-        Some(k) if trusted || *k == *own_key() => Cow::Borrowed(check_rate_key(Some(k))?),
-        Some(k) => {
+        KeyArg::Own => own_key(),
+        KeyArg::Ip => Cow::Owned(format!(
+            "ip:{}",
+            request::client_ip().as_deref().unwrap_or("unknown")
+        )),
+        KeyArg::Named(k) if trusted || *k == *own_key() => Cow::Borrowed(check_rate_key(Some(k))?),
+        KeyArg::Named(k) => {
             return Err(QuotaError::OtherSubject {
                 requested: k.to_string(),
             })
@@ -113,9 +129,9 @@ fn resolve<'a>(
 /// very long JWT subject) go to the heap.
 const BUCKET_ON_STACK: usize = 640;
 
-/// Check and take `cost` from the caller's bucket of the policy (a shadow policy never denies).
-fn take(policy_name: &str, r: &Resolved<'_>, cost: i64) -> Gcra {
-    let len = policy_name.len() + 1 + r.key.len();
+/// Run `f` on the bucket name of a policy call: `policy 0x1f key`, on the stack when short.
+fn with_bucket<T>(policy_name: &str, key: &str, f: impl FnOnce(&[u8]) -> T) -> T {
+    let len = policy_name.len() + 1 + key.len();
     let mut stack = [0u8; BUCKET_ON_STACK];
     let mut heap = Vec::new();
     let bucket: &mut [u8] = if len <= BUCKET_ON_STACK {
@@ -126,8 +142,16 @@ fn take(policy_name: &str, r: &Resolved<'_>, cost: i64) -> Gcra {
     };
     bucket[..policy_name.len()].copy_from_slice(policy_name.as_bytes());
     bucket[policy_name.len()] = 0x1f;
-    bucket[policy_name.len() + 1..].copy_from_slice(r.key.as_bytes());
-    let bucket: &[u8] = bucket;
+    bucket[policy_name.len() + 1..].copy_from_slice(key.as_bytes());
+    f(bucket)
+}
+
+/// Check and take `cost` from the caller's bucket of the policy (a shadow policy never denies).
+fn take(policy_name: &str, r: &Resolved<'_>, cost: i64) -> Gcra {
+    with_bucket(policy_name, &r.key, |bucket| take_from(bucket, r, cost))
+}
+
+fn take_from(bucket: &[u8], r: &Resolved<'_>, cost: i64) -> Gcra {
     let p = &r.policy;
     let mut g = check(bucket, Kind::Policy, p.t_ns, p.burst, cost, now_ns());
     metrics::count(Counter::RateChecks);
@@ -173,6 +197,10 @@ fn rate_limit(
     )
     .or_raise();
     let cost = answer::check_cost(cost).or_raise();
+    let key = match key {
+        None => KeyArg::Own,
+        Some(k) => KeyArg::Named(k),
+    };
     let r = resolve(policy, key, request::is_trusted())
         .and_then(|r| {
             r.ok_or(QuotaError::NoPolicy {
@@ -184,40 +212,95 @@ fn rate_limit(
     limit(fcinfo, policy, r, cost)
 }
 
-/// The decision for the current PostgREST request (used by quota.pre_request()): policy `read`
-/// for GET and HEAD, `write` otherwise, falling back to `default`. NULL for trusted callers and
-/// when no such policy exists.
+/// The decision for the current PostgREST request (used by quota.pre_request()): every
+/// matching route of quota.rate_routes, all or nothing (see request_policies), the one reported
+/// being the denying one or else the first. NULL for trusted callers and when no policy applies.
 #[pg_extern(volatile, parallel_restricted)]
 fn request_rate_decision(method: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) -> Option<RateDecision> {
-    let (policy, r) = request_policy(method)?;
-    Some(limit(fcinfo, policy, r, 1))
+    let list = request_policies(method);
+    let (i, g) = take_all(&list)?;
+    let (_, r) = &list[i];
+    Some(decision_row(fcinfo, &r.key, r.policy.burst, &g))
 }
 
-/// The policy and bucket of the caller's request: `read` for GET and HEAD, `write` otherwise,
-/// falling back to `default`; None for trusted callers and when no such policy exists.
-fn request_policy(method: Option<&str>) -> Option<(&'static str, Resolved<'static>)> {
+/// The policies and buckets of the caller's request. With rows in quota.rate_routes that match
+/// the method and `request.path`: each of them, in priority order, keyed by the caller or by its
+/// address. Otherwise (or when no matching row names a policy that exists): `read` for GET and
+/// HEAD, `write` otherwise, falling back to `default`. Nothing for trusted callers.
+fn request_policies(method: Option<&str>) -> Vec<(Cow<'static, str>, Resolved<'static>)> {
     require_ready();
     if request::is_trusted() {
-        return None;
+        return Vec::new();
     }
-    let first = match method.unwrap_or("GET").to_ascii_uppercase().as_str() {
+    let method = method.unwrap_or("GET").to_ascii_uppercase();
+    let all = routes::routes();
+    if !all.is_empty() {
+        let path = request::request_path();
+        let matched: Vec<(Cow<'static, str>, Resolved<'static>)> = all
+            .iter()
+            .filter(|route| route.matches(&method, &path))
+            .filter_map(|route| {
+                let key = match route.key_by {
+                    routes::KeyBy::User => KeyArg::Own,
+                    routes::KeyBy::Ip => KeyArg::Ip,
+                };
+                resolve(&route.policy, key, false)
+                    .or_raise()
+                    .map(|r| (Cow::Owned(route.policy.clone()), r))
+            })
+            .collect();
+        if !matched.is_empty() {
+            return matched;
+        }
+    }
+    let first = match method.as_str() {
         "GET" | "HEAD" => "read",
         _ => "write",
     };
     [first, "default"]
         .into_iter()
-        .find_map(|policy| resolve(policy, None, false).or_raise().map(|r| (policy, r)))
+        .find_map(|policy| {
+            resolve(policy, KeyArg::Own, false)
+                .or_raise()
+                .map(|r| (Cow::Borrowed(policy), r))
+        })
+        .into_iter()
+        .collect()
+}
+
+/// Take one token from every bucket of the list, all or nothing: at the first that denies, the
+/// tokens the earlier ones gave are given back, so a denial spends nothing. Returns which
+/// decision to report (the denying one, or else the first) and it; None for an empty list.
+fn take_all(list: &[(Cow<'static, str>, Resolved<'static>)]) -> Option<(usize, Gcra)> {
+    let mut taken: Vec<(usize, Gcra)> = Vec::with_capacity(list.len());
+    for (i, (policy, r)) in list.iter().enumerate() {
+        let g = take(policy, r, 1);
+        if !g.allowed {
+            for (j, gj) in &taken {
+                if gj.new_tat.is_some() {
+                    let (policy, r) = &list[*j];
+                    with_bucket(policy, &r.key, |bucket| {
+                        table::give_back(bucket, Kind::Policy, r.policy.t_ns)
+                    });
+                }
+            }
+            return Some((i, g));
+        }
+        taken.push((i, g));
+    }
+    taken.into_iter().next()
 }
 
 /// Rate-limit the caller's PostgREST request, for quota.pre_request: sets `response.headers`
-/// for this transaction (the rate-limit headers, see headers.rs) and returns NULL, or for a
-/// denial the PGRST error's message and detail, which make PostgREST answer 429. NULL and no
-/// headers for trusted callers and when no policy applies.
+/// for this transaction (the rate-limit headers of the decision reported, see headers.rs) and
+/// returns NULL, or for a denial the PGRST error's message and detail, which make PostgREST
+/// answer 429. NULL and no headers for trusted callers and when no policy applies.
 #[pg_extern(volatile, parallel_restricted)]
 fn request_rate_limit(method: Option<&str>) -> Option<Vec<String>> {
-    let (policy, r) = request_policy(method)?;
-    let g = take(policy, &r, 1);
-    let answer = headers::answer(policy, &r, &g);
+    let list = request_policies(method);
+    let (i, g) = take_all(&list)?;
+    let (policy, r) = &list[i];
+    let answer = headers::answer(policy, r, &g);
     headers::set_response_headers(&answer.headers);
     answer.denial.map(|(message, detail)| vec![message, detail])
 }

@@ -375,6 +375,19 @@ fn when_full(fresh: Gcra) -> Gcra {
     }
 }
 
+/// Give back `ns` of a bucket's TAT: what a take of `ns / t` tokens moved it by (a take
+/// that others of the same all-or-nothing call undid, see rate::take_all). Under the shared
+/// lock, like a take; a bucket evicted since has nothing to give back.
+pub fn give_back(key: &[u8], kind: Kind, ns: i64) {
+    let (hi, lo, len) = key_hash(key, kind);
+    let part = partition(hi);
+    part.lock(pg_sys::LWLockMode::LW_SHARED);
+    if let Some(i) = part.find(hi, lo, len) {
+        part.slot(i).tat.fetch_sub(ns, Ordering::AcqRel);
+    }
+    part.unlock();
+}
+
 /// Remove a key's bucket; true when there was one.
 pub fn reset(key: &[u8]) -> bool {
     let (hi, lo, len) = key_hash(key, Kind::Check);

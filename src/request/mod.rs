@@ -16,7 +16,7 @@ mod trust;
 pub use address::client_ip;
 pub use owner::{actor, AsOwner};
 use settings::same_text;
-use settings::{CLAIMS, LEGACY_SUB};
+use settings::{CLAIMS, LEGACY_SUB, PATH};
 use trust::forget_trust;
 pub use trust::{is_trusted, require_trusted};
 
@@ -51,6 +51,11 @@ fn check_jwt_subject(sub: Option<String>) -> Result<Option<String>> {
         }),
         other => Ok(other),
     }
+}
+
+/// The path of the PostgREST request (`request.path`, e.g. `/rpc/consume`), '' when unset.
+pub fn request_path() -> String {
+    String::from_utf8_lossy(PATH.text()).into_owned()
 }
 
 /// Check a name-like argument (subject, metric, key): not NULL, not blank, at most 256 bytes.

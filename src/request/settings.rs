@@ -17,6 +17,7 @@ thread_local! {
     static CLAIMS_LAST_FOUND: Cell<LastFound> = const { Cell::new(LastFound::UNKNOWN) };
     static LEGACY_SUB_LAST_FOUND: Cell<LastFound> = const { Cell::new(LastFound::UNKNOWN) };
     static HEADERS_LAST_FOUND: Cell<LastFound> = const { Cell::new(LastFound::UNKNOWN) };
+    static PATH_LAST_FOUND: Cell<LastFound> = const { Cell::new(LastFound::UNKNOWN) };
 }
 
 pub(super) static CLAIMS: RequestSetting = RequestSetting {
@@ -30,6 +31,10 @@ pub(super) static LEGACY_SUB: RequestSetting = RequestSetting {
 pub(super) static HEADERS: RequestSetting = RequestSetting {
     name: c"request.headers",
     last_found: &HEADERS_LAST_FOUND,
+};
+pub(super) static PATH: RequestSetting = RequestSetting {
+    name: c"request.path",
+    last_found: &PATH_LAST_FOUND,
 };
 
 impl RequestSetting {
