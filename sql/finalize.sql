@@ -43,6 +43,8 @@ CREATE TRIGGER limits_cache_invalidation AFTER INSERT OR UPDATE OR DELETE OR TRU
     FOR EACH STATEMENT EXECUTE FUNCTION quota.invalidate_limits_cache();
 CREATE TRIGGER limits_cache_invalidation AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON quota.rate_routes
     FOR EACH STATEMENT EXECUTE FUNCTION quota.invalidate_limits_cache();
+CREATE TRIGGER limits_cache_invalidation AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON quota.upstreams
+    FOR EACH STATEMENT EXECUTE FUNCTION quota.invalidate_limits_cache();
 
 -- PostgREST's db-pre-request: rate-limit every request by policy 'read' (GET, HEAD) or
 -- 'write', falling back to 'default'. quota.request_rate_limit sets the rate-limit headers
@@ -174,6 +176,7 @@ SELECT pg_catalog.pg_extension_config_dump('quota.rate_policies', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.batches', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.breakers', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.rate_routes', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.upstreams', '');
 
 -- Nothing is callable by PUBLIC; grants below, or by hand (see README) without Supabase roles.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA quota FROM PUBLIC;
@@ -197,6 +200,7 @@ ALTER TABLE quota.rate_policies ENABLE ROW LEVEL SECURITY;
 ALTER TABLE quota.batches ENABLE ROW LEVEL SECURITY;
 ALTER TABLE quota.breakers ENABLE ROW LEVEL SECURITY;
 ALTER TABLE quota.rate_routes ENABLE ROW LEVEL SECURITY;
+ALTER TABLE quota.upstreams ENABLE ROW LEVEL SECURITY;
 
 CREATE POLICY plans_readable ON quota.plans FOR SELECT USING (true);
 CREATE POLICY limits_readable ON quota.limits FOR SELECT USING (true);

@@ -76,6 +76,36 @@ SELECT pg_catalog.pg_extension_config_dump('quota.rate_routes', '');
 CREATE TRIGGER limits_cache_invalidation AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON quota.rate_routes
     FOR EACH STATEMENT EXECUTE FUNCTION quota.invalidate_limits_cache();
 
+-- Budgets of upstream APIs (quota.upstream_observe / upstream_acquire): state in shared memory;
+-- this table holds each API's reserve, what acquires never spend (0 without a row).
+CREATE TABLE quota.upstreams (
+    api     text   PRIMARY KEY CHECK (btrim(api) <> '' AND octet_length(api) <= 256),
+    reserve bigint NOT NULL DEFAULT 0 CHECK (reserve >= 0)
+);
+
+CREATE TYPE quota.upstream_decision AS (
+    allowed             boolean,
+    api                 text,
+    remaining           bigint,
+    reset_at            timestamptz,
+    retry_after_seconds double precision
+);
+ALTER TABLE quota.upstreams ENABLE ROW LEVEL SECURITY;
+SELECT pg_catalog.pg_extension_config_dump('quota.upstreams', '');
+CREATE TRIGGER limits_cache_invalidation AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON quota.upstreams
+    FOR EACH STATEMENT EXECUTE FUNCTION quota.invalidate_limits_cache();
+
+CREATE FUNCTION quota.upstream_observe(api text, quota_limit bigint, remaining bigint, reset_at timestamptz)
+RETURNS quota.upstream_decision
+VOLATILE PARALLEL RESTRICTED
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'upstream_observe_wrapper';
+
+CREATE FUNCTION quota.upstream_acquire(api text, cost bigint DEFAULT 1) RETURNS quota.upstream_decision
+VOLATILE PARALLEL RESTRICTED
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'upstream_acquire_wrapper';
+
 CREATE FUNCTION quota.set_parent(subject text, parent text) RETURNS void
 VOLATILE PARALLEL UNSAFE
 SET search_path TO pg_catalog, pg_temp
@@ -152,15 +182,18 @@ ALTER POLICY usage_own_rows ON quota.usage USING (subject = ANY ((SELECT quota.o
 
 REVOKE ALL ON FUNCTION quota.set_parent(text, text), quota.own_chain(),
     quota.prune(interval, interval, interval), quota.breaker_allow(text),
-    quota.breaker_record(text, boolean), quota.breaker_reset(text) FROM PUBLIC;
-REVOKE ALL ON quota.breakers, quota.rate_routes FROM PUBLIC;
+    quota.breaker_record(text, boolean), quota.breaker_reset(text),
+    quota.upstream_observe(text, bigint, bigint, timestamptz), quota.upstream_acquire(text, bigint) FROM PUBLIC;
+REVOKE ALL ON quota.breakers, quota.rate_routes, quota.upstreams FROM PUBLIC;
 DO $grants$
 BEGIN
     IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'service_role') THEN
         GRANT EXECUTE ON FUNCTION quota.set_parent(text, text), quota.own_chain(),
             quota.prune(interval, interval, interval), quota.breaker_allow(text),
-            quota.breaker_record(text, boolean), quota.breaker_reset(text) TO service_role;
-        GRANT SELECT ON quota.breakers, quota.rate_routes TO service_role;
+            quota.breaker_record(text, boolean), quota.breaker_reset(text),
+            quota.upstream_observe(text, bigint, bigint, timestamptz), quota.upstream_acquire(text, bigint)
+            TO service_role;
+        GRANT SELECT ON quota.breakers, quota.rate_routes, quota.upstreams TO service_role;
     END IF;
     IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'authenticated') THEN
         GRANT EXECUTE ON FUNCTION quota.own_chain() TO authenticated;

@@ -218,6 +218,21 @@ CREATE TYPE quota.breaker_decision AS (
     retry_after_seconds double precision
 );
 
+-- Budgets of upstream APIs (quota.upstream_observe / upstream_acquire): state in shared memory;
+-- this table holds each API's reserve, what acquires never spend (0 without a row).
+CREATE TABLE quota.upstreams (
+    api     text   PRIMARY KEY CHECK (btrim(api) <> '' AND octet_length(api) <= 256),
+    reserve bigint NOT NULL DEFAULT 0 CHECK (reserve >= 0)
+);
+
+CREATE TYPE quota.upstream_decision AS (
+    allowed             boolean,
+    api                 text,
+    remaining           bigint,
+    reset_at            timestamptz,
+    retry_after_seconds double precision
+);
+
 -- Inventory batches: quantities consumed under row locks, with a version for optimistic checks.
 CREATE TABLE quota.batches (
     id               uuid        PRIMARY KEY DEFAULT gen_random_uuid(),

@@ -18,6 +18,7 @@ mod pg;
 mod quota;
 mod rate;
 mod request;
+mod upstream;
 
 pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
@@ -37,7 +38,7 @@ pub extern "C-unwind" fn _PG_init() {
 }
 
 /// What lives in shared memory besides pgrx's own atomics.
-static SHARED_STRUCTURES: [pg::shmem::Structure; 3] = [
+static SHARED_STRUCTURES: [pg::shmem::Structure; 4] = [
     pg::shmem::Structure {
         request: rate::table::shmem_request,
         startup: rate::table::shmem_startup,
@@ -50,10 +51,14 @@ static SHARED_STRUCTURES: [pg::shmem::Structure; 3] = [
         request: breaker::table::shmem_request,
         startup: breaker::table::shmem_startup,
     },
+    pg::shmem::Structure {
+        request: upstream::table::shmem_request,
+        startup: upstream::table::shmem_startup,
+    },
 ];
 
 /// The gauges quota.metrics() shows after the counters.
-static GAUGES: [metrics::Gauge; 5] = [
+static GAUGES: [metrics::Gauge; 6] = [
     metrics::Gauge {
         name: "keys_in_use",
         description: "rate-limit buckets in shared memory now",
@@ -78,6 +83,11 @@ static GAUGES: [metrics::Gauge; 5] = [
         name: "breakers_open",
         description: "circuit breakers open now (one past open_seconds goes half-open at its next call)",
         read: || breaker::table::in_use().map_or(0, |(_, open)| open),
+    },
+    metrics::Gauge {
+        name: "upstreams_in_use",
+        description: "upstream API budgets in shared memory now (at most quota_ext.upstream_max)",
+        read: || upstream::table::in_use().unwrap_or(0),
     },
 ];
 

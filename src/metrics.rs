@@ -34,9 +34,12 @@ pub enum Counter {
     BreakerDenied,
     BreakerOpened,
     BreakerFull,
+    UpstreamAcquired,
+    UpstreamDenied,
+    UpstreamFull,
 }
 
-const COUNTERS: [(&str, &str); 20] = [
+const COUNTERS: [(&str, &str); 23] = [
     ("consumes", "quota.consume/require calls that granted"),
     ("denials", "quota.consume/require calls that denied"),
     ("refunds", "quota.refund calls"),
@@ -92,6 +95,18 @@ const COUNTERS: [(&str, &str); 20] = [
     (
         "breaker_full",
         "calls for a new breaker that found the table full (quota_ext.breaker_max)",
+    ),
+    (
+        "upstream_acquired",
+        "upstream_acquire calls that spent from a budget",
+    ),
+    (
+        "upstream_denied",
+        "upstream_acquire calls refused: the budget was spent down to its reserve",
+    ),
+    (
+        "upstream_full",
+        "observations of a new upstream API that found the table full (quota_ext.upstream_max)",
     ),
 ];
 

@@ -66,6 +66,8 @@ fn supabase_roles_get_what_api_md_grants() {
         "quota.breaker_allow(text)",
         "quota.breaker_record(text,boolean)",
         "quota.breaker_reset(text)",
+        "quota.upstream_observe(text,bigint,bigint,timestamp with time zone)",
+        "quota.upstream_acquire(text,bigint)",
         "quota.create_batch(text,text,bigint,timestamp with time zone,jsonb)",
         "quota.metrics()",
         "quota.metrics_prometheus()",
@@ -411,6 +413,8 @@ fn functions_pin_search_path_and_the_script_replaces_nothing() {
             "require_decision",
             "status",
             "take_batch_quantity",
+            "upstream_acquire",
+            "upstream_observe",
             "window_bounds"
         ]
         .map(String::from)
@@ -750,7 +754,7 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
     // The admin, batch, rate and metrics functions, as service_role calls them. (A function
     // returning a scalar or void comes back as the column the call is aliased to, pgrst_call;
     // PostgREST answers such calls with the bare value.)
-    let admin_calls: [(&str, &[(&str, &str)], &str, &[&str]); 21] = [
+    let admin_calls: [(&str, &[(&str, &str)], &str, &[&str]); 23] = [
         (
             "window_bounds",
             &[
@@ -769,6 +773,23 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
             &[("subject", "text"), ("plan", "text"), ("time_zone", "text")],
             r#"{"subject":"user-9","plan":"pro","time_zone":"Europe/Paris"}"#,
             &[r#"{"pgrst_call":""}"#],
+        ),
+        (
+            "upstream_observe",
+            &[
+                ("api", "text"),
+                ("quota_limit", "bigint"),
+                ("remaining", "bigint"),
+                ("reset_at", "timestamptz"),
+            ],
+            r#"{"api":"rpc-api","quota_limit":5000,"remaining":42,"reset_at":"2126-01-01T00:00:00Z"}"#,
+            &[r#""remaining":42"#, r#""reset_at":"2126-01-01T00:00:00+00:00""#],
+        ),
+        (
+            "upstream_acquire",
+            &[("api", "text")],
+            r#"{"api":"rpc-api"}"#,
+            &[r#""allowed":true"#, r#""remaining":41"#],
         ),
         (
             "breaker_record",
@@ -919,6 +940,8 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
         "breaker_allow",
         "breaker_record",
         "breaker_reset",
+        "upstream_observe",
+        "upstream_acquire",
         "set_limit",
         "set_override",
         "reset_usage",

@@ -83,6 +83,16 @@ fn functions(batch: &str) -> Vec<(&'static str, Vec<(&'static str, String)>)> {
         ("breaker_allow", vec![t("svc")]),
         ("breaker_record", vec![t("svc"), ("boolean", "false".into())]),
         ("breaker_reset", vec![t("svc")]),
+        (
+            "upstream_observe",
+            vec![
+                t("gh"),
+                b(5000),
+                b(10),
+                ("timestamptz", "now() + interval '1 hour'".into()),
+            ],
+        ),
+        ("upstream_acquire", vec![t("gh"), b(1)]),
         ("set_limit", vec![t("free"), t("api"), t("day"), b(100)]),
         ("set_override", vec![t("ann"), t("api"), t("day"), b(100)]),
         ("reset_usage", vec![t("bob"), t("api")]),

@@ -111,6 +111,12 @@ pub enum QuotaError {
     #[error("the JWT claim quota_ext.parent_claim names ({path}) cannot name a parent: {why}")]
     BadParentClaim { path: String, why: &'static str },
 
+    #[error("no room for upstream API \"{api}\": quota_ext.upstream_max budgets are in use")]
+    UpstreamsFull { api: String },
+
+    #[error("{what} must be a finite time")]
+    BadTimestamp { what: &'static str },
+
     #[error("no room for circuit breaker \"{name}\": quota_ext.breaker_max breakers are in use")]
     BreakersFull { name: String },
 
@@ -159,6 +165,8 @@ impl QuotaError {
             ChainTooDeep { .. } => Code::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             UnknownParent(_) => Code::ERRCODE_FOREIGN_KEY_VIOLATION,
             BreakersFull { .. } => Code::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            UpstreamsFull { .. } => Code::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            BadTimestamp { .. } => Code::ERRCODE_INVALID_PARAMETER_VALUE,
             BadParentClaim { .. } => Code::ERRCODE_INVALID_PARAMETER_VALUE,
         }
     }
@@ -224,6 +232,10 @@ impl QuotaError {
             BadParentClaim { .. } => {
                 "Point quota_ext.parent_claim at a claim the token's issuer sets (app_metadata), holding the parent subject as a string or an integer, or leave it empty.".into()
             }
+            UpstreamsFull { .. } => {
+                "Raise quota_ext.upstream_max (a server restart).".into()
+            }
+            BadTimestamp { .. } => "Pass when the upstream's window resets, e.g. to_timestamp(1767225600).".into(),
             BreakersFull { .. } => {
                 "Raise quota_ext.breaker_max (a server restart), or reuse breaker names; quota.breaker_reset() does not free a slot.".into()
             }

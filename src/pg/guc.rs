@@ -52,6 +52,12 @@ pub static RATE_LIMIT_HEADERS: GucSetting<RateLimitHeaders> =
 static RATE_MAX_KEYS: GucSetting<i32> = GucSetting::<i32>::new(100_000);
 static AUDIT_QUEUE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024);
 static BREAKER_MAX: GucSetting<i32> = GucSetting::<i32>::new(1024);
+static UPSTREAM_MAX: GucSetting<i32> = GucSetting::<i32>::new(256);
+
+/// quota_ext.upstream_max: upstream API budgets the shared table holds.
+pub fn upstream_max() -> usize {
+    UPSTREAM_MAX.get().max(1) as usize
+}
 
 /// quota_ext.breaker_max: circuit breakers the shared table holds.
 pub fn breaker_max() -> usize {
@@ -190,6 +196,16 @@ fn define_shared_memory_settings() {
             c"Number of circuit breakers kept in shared memory (needs a restart).",
             c"Each takes 56 bytes.",
             &BREAKER_MAX,
+            1,
+            1 << 20,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+        GucRegistry::define_int_guc(
+            c"quota_ext.upstream_max",
+            c"Number of upstream API budgets kept in shared memory (needs a restart).",
+            c"Each takes 48 bytes.",
+            &UPSTREAM_MAX,
             1,
             1 << 20,
             GucContext::Postmaster,

@@ -68,7 +68,7 @@ thread_local! {
     /// counts only when it names one.
     static PLANS: RefCell<Option<Rc<std::collections::HashSet<String>>>> = const { RefCell::new(None) };
     /// OIDs of the tables whose changes empty the caches above (0 = not known yet).
-    static WATCHED: Cell<[u32; 7]> = const { Cell::new([0; 7]) };
+    static WATCHED: Cell<[u32; 8]> = const { Cell::new([0; 8]) };
     /// Bumped by every invalidation that empties the caches. A loader notes it before its query
     /// and caches the result only if it did not move: an invalidation processed while the query
     /// ran (lock acquisitions during executor start-up process them) may concern a commit the
@@ -150,7 +150,7 @@ fn forget_limits() {
     TABLES_EMPTY.with(|t| t.set(None));
     PLANS.with(|p| *p.borrow_mut() = None);
     // Resolved again on next use: the tables may have been dropped and created anew.
-    WATCHED.with(|w| w.set([0; 7]));
+    WATCHED.with(|w| w.set([0; 8]));
     GENERATION.with(|g| g.set(g.get().wrapping_add(1)));
 }
 
@@ -191,7 +191,7 @@ pub fn watch_tables() {
 
 fn remember_watched_tables() {
     let (nsp, _) = catalog::quota_schema();
-    let mut ids = [0u32; 7];
+    let mut ids = [0u32; 8];
     for (i, name) in [
         c"limits",
         c"overrides",
@@ -200,6 +200,7 @@ fn remember_watched_tables() {
         c"rate_policies",
         c"breakers",
         c"rate_routes",
+        c"upstreams",
     ]
     .iter()
     .enumerate()
