@@ -106,6 +106,12 @@ VOLATILE PARALLEL RESTRICTED
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'upstream_acquire_wrapper';
 
+CREATE FUNCTION quota.health() RETURNS TABLE ("check" text, ok boolean, detail text)
+STRICT VOLATILE PARALLEL SAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'health_wrapper';
+
 CREATE FUNCTION quota.set_parent(subject text, parent text) RETURNS void
 VOLATILE PARALLEL UNSAFE
 SET search_path TO pg_catalog, pg_temp
@@ -183,7 +189,8 @@ ALTER POLICY usage_own_rows ON quota.usage USING (subject = ANY ((SELECT quota.o
 REVOKE ALL ON FUNCTION quota.set_parent(text, text), quota.own_chain(),
     quota.prune(interval, interval, interval), quota.breaker_allow(text),
     quota.breaker_record(text, boolean), quota.breaker_reset(text),
-    quota.upstream_observe(text, bigint, bigint, timestamptz), quota.upstream_acquire(text, bigint) FROM PUBLIC;
+    quota.upstream_observe(text, bigint, bigint, timestamptz), quota.upstream_acquire(text, bigint),
+    quota.health() FROM PUBLIC;
 REVOKE ALL ON quota.breakers, quota.rate_routes, quota.upstreams FROM PUBLIC;
 DO $grants$
 BEGIN
@@ -191,8 +198,8 @@ BEGIN
         GRANT EXECUTE ON FUNCTION quota.set_parent(text, text), quota.own_chain(),
             quota.prune(interval, interval, interval), quota.breaker_allow(text),
             quota.breaker_record(text, boolean), quota.breaker_reset(text),
-            quota.upstream_observe(text, bigint, bigint, timestamptz), quota.upstream_acquire(text, bigint)
-            TO service_role;
+            quota.upstream_observe(text, bigint, bigint, timestamptz), quota.upstream_acquire(text, bigint),
+            quota.health() TO service_role;
         GRANT SELECT ON quota.breakers, quota.rate_routes, quota.upstreams TO service_role;
     END IF;
     IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'authenticated') THEN

@@ -13,6 +13,7 @@ use pgrx::prelude::*;
 mod audit;
 mod batch;
 mod breaker;
+mod health;
 mod metrics;
 mod pg;
 mod quota;

@@ -37,9 +37,11 @@ pub enum Counter {
     UpstreamAcquired,
     UpstreamDenied,
     UpstreamFull,
+    CacheLookups,
+    CacheInvalidations,
 }
 
-const COUNTERS: [(&str, &str); 23] = [
+const COUNTERS: [(&str, &str); 25] = [
     ("consumes", "quota.consume/require calls that granted"),
     ("denials", "quota.consume/require calls that denied"),
     ("refunds", "quota.refund calls"),
@@ -107,6 +109,14 @@ const COUNTERS: [(&str, &str); 23] = [
     (
         "upstream_full",
         "observations of a new upstream API that found the table full (quota_ext.upstream_max)",
+    ),
+    (
+        "cache_lookups",
+        "calls that used the backend caches of plans, limits, subjects and policies",
+    ),
+    (
+        "cache_invalidations",
+        "times a backend dropped those caches (a committed change to their tables, or a lost invalidation)",
     ),
 ];
 
@@ -201,6 +211,20 @@ fn snapshot() -> Vec<(String, i64, String)> {
         rows.push((g.name.to_string(), (g.read)(), g.description.to_string()));
     }
     rows
+}
+
+/// The value of a counter or gauge by name (None without the preload or for an unknown name).
+pub fn value(name: &str) -> Option<i64> {
+    if !preloaded() {
+        return None;
+    }
+    if let Some(i) = COUNTERS.iter().position(|(n, _)| *n == name) {
+        return Some(SHARED.get().total(i) as i64);
+    }
+    GAUGES
+        .get()
+        .and_then(|gs| gs.iter().find(|g| g.name == name))
+        .map(|g| (g.read)())
 }
 
 /// Gauges are not counters: Prometheus wants them typed as such.

@@ -68,6 +68,7 @@ fn supabase_roles_get_what_api_md_grants() {
         "quota.breaker_reset(text)",
         "quota.upstream_observe(text,bigint,bigint,timestamp with time zone)",
         "quota.upstream_acquire(text,bigint)",
+        "quota.health()",
         "quota.create_batch(text,text,bigint,timestamp with time zone,jsonb)",
         "quota.metrics()",
         "quota.metrics_prometheus()",
@@ -754,7 +755,7 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
     // The admin, batch, rate and metrics functions, as service_role calls them. (A function
     // returning a scalar or void comes back as the column the call is aliased to, pgrst_call;
     // PostgREST answers such calls with the bare value.)
-    let admin_calls: [(&str, &[(&str, &str)], &str, &[&str]); 23] = [
+    let admin_calls: [(&str, &[(&str, &str)], &str, &[&str]); 24] = [
         (
             "window_bounds",
             &[
@@ -774,6 +775,7 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
             r#"{"subject":"user-9","plan":"pro","time_zone":"Europe/Paris"}"#,
             &[r#"{"pgrst_call":""}"#],
         ),
+        ("health", &[], "{}", &[r#""check":"preload""#, r#""ok":true"#]),
         (
             "upstream_observe",
             &[
@@ -942,6 +944,7 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
         "breaker_reset",
         "upstream_observe",
         "upstream_acquire",
+        "health",
         "set_limit",
         "set_override",
         "reset_usage",

@@ -218,6 +218,7 @@ fn every_function_against_hostile_input() {
         "reset_metrics()",
         "pre_request()",
         "own_chain()",
+        "health()",
     ] {
         c.batch_execute(&format!("SELECT quota.{f}")).unwrap();
     }

@@ -62,6 +62,18 @@ pub(super) fn start_writer(slot: usize) {
     }
 }
 
+/// Since when queued rows have waited for a background worker slot for their writer, as
+/// PostgreSQL writes a timestamptz; None when none waits (or without the preload).
+pub fn stranded_since() -> Option<String> {
+    let h = HEADER.load(Ordering::Acquire);
+    if h.is_null() {
+        return None;
+    }
+    // SAFETY: the header lives as long as shared memory; the field is atomic.
+    let since = unsafe { (*h).stranded_at.load(Ordering::Relaxed) };
+    (since != 0).then(|| crate::quota::decision::iso8601(since))
+}
+
 /// Start writers for queued rows that have none because an earlier start found no free
 /// background worker slot. Called by every quota and batch function: when nothing is stranded
 /// it is one relaxed atomic load; otherwise one call a second in the whole server looks.

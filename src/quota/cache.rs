@@ -107,6 +107,7 @@ pub fn follow_committed_changes() {
     if !crate::metrics::preloaded() {
         return;
     }
+    crate::metrics::count(crate::metrics::Counter::CacheLookups);
     let now = CONFIG_GENERATION.get().load(Ordering::Acquire);
     if SEEN_CONFIG.with(|s| s.replace(now)) != now {
         forget_limits();
@@ -145,6 +146,7 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
 }
 
 fn forget_limits() {
+    crate::metrics::count(crate::metrics::Counter::CacheInvalidations);
     PLAN_LIMITS.with(|l| l.borrow_mut().clear());
     SUBJECTS.with(|l| l.borrow_mut().clear());
     TABLES_EMPTY.with(|t| t.set(None));
