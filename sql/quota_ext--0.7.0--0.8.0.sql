@@ -112,6 +112,14 @@ SET search_path TO pg_catalog, pg_temp
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'health_wrapper';
 
+CREATE FUNCTION quota.latency()
+RETURNS TABLE ("function" text, calls bigint, mean_ms double precision, p50_ms double precision,
+               p95_ms double precision, p99_ms double precision)
+STRICT VOLATILE PARALLEL SAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'latency_wrapper';
+
 CREATE FUNCTION quota.set_parent(subject text, parent text) RETURNS void
 VOLATILE PARALLEL UNSAFE
 SET search_path TO pg_catalog, pg_temp
@@ -190,7 +198,7 @@ REVOKE ALL ON FUNCTION quota.set_parent(text, text), quota.own_chain(),
     quota.prune(interval, interval, interval), quota.breaker_allow(text),
     quota.breaker_record(text, boolean), quota.breaker_reset(text),
     quota.upstream_observe(text, bigint, bigint, timestamptz), quota.upstream_acquire(text, bigint),
-    quota.health() FROM PUBLIC;
+    quota.health(), quota.latency() FROM PUBLIC;
 REVOKE ALL ON quota.breakers, quota.rate_routes, quota.upstreams FROM PUBLIC;
 DO $grants$
 BEGIN
@@ -199,7 +207,7 @@ BEGIN
             quota.prune(interval, interval, interval), quota.breaker_allow(text),
             quota.breaker_record(text, boolean), quota.breaker_reset(text),
             quota.upstream_observe(text, bigint, bigint, timestamptz), quota.upstream_acquire(text, bigint),
-            quota.health() TO service_role;
+            quota.health(), quota.latency() TO service_role;
         GRANT SELECT ON quota.breakers, quota.rate_routes, quota.upstreams TO service_role;
     END IF;
     IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'authenticated') THEN

@@ -14,6 +14,7 @@ mod audit;
 mod batch;
 mod breaker;
 mod health;
+mod latency;
 mod metrics;
 mod pg;
 mod quota;
@@ -31,6 +32,7 @@ pub extern "C-unwind" fn _PG_init() {
     pg::catalog::init();
     request::init();
     metrics::init();
+    latency::init();
     metrics::set_gauges(&GAUGES);
     // SAFETY: reads a flag that is set while shared_preload_libraries is processed.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {

@@ -259,6 +259,7 @@ fn metrics() -> TableIterator<'static, (name!(name, String), name!(value, i64), 
 #[search_path(pg_catalog, pg_temp)]
 fn metrics_prometheus() -> String {
     let mut out = String::new();
+    let histograms = crate::latency::prometheus();
     for (name, value, desc) in snapshot() {
         let (metric, kind) = if is_gauge(&name) {
             (format!("quota_ext_{name}"), "gauge")
@@ -269,6 +270,7 @@ fn metrics_prometheus() -> String {
             "# HELP {metric} {desc}\n# TYPE {metric} {kind}\n{metric} {value}\n"
         ));
     }
+    out.push_str(&histograms);
     out
 }
 
@@ -283,4 +285,5 @@ fn reset_metrics() {
             c.store(0, Relaxed);
         }
     }
+    crate::latency::reset();
 }

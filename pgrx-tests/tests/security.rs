@@ -69,6 +69,7 @@ fn supabase_roles_get_what_api_md_grants() {
         "quota.upstream_observe(text,bigint,bigint,timestamp with time zone)",
         "quota.upstream_acquire(text,bigint)",
         "quota.health()",
+        "quota.latency()",
         "quota.create_batch(text,text,bigint,timestamp with time zone,jsonb)",
         "quota.metrics()",
         "quota.metrics_prometheus()",
@@ -755,7 +756,7 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
     // The admin, batch, rate and metrics functions, as service_role calls them. (A function
     // returning a scalar or void comes back as the column the call is aliased to, pgrst_call;
     // PostgREST answers such calls with the bare value.)
-    let admin_calls: [(&str, &[(&str, &str)], &str, &[&str]); 24] = [
+    let admin_calls: [(&str, &[(&str, &str)], &str, &[&str]); 25] = [
         (
             "window_bounds",
             &[
@@ -776,6 +777,7 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
             &[r#"{"pgrst_call":""}"#],
         ),
         ("health", &[], "{}", &[r#""check":"preload""#, r#""ok":true"#]),
+        ("latency", &[], "{}", &[r#""function":"consume""#, r#""p95_ms""#]),
         (
             "upstream_observe",
             &[
@@ -945,6 +947,7 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
         "upstream_observe",
         "upstream_acquire",
         "health",
+        "latency",
         "set_limit",
         "set_override",
         "reset_usage",

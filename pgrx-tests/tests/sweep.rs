@@ -219,6 +219,7 @@ fn every_function_against_hostile_input() {
         "pre_request()",
         "own_chain()",
         "health()",
+        "latency()",
     ] {
         c.batch_execute(&format!("SELECT quota.{f}")).unwrap();
     }

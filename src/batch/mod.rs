@@ -231,6 +231,7 @@ fn consume_batch_quantity(
     >,
     ErrorReport,
 > {
+    let _timer = crate::latency::Timer::start(crate::latency::Func::ConsumeBatchQuantity);
     crate::audit::writer::relaunch_stranded();
     let row = take_batch(p_batch_id, p_quantity_to_consume, p_expected_version)?;
     Ok(TableIterator::once(row))
@@ -406,6 +407,7 @@ fn consume_item(
     >,
     ErrorReport,
 > {
+    let _timer = crate::latency::Timer::start(crate::latency::Func::ConsumeItem);
     crate::audit::writer::relaunch_stranded();
     let rows = take_item(owner, item, quantity, strategy)?;
     Ok(TableIterator::new(rows))

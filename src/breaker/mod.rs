@@ -142,6 +142,7 @@ fn breaker_allow(
     name: Option<&str>,
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pgrx::composite_type!('static, "quota.breaker_decision") {
+    let _timer = crate::latency::Timer::start(crate::latency::Func::BreakerAllow);
     run(fcinfo, check_name(name), Op::Allow)
 }
 

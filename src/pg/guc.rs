@@ -23,6 +23,7 @@ pub static CLIENT_IP_HEADER: GucSetting<Option<CString>> =
 pub static TRUSTED_PROXY_HOPS: GucSetting<i32> = GucSetting::<i32>::new(1);
 pub static UNTRUSTED_REFUNDS: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static PARENT_CLAIM: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static LATENCY: GucSetting<bool> = GucSetting::<bool>::new(true);
 
 /// What a new key does in a partition with no bucket to evict (rate::check).
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -108,6 +109,14 @@ fn define_quota_settings() {
         c"Whether untrusted roles may refund a grant they received (by its idempotency key, once).",
         c"Off: only trusted roles refund. On, a client can give back every grant it was given.",
         &UNTRUSTED_REFUNDS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"quota_ext.latency",
+        c"Whether each decision's time is recorded in the latency histograms (quota.latency()).",
+        c"Two clock readings and two atomic additions a call.",
+        &LATENCY,
         GucContext::Suset,
         GucFlags::default(),
     );

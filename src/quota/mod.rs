@@ -170,6 +170,11 @@ fn run_request(
     idempotency_key: Option<&str>,
     queue_denial: bool,
 ) -> Result<Decision> {
+    let _timer = crate::latency::Timer::start(match (action, queue_denial) {
+        (Action::Refund, _) => crate::latency::Func::Refund,
+        (Action::Consume, true) => crate::latency::Func::Require,
+        (Action::Consume, false) => crate::latency::Func::Consume,
+    });
     crate::audit::writer::relaunch_stranded();
     let metric = check_metric(metric)?;
     let amount = check_amount(amount)?;

@@ -1,7 +1,6 @@
 //! The answer of a rate check, `quota.rate_decision`, built directly as a heap tuple, and the
 //! entry points that check a named key (`rate_check`, `rate_reset`).
 
-use super::gcra::now_ns;
 use super::gcra::Gcra;
 use super::table::check;
 use super::table::require_ready;
@@ -106,11 +105,12 @@ fn rate_check(
     cost: default!(Option<i64>, 1),
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> RateDecision {
+    let timer = crate::latency::Timer::start(crate::latency::Func::RateCheck);
     require_ready();
     let key = check_rate_key(key).or_raise();
     let (t, burst) = crate::rate::policy::rate_params(rate, per, burst).or_raise();
     let cost = check_cost(cost).or_raise();
-    let g = check(key.as_bytes(), Kind::Check, t, burst, cost, now_ns());
+    let g = check(key.as_bytes(), Kind::Check, t, burst, cost, timer.now());
     metrics::count(Counter::RateChecks);
     if !g.allowed {
         metrics::count(Counter::RateDenials);

@@ -189,6 +189,7 @@ fn rate_limit(
     cost: default!(Option<i64>, 1),
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> RateDecision {
+    let _timer = crate::latency::Timer::start(crate::latency::Func::RateLimit);
     require_ready();
     let policy = request::check_name(
         "policy",
@@ -297,6 +298,7 @@ fn take_all(list: &[(Cow<'static, str>, Resolved<'static>)]) -> Option<(usize, G
 /// answer 429. NULL and no headers for trusted callers and when no policy applies.
 #[pg_extern(volatile, parallel_restricted)]
 fn request_rate_limit(method: Option<&str>) -> Option<Vec<String>> {
+    let _timer = crate::latency::Timer::start(crate::latency::Func::PreRequest);
     let list = request_policies(method);
     let (i, g) = take_all(&list)?;
     let (policy, r) = &list[i];
