@@ -18,6 +18,12 @@ fn key_allowed(c: &mut Client) -> bool {
     )
 }
 
+fn upstream_allowed(c: &mut Client) -> bool {
+    c.query_one("SELECT allowed FROM quota.upstream_acquire('crash-api')", &[])
+        .unwrap()
+        .get(0)
+}
+
 fn breaker_allowed(c: &mut Client) -> bool {
     c.query_one("SELECT allowed FROM quota.breaker_allow('crash-breaker')", &[])
         .unwrap()
@@ -55,6 +61,10 @@ fn sigkill_of_a_backend_loses_no_acknowledged_consume() {
     )
     .unwrap();
     assert!(!breaker_allowed(&mut c), "open before the crash");
+    // An upstream budget spent before the crash (shared memory too).
+    c.batch_execute("SELECT quota.upstream_observe('crash-api', 10, 1, now() + interval '1 hour'); SELECT quota.upstream_acquire('crash-api');")
+        .unwrap();
+    assert!(!upstream_allowed(&mut c), "spent before the crash");
 
     const SESSIONS: usize = 8;
     let stop = Arc::new(AtomicBool::new(false));
@@ -154,6 +164,14 @@ fn sigkill_of_a_backend_loses_no_acknowledged_consume() {
     c.batch_execute("SELECT quota.breaker_record('crash-breaker', false)")
         .unwrap();
     assert!(!breaker_allowed(&mut c), "and opens again");
+    // The budgets were re-created empty: nothing is known of the API until it is observed again.
+    assert!(
+        upstream_allowed(&mut c),
+        "an unknown budget limits nothing after the crash"
+    );
+    c.batch_execute("SELECT quota.upstream_observe('crash-api', 10, 0, now() + interval '1 hour')")
+        .unwrap();
+    assert!(!upstream_allowed(&mut c), "and works once observed");
     // Shared memory was re-created: the counters work, from zero.
     let consumes = metric(&mut c, "consumes");
     c.batch_execute("SELECT quota.consume('after', 'api')").unwrap();

@@ -47,6 +47,17 @@ fn rate_limits_work_on_a_hot_standby() {
         .unwrap()
         .get(0);
     assert_eq!(opened, "1,closed");
+    // Upstream budgets too.
+    let budget: String = c
+        .query_one(
+            "SELECT (quota.upstream_observe('standby-api', 10, 2, now() + interval '1 hour')).remaining::text || ',' ||
+                    (quota.upstream_acquire('standby-api', 2)).allowed::text || ',' ||
+                    (quota.upstream_acquire('standby-api')).allowed::text",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(budget, "2,true,false");
 
     // A policy changed on the primary reaches this session's policy cache when the replica
     // replays the commit: the cache is invalidated by the invalidation messages the commit
