@@ -30,13 +30,22 @@ fn checks() -> Vec<Check> {
             "quota_ext is not in shared_preload_libraries: rate limits, breakers, upstream budgets, metrics and the audit queue are off. Add it and restart the server.".into(),
         )];
     }
-    let v = |name: &str| metrics::value(name).unwrap_or(0);
     let mut out = vec![row(
         "preload",
         true,
         "quota_ext is preloaded: its shared memory is in use.".into(),
     )];
+    rate_checks(&mut out);
+    audit_checks(&mut out);
+    other_checks(&mut out);
+    out
+}
 
+fn v(name: &str) -> i64 {
+    metrics::value(name).unwrap_or(0)
+}
+
+fn rate_checks(out: &mut Vec<Check>) {
     let (keys, capacity) = (v("keys_in_use"), v("key_capacity"));
     let fill = percent(keys, capacity);
     out.push(row(
@@ -58,7 +67,9 @@ fn checks() -> Vec<Check> {
             format!("{full} new keys found their partition full with no refilled bucket, and evicted the one that owed least (since the start or reset_metrics()). Raise quota_ext.rate_max_keys (a restart).")
         },
     ));
+}
 
+fn audit_checks(out: &mut Vec<Check>) {
     let (depth, size) = (v("audit_queue_depth"), guc::audit_queue_size() as i64);
     let qfill = percent(depth, size);
     out.push(row(
@@ -80,7 +91,7 @@ fn checks() -> Vec<Check> {
             format!("{dropped} queued refusal audit rows were dropped (their database was gone, or the writer failed: see the server log) and {rejected} found the queue full (raise quota_ext.audit_queue_size, a restart), since the start or reset_metrics().")
         },
     ));
-    let stranded = crate::audit::writer::stranded_since();
+    let stranded = crate::audit::writer::stranded_since().map(crate::quota::decision::iso8601);
     let workers = max_worker_processes();
     out.push(row(
         "audit_writers",
@@ -91,7 +102,9 @@ fn checks() -> Vec<Check> {
             (None, n) => format!("The audit writer can start (max_worker_processes = {n}) and no row waits for a slot."),
         },
     ));
+}
 
+fn other_checks(out: &mut Vec<Check>) {
     let open = v("breakers_open");
     out.push(row(
         "breakers_open",
@@ -114,7 +127,6 @@ fn checks() -> Vec<Check> {
             format!("{lookups} calls used the backend caches, which were dropped {invalidations} times: they are doing their work.")
         },
     ));
-    out
 }
 
 fn max_worker_processes() -> i64 {

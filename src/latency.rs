@@ -3,11 +3,14 @@
 //! metrics_prometheus() and as mean and percentiles in quota.latency(). A call is timed from
 //! its entry to its return or its error (a Drop guard). quota_ext.latency = off stops timing.
 
-use crate::metrics;
 use crate::pg::guc;
 use pgrx::prelude::*;
 use pgrx::{PGRXSharedMemory, PgAtomic};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+
+/// The histograms exist: set in the postmaster while the library is preloaded (backends
+/// inherit it).
+static LOADED: AtomicBool = AtomicBool::new(false);
 
 /// The functions timed, in the order of their histograms.
 #[derive(Clone, Copy)]
@@ -88,6 +91,7 @@ pub fn init() {
     unsafe {
         if pgrx::pg_sys::process_shared_preload_libraries_in_progress {
             pgrx::pg_shmem_init!(HIST);
+            LOADED.store(true, Relaxed);
         }
     }
 }
@@ -97,23 +101,23 @@ pub struct Timer(Option<(Func, i64)>);
 
 impl Timer {
     pub fn start(f: Func) -> Timer {
-        if !metrics::preloaded() || !guc::LATENCY.get() {
+        if !LOADED.load(Relaxed) || !guc::LATENCY.get() {
             return Timer(None);
         }
-        Timer(Some((f, crate::rate::gcra::now_ns())))
+        Timer(Some((f, crate::pg::monotonic_ns())))
     }
 
-    /// When the call started (gcra::now_ns's clock), for a call that needs the time anyway
+    /// When the call started (pg::monotonic_ns's clock), for a call that needs the time anyway
     /// (rate_check): one clock reading fewer.
     pub fn now(&self) -> i64 {
-        self.0.map_or_else(crate::rate::gcra::now_ns, |(_, t0)| t0)
+        self.0.map_or_else(crate::pg::monotonic_ns, |(_, t0)| t0)
     }
 }
 
 impl Drop for Timer {
     fn drop(&mut self) {
         if let Some((f, t0)) = self.0 {
-            let ns = (crate::rate::gcra::now_ns() - t0).max(0) as u64;
+            let ns = (crate::pg::monotonic_ns() - t0).max(0) as u64;
             let b = BOUNDS_NS.iter().position(|b| ns <= *b).unwrap_or(BOUNDS_NS.len());
             // SAFETY: reads this process's pid, set at backend start.
             let shard = (unsafe { pgrx::pg_sys::MyProcPid } as usize) % SHARDS;
@@ -138,6 +142,9 @@ fn totals(f: usize) -> ([u64; BUCKETS], u64) {
 }
 
 pub fn reset() {
+    if !LOADED.load(Relaxed) {
+        return;
+    }
     for shard in &HIST.get().0 {
         for h in shard {
             for b in &h.buckets {
@@ -150,6 +157,9 @@ pub fn reset() {
 
 /// The histograms in Prometheus' text format: quota_ext_decision_seconds{function=...}.
 pub fn prometheus() -> String {
+    if !LOADED.load(Relaxed) {
+        return String::new();
+    }
     let mut out = String::from(
         "# HELP quota_ext_decision_seconds Time each decision took inside the database, per function\n# TYPE quota_ext_decision_seconds histogram\n",
     );
@@ -215,7 +225,7 @@ fn latency() -> Result<
     pgrx::pg_sys::panic::ErrorReport,
 > {
     crate::request::require_trusted("quota.latency")?;
-    if !metrics::preloaded() {
+    if !LOADED.load(Relaxed) {
         return Err(crate::pg::error::QuotaError::NotPreloaded.into());
     }
     let rows: Vec<_> = FUNCTIONS

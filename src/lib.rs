@@ -34,6 +34,7 @@ pub extern "C-unwind" fn _PG_init() {
     metrics::init();
     latency::init();
     metrics::set_gauges(&GAUGES);
+    metrics::set_extras(&EXTRAS);
     // SAFETY: reads a flag that is set while shared_preload_libraries is processed.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         pg::shmem::install_hooks(&SHARED_STRUCTURES);
@@ -59,6 +60,12 @@ static SHARED_STRUCTURES: [pg::shmem::Structure; 4] = [
         startup: upstream::table::shmem_startup,
     },
 ];
+
+/// Metrics kept outside metrics.rs: the latency histograms.
+static EXTRAS: [metrics::Extra; 1] = [metrics::Extra {
+    prometheus: latency::prometheus,
+    reset: latency::reset,
+}];
 
 /// The gauges quota.metrics() shows after the counters.
 static GAUGES: [metrics::Gauge; 6] = [

@@ -247,6 +247,20 @@ pub fn set_gauges(gauges: &'static [Gauge]) {
     let _ = GAUGES.set(gauges);
 }
 
+/// Other metrics kept elsewhere (the latency histograms): their Prometheus text, appended to
+/// metrics_prometheus(), and how reset_metrics() resets them.
+pub struct Extra {
+    pub prometheus: fn() -> String,
+    pub reset: fn(),
+}
+
+static EXTRAS: std::sync::OnceLock<&'static [Extra]> = std::sync::OnceLock::new();
+
+/// Handed over once from _PG_init, like the gauges.
+pub fn set_extras(extras: &'static [Extra]) {
+    let _ = EXTRAS.set(extras);
+}
+
 /// The counters, cluster-wide since the last restart or reset_metrics().
 #[pg_extern(volatile, parallel_safe)]
 #[search_path(pg_catalog, pg_temp)]
@@ -259,7 +273,13 @@ fn metrics() -> TableIterator<'static, (name!(name, String), name!(value, i64), 
 #[search_path(pg_catalog, pg_temp)]
 fn metrics_prometheus() -> String {
     let mut out = String::new();
-    let histograms = crate::latency::prometheus();
+    let extras: String = EXTRAS
+        .get()
+        .copied()
+        .unwrap_or_default()
+        .iter()
+        .map(|e| (e.prometheus)())
+        .collect();
     for (name, value, desc) in snapshot() {
         let (metric, kind) = if is_gauge(&name) {
             (format!("quota_ext_{name}"), "gauge")
@@ -270,7 +290,7 @@ fn metrics_prometheus() -> String {
             "# HELP {metric} {desc}\n# TYPE {metric} {kind}\n{metric} {value}\n"
         ));
     }
-    out.push_str(&histograms);
+    out.push_str(&extras);
     out
 }
 
@@ -285,5 +305,7 @@ fn reset_metrics() {
             c.store(0, Relaxed);
         }
     }
-    crate::latency::reset();
+    for e in EXTRAS.get().copied().unwrap_or_default() {
+        (e.reset)();
+    }
 }

@@ -62,16 +62,16 @@ pub(super) fn start_writer(slot: usize) {
     }
 }
 
-/// Since when queued rows have waited for a background worker slot for their writer, as
-/// PostgreSQL writes a timestamptz; None when none waits (or without the preload).
-pub fn stranded_since() -> Option<String> {
+/// Since when queued rows have waited for a background worker slot for their writer (a
+/// timestamptz's microseconds); None when none waits (or without the preload).
+pub fn stranded_since() -> Option<i64> {
     let h = HEADER.load(Ordering::Acquire);
     if h.is_null() {
         return None;
     }
     // SAFETY: the header lives as long as shared memory; the field is atomic.
     let since = unsafe { (*h).stranded_at.load(Ordering::Relaxed) };
-    (since != 0).then(|| crate::quota::decision::iso8601(since))
+    (since != 0).then_some(since)
 }
 
 /// Start writers for queued rows that have none because an earlier start found no free

@@ -99,7 +99,7 @@ fn run(fcinfo: pg_sys::FunctionCallInfo, name: &str, op: Op) -> BreakerDecision 
     } else {
         rules(name)
     };
-    let seen = table::apply(name.as_bytes(), rules, op, crate::rate::gcra::now_ns()).unwrap_or_else(|_| {
+    let seen = table::apply(name.as_bytes(), rules, op, crate::pg::monotonic_ns()).unwrap_or_else(|_| {
         metrics::count(Counter::BreakerFull);
         QuotaError::BreakersFull {
             name: name.to_string(),

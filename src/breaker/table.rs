@@ -52,7 +52,7 @@ struct Slot {
     failures: u64,
     /// Probes let through since the breaker went half-open.
     probes: u64,
-    /// When it opened, nanoseconds (gcra::now_ns's clock).
+    /// When it opened, nanoseconds (pg::monotonic_ns's clock).
     opened_at: i64,
 }
 

@@ -97,7 +97,7 @@ fn resolve<'a>(
             })
         }
     };
-    let mut policy = policies
+    let policy = policies
         .get(plan)
         .or_else(|| policies.get(&*default_plan))
         .copied()
@@ -105,24 +105,37 @@ fn resolve<'a>(
             policy: policy_name.to_string(),
             plan: plan.to_string(),
         })?;
-    let mut key = key;
-    // A pooled policy: the caller's own bucket is its parent's, with the parent's limits (one
-    // bucket per organization, whichever member spends it). Untrusted callers cannot name their
-    // own key to get out of it: the own key is pooled however it is given.
-    // The policy is pooled when the caller's row or its parent's plan's row says so.
-    if policies.values().any(|p| p.pooled) {
-        if let Some(sub) = req.sub.as_deref().filter(|s| *key == **s) {
-            if let Some(parent) = crate::quota::cache::caller_parent(sub, req.parent.as_deref()) {
-                let parent_plan = crate::quota::cache::caller_plan(&parent, None, &default_plan);
-                let parents = policies.get(&parent_plan).copied();
-                if policy.pooled || parents.is_some_and(|p| p.pooled) {
-                    policy = parents.unwrap_or(policy);
-                    key = Cow::Owned(parent);
-                }
-            }
-        }
-    }
+    let (key, policy) = pooled(&policies, &req, &default_plan, key, policy);
     Ok(Some(Resolved { key, policy }))
+}
+
+/// A pooled policy: the caller's own bucket is its parent's, with the parent's plan's limits
+/// (one bucket per organization, whichever member spends it), when the caller's row or its
+/// parent's plan's row of the policy is pooled. Untrusted callers cannot name their own key to
+/// get out of it: the own key is pooled however it is given.
+fn pooled<'a>(
+    policies: &std::collections::HashMap<String, crate::rate::policy::Policy>,
+    req: &request::RequestInfo,
+    default_plan: &str,
+    key: Cow<'a, str>,
+    policy: crate::rate::policy::Policy,
+) -> (Cow<'a, str>, crate::rate::policy::Policy) {
+    if !policies.values().any(|p| p.pooled) {
+        return (key, policy);
+    }
+    let Some(sub) = req.sub.as_deref().filter(|s| *key == **s) else {
+        return (key, policy);
+    };
+    let Some(parent) = crate::quota::cache::caller_parent(sub, req.parent.as_deref()) else {
+        return (key, policy);
+    };
+    let parent_plan = crate::quota::cache::caller_plan(&parent, None, default_plan);
+    let parents = policies.get(&parent_plan).copied();
+    if policy.pooled || parents.is_some_and(|p| p.pooled) {
+        (Cow::Owned(parent), parents.unwrap_or(policy))
+    } else {
+        (key, policy)
+    }
 }
 
 /// Longest bucket name formed on the stack (policy, separator, key); longer ones (a key from a
