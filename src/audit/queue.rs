@@ -160,10 +160,7 @@ fn shmem_size() -> usize {
 /// The audit queue's share of shared memory (from shmem's request hook).
 pub fn shmem_request() {
     // SAFETY: called in the postmaster's shmem request phase.
-    unsafe {
-        pg_sys::RequestAddinShmemSpace(shmem_size());
-        pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 1);
-    }
+    unsafe { crate::pg::shmem::request(shmem_size(), TRANCHE, 1) };
 }
 
 /// Find or build the audit queue (from shmem's startup hook).

@@ -81,10 +81,7 @@ fn shmem_size() -> usize {
 /// The breaker table's share of shared memory (from shmem's request hook).
 pub fn shmem_request() {
     // SAFETY: called in the postmaster's shmem request phase.
-    unsafe {
-        pg_sys::RequestAddinShmemSpace(shmem_size());
-        pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 1);
-    }
+    unsafe { crate::pg::shmem::request(shmem_size(), TRANCHE, 1) };
 }
 
 /// Find or build the breaker table (from shmem's startup hook).
@@ -99,11 +96,7 @@ pub unsafe fn shmem_startup() {
             let h = base.cast::<Header>();
             (*h).slots = slots as u64;
             (*h).capacity = capacity as u64;
-            let mut seed = [0u8; 8];
-            if !pg_sys::pg_strong_random(seed.as_mut_ptr().cast(), seed.len()) {
-                seed = (pg_sys::GetCurrentTimestamp() as u64 ^ std::process::id() as u64).to_le_bytes();
-            }
-            (*h).seed = u64::from_le_bytes(seed);
+            (*h).seed = crate::pg::shmem::draw_seed();
         });
         HEADER.store(base.cast::<Header>(), Ordering::Release);
         SLOTS.store(

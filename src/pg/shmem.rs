@@ -31,6 +31,32 @@ pub unsafe fn init_struct(name: &CStr, size: usize, init: impl FnOnce(*mut u8)) 
     }
 }
 
+/// Ask for `size` bytes of shared memory and a named tranche of `locks` LWLocks.
+///
+/// # Safety
+/// Call from a shmem_request_hook (the postmaster's request phase).
+pub unsafe fn request(size: usize, tranche: &CStr, locks: i32) {
+    // SAFETY: per this function's contract.
+    unsafe {
+        pg_sys::RequestAddinShmemSpace(size);
+        pg_sys::RequestNamedLWLockTranche(tranche.as_ptr(), locks);
+    }
+}
+
+/// A secret drawn when shared memory is built, for the hashes that place keys in a table: from
+/// the strong random source, or without one the clock and pid, which still differ from server
+/// to server.
+pub fn draw_seed() -> u64 {
+    let mut seed = [0u8; 8];
+    // SAFETY: fills the 8-byte buffer; the clock is read by the process.
+    unsafe {
+        if !pg_sys::pg_strong_random(seed.as_mut_ptr().cast(), seed.len()) {
+            seed = (pg_sys::GetCurrentTimestamp() as u64 ^ std::process::id() as u64).to_le_bytes();
+        }
+    }
+    u64::from_le_bytes(seed)
+}
+
 /// A structure in shared memory: how to ask for its space and locks, and how to find or build
 /// it (the second, unsafe, only from the startup hook after the first ran).
 pub struct Structure {

@@ -56,10 +56,7 @@ fn shmem_size() -> usize {
 /// The bucket table's share of shared memory (from shmem's request hook).
 pub fn shmem_request() {
     // SAFETY: called in the postmaster's shmem request phase.
-    unsafe {
-        pg_sys::RequestAddinShmemSpace(shmem_size());
-        pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), PARTITIONS as i32);
-    }
+    unsafe { crate::pg::shmem::request(shmem_size(), TRANCHE, PARTITIONS as i32) };
 }
 
 /// Find or build the bucket table (from shmem's startup hook).
@@ -74,12 +71,7 @@ pub unsafe fn shmem_startup() {
             let h = base.cast::<Header>();
             (*h).slots_per_partition = slots as u64;
             (*h).capacity_per_partition = capacity as u64;
-            let mut seed = [0u8; 8];
-            if !pg_sys::pg_strong_random(seed.as_mut_ptr().cast(), seed.len()) {
-                // No strong random source: the clock still differs from server to server.
-                seed = (pg_sys::GetCurrentTimestamp() as u64 ^ std::process::id() as u64).to_le_bytes();
-            }
-            (*h).seed = u64::from_le_bytes(seed);
+            (*h).seed = crate::pg::shmem::draw_seed();
         });
         HEADER.store(base.cast::<Header>(), Ordering::Release);
         SLOTS.store(
