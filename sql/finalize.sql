@@ -178,6 +178,66 @@ SELECT pg_catalog.pg_extension_config_dump('quota.breakers', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.rate_routes', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.upstreams', '');
 
+-- Scaling out with Citus (docs/citus.md). What each table becomes on a Citus cluster, in the
+-- order the commands must run (a table before the tables whose foreign keys reference it):
+-- the configuration as reference tables (a copy on every node), then what grows with traffic
+-- distributed by the subject (a batch's owner is a subject), colocated with quota.usage.
+CREATE FUNCTION quota.citus_layout()
+RETURNS TABLE (step integer, table_name regclass, kind text, distribution_column text, command text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT l.step, l.name::regclass, l.kind, l.col,
+           CASE l.kind
+               WHEN 'reference' THEN pg_catalog.format('SELECT create_reference_table(%L);', l.name)
+               ELSE pg_catalog.format('SELECT create_distributed_table(%L, %L%s);', l.name, l.col,
+                   CASE WHEN l.name OPERATOR(pg_catalog.=) 'quota.usage' THEN ''
+                        ELSE ', colocate_with => ''quota.usage''' END)
+           END
+      FROM (VALUES
+            (1,  'quota.plans',            'reference',   NULL),
+            (2,  'quota.limits',           'reference',   NULL),
+            (3,  'quota.subjects',         'reference',   NULL),
+            (4,  'quota.overrides',        'reference',   NULL),
+            (5,  'quota.rate_policies',    'reference',   NULL),
+            (6,  'quota.rate_routes',      'reference',   NULL),
+            (7,  'quota.breakers',         'reference',   NULL),
+            (8,  'quota.upstreams',        'reference',   NULL),
+            (9,  'quota.usage',            'distributed', 'subject'),
+            (10, 'quota.idempotency_keys', 'distributed', 'subject'),
+            (11, 'quota.audit_log',        'distributed', 'subject'),
+            (12, 'quota.batches',          'distributed', 'owner')) AS l(step, name, kind, col)
+     ORDER BY l.step
+$$;
+
+-- Before the Citus commands: Citus refuses a table with triggers as a reference table, so this
+-- drops the triggers of the configuration tables (cache invalidation, and the replacement of
+-- shipped rows on a restore of a dump). Without them a backend keeps a change it cached for at
+-- most quota_ext.cache_ttl, which must be set first (on every node); the administrative
+-- functions and quota.invalidate_cache() still apply at once on the node they run on. Only
+-- the owner of the tables can run it.
+CREATE FUNCTION quota.citus_prepare()
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t regclass;
+BEGIN
+    IF coalesce(current_setting('quota_ext.cache_ttl', true), '0') IN ('0', '0ms', '') THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '55000',
+            MESSAGE = 'quota_ext.cache_ttl is 0: without the triggers a direct change of the configuration tables would never reach the caches',
+            HINT    = 'Set quota_ext.cache_ttl on every node (for instance ALTER SYSTEM SET quota_ext.cache_ttl = ''5s''; SELECT pg_reload_conf();), then call quota.citus_prepare() again.';
+    END IF;
+    FOR t IN SELECT l.table_name FROM quota.citus_layout() AS l WHERE l.kind OPERATOR(pg_catalog.=) 'reference' LOOP
+        EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS limits_cache_invalidation ON %s', t);
+        EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS replace_shipped_row ON %s', t);
+    END LOOP;
+    PERFORM quota.invalidate_cache();
+END
+$$;
+
 -- Nothing is callable by PUBLIC; grants below, or by hand (see README) without Supabase roles.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA quota FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA quota FROM PUBLIC;
@@ -206,8 +266,9 @@ CREATE POLICY plans_readable ON quota.plans FOR SELECT USING (true);
 CREATE POLICY limits_readable ON quota.limits FOR SELECT USING (true);
 CREATE POLICY usage_own_rows ON quota.usage FOR SELECT
     USING (subject = ANY ((SELECT quota.own_chain())::text[]));
+-- (An administrative row without a subject has subject '': a JWT whose sub is '' reads none.)
 CREATE POLICY audit_own_rows ON quota.audit_log FOR SELECT
-    USING (subject = (nullif((SELECT current_setting('request.jwt.claims', true)), '')::jsonb ->> 'sub'));
+    USING (subject = nullif((nullif((SELECT current_setting('request.jwt.claims', true)), '')::jsonb ->> 'sub'), ''));
 CREATE POLICY batches_own_rows ON quota.batches FOR SELECT
     USING (owner = (nullif((SELECT current_setting('request.jwt.claims', true)), '')::jsonb ->> 'sub'));
 
@@ -217,6 +278,8 @@ BEGIN
         GRANT USAGE ON SCHEMA quota TO service_role;
         GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA quota TO service_role;
         GRANT SELECT ON ALL TABLES IN SCHEMA quota TO service_role;
+        -- DDL on the tables: their owner's alone.
+        REVOKE EXECUTE ON FUNCTION quota.citus_prepare() FROM service_role;
     END IF;
     IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'authenticated') THEN
         GRANT USAGE ON SCHEMA quota TO authenticated;

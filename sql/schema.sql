@@ -106,10 +106,14 @@ CREATE INDEX idempotency_keys_created_at_idx ON quota.idempotency_keys (created_
 -- Each session takes ids 32 at a time (a shared sequence touched per row would serialize
 -- concurrent writers): ids are unique, increasing within a session, and only roughly in time
 -- order across sessions.
+--
+-- The key is (id, subject): a key holds the column a Citus cluster distributes the table by
+-- (docs/citus.md), and id first serves the look-ups by id alone. Rows of an administrative
+-- change that concerns no subject (a plan's limits) have subject '' (never a subject's name).
 CREATE TABLE quota.audit_log (
-    id              bigint      GENERATED ALWAYS AS IDENTITY (CACHE 32) PRIMARY KEY,
+    id              bigint      GENERATED ALWAYS AS IDENTITY (CACHE 32),
     created_at      timestamptz NOT NULL DEFAULT now(),
-    subject         text,
+    subject         text        NOT NULL,
     action          text        NOT NULL,
     metric          text,
     amount          bigint,
@@ -119,7 +123,8 @@ CREATE TABLE quota.audit_log (
     idempotency_key text,
     -- The role that acted, when it was a trusted one (an administrator, or a service acting
     -- for the subject); NULL when the subject acted as itself.
-    actor           text
+    actor           text,
+    CONSTRAINT audit_log_pkey PRIMARY KEY (id, subject)
 );
 -- audit_page: one subject, newest first, keyset on (created_at, id).
 CREATE INDEX audit_log_subject_created_at_idx ON quota.audit_log (subject, created_at DESC, id DESC);
@@ -234,8 +239,10 @@ CREATE TYPE quota.upstream_decision AS (
 );
 
 -- Inventory batches: quantities consumed under row locks, with a version for optimistic checks.
+-- The key is (id, owner): owner is the column a Citus cluster distributes the table by, and id
+-- first serves the look-ups by id alone (ids are random: gen_random_uuid()).
 CREATE TABLE quota.batches (
-    id               uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
+    id               uuid        NOT NULL DEFAULT gen_random_uuid(),
     owner            text        NOT NULL CHECK (btrim(owner) <> '' AND octet_length(owner) <= 256),
     item             text        NOT NULL CHECK (btrim(item) <> '' AND octet_length(item) <= 256),
     quantity         bigint      NOT NULL CHECK (quantity >= 0),
@@ -243,7 +250,8 @@ CREATE TABLE quota.batches (
     expires_at       timestamptz,
     created_at       timestamptz NOT NULL DEFAULT now(),
     version          bigint      NOT NULL DEFAULT 1,
-    metadata         jsonb       NOT NULL DEFAULT '{}'
+    metadata         jsonb       NOT NULL DEFAULT '{}',
+    CONSTRAINT batches_pkey PRIMARY KEY (id, owner)
 ) WITH (fillfactor = 80);
 -- consume_item: an owner's non-empty batches of an item in expiry order (no expiry last, then
 -- oldest first).

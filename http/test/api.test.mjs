@@ -57,7 +57,9 @@ const SHAPES = {
   set_limit: () => true,
   set_override: () => true,
   pre_request: () => true,
-  reset_metrics: () => true
+  reset_metrics: () => true,
+  invalidate_cache: () => true,
+  citus_layout: rows(['step', 'table_name', 'kind', 'distribution_column', 'command'])
 }
 
 test('the quota functions answer each role as its grants and the trust rules say', async () => {
@@ -97,7 +99,11 @@ test('the quota functions answer each role as its grants and the trust rules say
     ['window_bounds', () => ({ period: 'week', time_zone: 'UTC', at_time: '2026-11-22T12:00:00Z' }), DENIED],
     ['request_rate_limit', () => ({ method: 'GET' }), { service_role: 200, authenticated: 200, anon: 200 }],
     ['pre_request', () => ({}), { service_role: 204, authenticated: 204, anon: 204 }],
-    ['reset_metrics', () => ({}), DENIED]
+    ['reset_metrics', () => ({}), DENIED],
+    ['invalidate_cache', () => ({}), DENIED],
+    ['citus_layout', () => ({}), DENIED],
+    // DDL on the tables: their owner's alone, not service_role's.
+    ['citus_prepare', () => ({}), { service_role: 403, authenticated: 403, anon: 401 }]
   ]
   // Every function of the schema is called here, but require (its own test below).
   const all = sql(`SELECT string_agg(p.proname, ',' ORDER BY p.proname) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace

@@ -313,7 +313,7 @@ fn batch_refusals_have_their_own_sqlstate_and_change_nothing() {
     assert_settles(&mut c, &audit_count("NOT success"), 4);
     let reasons = one_text(
         &mut c,
-        "SELECT string_agg(format('%s:%s:%s:%s', action, coalesce(subject, '-'), coalesce(metric, '-'), reason), ' ' ORDER BY created_at, id)
+        "SELECT string_agg(format('%s:%s:%s:%s', action, coalesce(nullif(subject, ''), '-'), coalesce(metric, '-'), reason), ' ' ORDER BY created_at, id)
                FROM quota.audit_log WHERE NOT success",
     );
     assert_eq!(

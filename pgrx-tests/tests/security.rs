@@ -76,7 +76,16 @@ fn supabase_roles_get_what_api_md_grants() {
         "quota.reset_metrics()",
         "quota.rate_check(text,bigint,interval,bigint,bigint)",
         "quota.rate_reset(text)",
+        "quota.invalidate_cache()",
+        "quota.citus_layout()",
     ];
+    // DDL on the extension's tables: their owner's alone (tests/citus.rs calls it).
+    for role in ["service_role", "authenticated", "anon"] {
+        assert!(
+            !can(&mut c, role, "quota.citus_prepare()"),
+            "{role} must not execute quota.citus_prepare()"
+        );
+    }
     for f in user_functions {
         assert!(
             can(&mut c, "authenticated", f),
@@ -756,7 +765,7 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
     // The admin, batch, rate and metrics functions, as service_role calls them. (A function
     // returning a scalar or void comes back as the column the call is aliased to, pgrst_call;
     // PostgREST answers such calls with the bare value.)
-    let admin_calls: [(&str, &[(&str, &str)], &str, &[&str]); 25] = [
+    let admin_calls: [(&str, &[(&str, &str)], &str, &[&str]); 27] = [
         (
             "window_bounds",
             &[
@@ -920,6 +929,15 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
         ),
         ("pre_request", &[], "{}", &[r#"{"pgrst_call":""}"#]),
         ("reset_metrics", &[], "{}", &[r#"{"pgrst_call":""}"#]),
+        ("invalidate_cache", &[], "{}", &[r#"{"pgrst_call":""}"#]),
+        (
+            "citus_layout",
+            &[],
+            "{}",
+            &[
+                r#""step":1,"table_name":"quota.plans","kind":"reference","distribution_column":null,"command":"SELECT create_reference_table('quota.plans');""#,
+            ],
+        ),
     ];
     for (function, args, body, expected) in admin_calls {
         let out = rpc(&mut c, "service_role", "admin", function, args, body);
@@ -964,6 +982,10 @@ fn postgrest_rpc_calls_answer_the_documented_json() {
         "pre_request",
         "reset_metrics",
         "window_bounds",
+        "invalidate_cache",
+        "citus_layout",
+        // The owner's alone (tests/citus.rs; refused to service_role above).
+        "citus_prepare",
     ];
     let not_called: Vec<String> = c
         .query(

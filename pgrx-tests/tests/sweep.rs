@@ -220,6 +220,8 @@ fn every_function_against_hostile_input() {
         "own_chain()",
         "health()",
         "latency()",
+        "invalidate_cache()",
+        "citus_layout()",
     ] {
         c.batch_execute(&format!("SELECT quota.{f}")).unwrap();
     }

@@ -24,8 +24,9 @@ fn data_of_0_1_0() -> String {
         ),
         (
             "audit_log",
-            "-- (the columns every version has: 0.6.0 adds actor, NULL in rows written before it)
-  (SELECT string_agg(row(id, created_at, subject, action, metric, amount, success, reason, details,
+            "-- (the columns every version has: 0.6.0 adds actor, NULL in rows written before it;
+  -- 0.9.0 writes '' for the subject NULL of administrative rows that concern no subject)
+  (SELECT string_agg(row(id, created_at, nullif(subject, ''), action, metric, amount, success, reason, details,
                          idempotency_key)::text, ',' ORDER BY id) FROM quota.audit_log)",
         ),
     ])
@@ -40,7 +41,7 @@ fn version(c: &mut postgres::Client) -> String {
 }
 
 /// The version a fresh install gets.
-const CURRENT: &str = "0.8.0";
+const CURRENT: &str = "0.9.0";
 
 #[test]
 fn upgrade_from_0_1_0_keeps_everything_and_equals_a_fresh_install() {
@@ -77,6 +78,11 @@ fn upgrade_from_0_7_0_keeps_everything_and_equals_a_fresh_install() {
     upgrade_from("0.7.0");
 }
 
+#[test]
+fn upgrade_from_0_8_0_keeps_everything_and_equals_a_fresh_install() {
+    upgrade_from("0.8.0");
+}
+
 fn upgrade_from(from: &str) {
     // A database with a released version, filled the way an application fills it.
     let old = TestDb::bare(&format!("upgrade_old_{}", from.replace('.', "_")));
@@ -85,11 +91,17 @@ fn upgrade_from(from: &str) {
         .unwrap();
     assert_eq!(version(&mut c), from);
     let batch = fill(&mut c, "pro");
-    // A role that reads usage rows, granted by hand (as without the Supabase roles).
+    // A role that reads usage rows, granted by hand (as without the Supabase roles; from 0.8.0
+    // on, the usage policy calls quota.own_chain(), which such a role is granted too).
     let reader = format!("upgrade_reader_{}", from.replace('.', "_"));
     c.batch_execute(&format!(
         "DO $$ BEGIN CREATE ROLE {reader} NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
-         GRANT USAGE ON SCHEMA quota TO {reader}; GRANT SELECT ON quota.usage TO {reader};"
+         GRANT USAGE ON SCHEMA quota TO {reader}; GRANT SELECT ON quota.usage TO {reader};
+         DO $$ BEGIN
+             IF to_regprocedure('quota.own_chain()') IS NOT NULL THEN
+                 GRANT EXECUTE ON FUNCTION quota.own_chain() TO {reader};
+             END IF;
+         END $$;"
     ))
     .unwrap();
     let before = one_text(&mut c, &data_of_0_1_0());

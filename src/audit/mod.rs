@@ -51,7 +51,7 @@ pub struct Entry<'a> {
 }
 
 /// Write one audit row in the caller's transaction, with the acting role (request::actor).
-/// The caller checks quota_ext.audit.
+/// The caller checks quota_ext.audit. A row that concerns no subject has subject ''.
 pub fn record(client: &mut SpiClient<'_>, e: Entry<'_>) {
     let stmt = if crate::pg::catalog::audit_has_actor() {
         &INSERT
@@ -62,7 +62,7 @@ pub fn record(client: &mut SpiClient<'_>, e: Entry<'_>) {
         client,
         stmt,
         &[
-            e.subject.into(),
+            e.subject.unwrap_or("").into(),
             e.action.into(),
             e.metric.into(),
             e.amount.into(),
@@ -84,11 +84,10 @@ pub fn admin(
     details: serde_json::Value,
 ) {
     if guc::audit_wanted(true) {
-        let subject = (!subject.is_empty()).then_some(subject);
         record(
             client,
             Entry {
-                subject,
+                subject: Some(subject),
                 action,
                 metric,
                 amount: None,

@@ -173,7 +173,7 @@ macro_rules! write_rows {
                  (created_at, subject, action, metric, amount, success, reason, details, idempotency_key",
             $actor_column,
             ")
-          SELECT t, s, a, m, n, false, r, d::jsonb, k",
+          SELECT t, coalesce(s, ''), a, m, n, false, r, d::jsonb, k",
             $actor_value,
             "
             FROM ROWS FROM (pg_catalog.unnest($1::timestamptz[]), pg_catalog.unnest($2::text[]),

@@ -24,6 +24,12 @@ pub static TRUSTED_PROXY_HOPS: GucSetting<i32> = GucSetting::<i32>::new(1);
 pub static UNTRUSTED_REFUNDS: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static PARENT_CLAIM: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static LATENCY: GucSetting<bool> = GucSetting::<bool>::new(true);
+static CACHE_TTL: GucSetting<i32> = GucSetting::<i32>::new(0);
+
+/// quota_ext.cache_ttl in nanoseconds (0: the caches live until invalidated).
+pub fn cache_ttl_ns() -> i64 {
+    CACHE_TTL.get().max(0) as i64 * 1_000_000
+}
 
 /// What a new key does in a partition with no bucket to evict (rate::check).
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -119,6 +125,16 @@ fn define_quota_settings() {
         &LATENCY,
         GucContext::Suset,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"quota_ext.cache_ttl",
+        c"Longest time a backend keeps the configuration it cached (plans, limits, subjects, policies); 0: until a change invalidates it.",
+        c"For installations without the invalidation triggers (Citus reference tables, see quota.citus_prepare()): a direct change of those tables applies within this time.",
+        &CACHE_TTL,
+        0,
+        86_400_000,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
     );
     GucRegistry::define_enum_guc(
         c"quota_ext.rate_when_full",

@@ -1,6 +1,7 @@
 //! The trusted callers' functions that change the configuration: plans, limits, overrides, and
 //! resetting usage.
 
+use super::cache;
 use super::check_metric;
 use super::period::check_period;
 use crate::audit;
@@ -66,6 +67,7 @@ fn set_plan(
             &SET_PLAN,
             &[subject.into(), plan.into(), time_zone.into()],
         );
+        cache::note_change(&[c"subjects"]);
         audit::admin(
             client,
             &subject,
@@ -126,6 +128,7 @@ fn set_limit(
             Some(max) => spi::run(client, &SET_LIMIT, &[p.into(), m.into(), pe.into(), max.into()]),
             None => spi::run(client, &DEL_LIMIT, &[p.into(), m.into(), pe.into()]),
         };
+        cache::note_change(&[c"limits"]);
         audit::admin(
             client,
             "",
@@ -171,6 +174,7 @@ fn set_override(
             ),
             None => spi::run(client, &DEL_OVERRIDE, &[s.into(), m.into(), pe.into()]),
         };
+        cache::note_change(&[c"overrides"]);
         audit::admin(
             client,
             s,
@@ -313,6 +317,7 @@ fn set_parent(subject: Option<&str>, parent: Option<&str>) -> std::result::Resul
                 spi::run(client, &DETACH, &[subject.into()]);
             }
         }
+        cache::note_change(&[c"subjects"]);
         audit::admin(
             client,
             subject,

@@ -15,6 +15,12 @@
 //!   compares that counter with the value its backend last saw (one atomic load) and drops the
 //!   caches when it moved: a change applies to the next call of every backend of the server,
 //!   also inside a transaction that was already open.
+//!
+//! The administrative functions (set_plan, set_limit, set_override, set_parent) and
+//! quota.invalidate_cache() do the same by themselves (note_change), so that they apply at once
+//! where the triggers are gone: Citus refuses tables with triggers as reference tables, and
+//! quota.citus_prepare() drops them. There a direct change of the tables applies within
+//! quota_ext.cache_ttl, after which every backend drops its caches.
 
 use crate::pg::catalog;
 
@@ -84,6 +90,8 @@ thread_local! {
     static SEEN_CONFIG: Cell<u64> = const { Cell::new(0) };
     /// This transaction changed a table the caches are built from.
     static CHANGED_IN_XACT: Cell<bool> = const { Cell::new(false) };
+    /// When the caches were last emptied (pg::monotonic_ns), for quota_ext.cache_ttl.
+    static EMPTIED_AT: Cell<i64> = const { Cell::new(0) };
     /// This transaction filled a cache from its own snapshot (REPEATABLE READ or SERIALIZABLE),
     /// which can predate changes committed since: the caches are emptied when it ends.
     static FILLED_FROM_OLD_SNAPSHOT: Cell<bool> = const { Cell::new(false) };
@@ -102,8 +110,13 @@ pub fn note_fill() {
 }
 
 /// Drop the caches if any backend committed a change to their tables since this backend last
-/// looked. One atomic load; nothing without the preload (relcache invalidation still applies).
+/// looked, or they are older than quota_ext.cache_ttl. One atomic load (and a clock reading
+/// with a ttl); no generation without the preload (relcache invalidation still applies).
 pub fn follow_committed_changes() {
+    let ttl = crate::pg::guc::cache_ttl_ns();
+    if ttl > 0 {
+        expire(ttl);
+    }
     if !crate::metrics::preloaded() {
         return;
     }
@@ -145,7 +158,56 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
     }
 }
 
+/// Drop the caches once they are older than `ttl` nanoseconds.
+fn expire(ttl: i64) {
+    if crate::pg::monotonic_ns().saturating_sub(EMPTIED_AT.with(|e| e.get())) >= ttl {
+        forget_limits();
+    }
+}
+
+/// This transaction changed `tables` (names in the extension's schema) without their
+/// triggers, or wants every cache rebuilt: queue what the trigger queues (see the module
+/// comment). The tables must exist.
+pub fn note_change(tables: &[&std::ffi::CStr]) {
+    let (nsp, _) = catalog::quota_schema();
+    for name in tables {
+        // SAFETY: syscache lookup by NUL-terminated name and namespace OID; queues an
+        // invalidation message for an existing table's OID.
+        unsafe {
+            let relid = pg_sys::get_relname_relid(name.as_ptr(), nsp);
+            if relid != pg_sys::InvalidOid {
+                pg_sys::CacheInvalidateRelcacheByRelid(relid);
+            }
+        }
+    }
+    CHANGED_IN_XACT.with(|c| c.set(true));
+}
+
+/// The tables the caches are built from.
+const WATCHED_TABLES: [&std::ffi::CStr; 8] = [
+    c"limits",
+    c"overrides",
+    c"subjects",
+    c"plans",
+    c"rate_policies",
+    c"breakers",
+    c"rate_routes",
+    c"upstreams",
+];
+
+/// Make every backend of this server drop its configuration caches when this transaction
+/// commits (this one's at once): after a direct change of the tables where their triggers are
+/// gone (quota.citus_prepare()). Trusted callers only.
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn invalidate_cache() -> std::result::Result<(), pgrx::pg_sys::panic::ErrorReport> {
+    crate::request::require_trusted("quota.invalidate_cache")?;
+    note_change(&WATCHED_TABLES);
+    Ok(())
+}
+
 fn forget_limits() {
+    EMPTIED_AT.with(|e| e.set(crate::pg::monotonic_ns()));
     crate::metrics::count(crate::metrics::Counter::CacheInvalidations);
     PLAN_LIMITS.with(|l| l.borrow_mut().clear());
     SUBJECTS.with(|l| l.borrow_mut().clear());
@@ -194,19 +256,7 @@ pub fn watch_tables() {
 fn remember_watched_tables() {
     let (nsp, _) = catalog::quota_schema();
     let mut ids = [0u32; 8];
-    for (i, name) in [
-        c"limits",
-        c"overrides",
-        c"subjects",
-        c"plans",
-        c"rate_policies",
-        c"breakers",
-        c"rate_routes",
-        c"upstreams",
-    ]
-    .iter()
-    .enumerate()
-    {
+    for (i, name) in WATCHED_TABLES.iter().enumerate() {
         // SAFETY: syscache lookup by NUL-terminated name and namespace OID.
         ids[i] = unsafe { pg_sys::get_relname_relid(name.as_ptr(), nsp) }.to_u32();
     }
