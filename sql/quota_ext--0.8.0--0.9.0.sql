@@ -69,7 +69,15 @@ AS $$
 DECLARE
     t regclass;
 BEGIN
-    IF coalesce(current_setting('quota_ext.cache_ttl', true), '0') IN ('0', '0ms', '') THEN
+    -- Loads the library first, so that the setting read below is its own, not a placeholder;
+    -- the server's value (reset_val: the configuration files, ALTER SYSTEM, ALTER DATABASE
+    -- or ROLE) counts, not only a SET of this session.
+    PERFORM quota.invalidate_cache();
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_settings AS s
+                    WHERE s.name OPERATOR(pg_catalog.=) 'quota_ext.cache_ttl'
+                      AND s.vartype OPERATOR(pg_catalog.=) 'integer'
+                      AND s.setting::bigint OPERATOR(pg_catalog.>) 0
+                      AND s.reset_val::bigint OPERATOR(pg_catalog.>) 0) THEN
         RAISE EXCEPTION USING
             ERRCODE = '55000',
             MESSAGE = 'quota_ext.cache_ttl is 0: without the triggers a direct change of the configuration tables would never reach the caches',

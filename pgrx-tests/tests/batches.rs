@@ -254,6 +254,58 @@ fn authenticated_callers_consume_only_their_own_batches() {
     }
 }
 
+/// Batch ids are unique per owner only (the key is (id, owner), for Citus): an id two owners
+/// share, by an import or an explicit id, is consumed only from the caller's own batch, and a
+/// trusted caller (who names no owner) is refused and changes nothing.
+#[test]
+fn an_id_two_owners_share_is_consumed_from_one_batch_only() {
+    let db = TestDb::new("batch_shared_id");
+    let mut c = db.connect();
+    c.batch_execute(&untrusted_role_sql("quota_app_user")).unwrap();
+    let id = new_batch(&mut c, "user-1", "milk", 10);
+    c.batch_execute(&format!(
+        "INSERT INTO quota.batches (id, owner, item, quantity, initial_quantity) VALUES ('{id}', 'user-2', 'milk', 10, 10)"
+    ))
+    .unwrap();
+    let quantities = |c: &mut Client| {
+        one_text(
+            c,
+            "SELECT string_agg(owner || '=' || quantity, ' ' ORDER BY owner) FROM quota.batches",
+        )
+    };
+    let audit_before = one_i64(&mut c, "SELECT count(*) FROM quota.audit_log");
+    let e = c
+        .batch_execute(&format!("SELECT quota.consume_batch_quantity('{id}', 1)"))
+        .unwrap_err();
+    assert_eq!(code(&e), "21000", "{e:?}");
+    assert!(format!("{e:?}").contains("2 owners"), "{e:?}");
+    assert_eq!(
+        quantities(&mut c),
+        "user-1=10 user-2=10",
+        "the refusal changed nothing"
+    );
+    assert_eq!(
+        one_i64(&mut c, "SELECT count(*) FROM quota.audit_log"),
+        audit_before
+    );
+    c.batch_execute(
+        "SET ROLE quota_app_user; SELECT set_config('request.jwt.claims', '{\"sub\":\"user-1\"}', false)",
+    )
+    .unwrap();
+    c.batch_execute(&format!("SELECT quota.consume_batch_quantity('{id}', 1)"))
+        .unwrap();
+    c.batch_execute("SELECT quota.consume_item('user-1', 'milk', 2)")
+        .unwrap();
+    // Too much for user-1's batch: refused with user-1's numbers, not user-2's.
+    let e = c
+        .batch_execute(&format!("SELECT quota.consume_batch_quantity('{id}', 8)"))
+        .unwrap_err();
+    assert_eq!(code(&e), "23514", "{e:?}");
+    assert!(format!("{e:?}").contains("available 7"), "{e:?}");
+    c.batch_execute("RESET ROLE").unwrap();
+    assert_eq!(quantities(&mut c), "user-1=7 user-2=10");
+}
+
 #[test]
 fn batch_refusals_have_their_own_sqlstate_and_change_nothing() {
     let db = TestDb::new("batch_bad");

@@ -77,11 +77,22 @@ fn violations(c: &mut impl postgres::GenericClient) -> Vec<String> {
         .collect()
 }
 
+/// A session of `db` where quota_ext.cache_ttl is `ttl` for the server (what citus_prepare
+/// looks at), here by ALTER DATABASE.
+fn with_cache_ttl(db: &TestDb, ttl: &str) -> postgres::Client {
+    db.connect()
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET quota_ext.cache_ttl = '{ttl}'",
+            db.name
+        ))
+        .unwrap();
+    db.connect()
+}
+
 fn prepared(test: &str) -> (TestDb, postgres::Client) {
     let db = TestDb::new(test);
-    let mut c = db.connect();
-    c.batch_execute("SET quota_ext.cache_ttl = '5s'; SELECT quota.citus_prepare();")
-        .unwrap();
+    let mut c = with_cache_ttl(&db, "5s");
+    c.batch_execute("SELECT quota.citus_prepare();").unwrap();
     (db, c)
 }
 
@@ -157,6 +168,13 @@ fn citus_prepare_wants_a_cache_ttl_and_the_owner() {
     assert_eq!(code(&e), "55000", "{e:?}");
     assert!(format!("{e:?}").contains("quota_ext.cache_ttl"), "{e:?}");
     assert_eq!(one_i64(&mut c, triggers), before, "a refusal changed nothing");
+    // A SET of this session alone is not the server's value: refused too.
+    let e = c
+        .batch_execute("SET quota_ext.cache_ttl = '5s'; SELECT quota.citus_prepare()")
+        .unwrap_err();
+    assert_eq!(code(&e), "55000", "{e:?}");
+    c.batch_execute("RESET quota_ext.cache_ttl").unwrap();
+    assert_eq!(one_i64(&mut c, triggers), before, "a refusal changed nothing");
     // service_role is trusted but does not own the tables; anon and authenticated neither.
     for role in ["service_role", "authenticated", "anon"] {
         let e = c
@@ -176,10 +194,9 @@ fn citus_prepare_wants_a_cache_ttl_and_the_owner() {
     }
     assert_eq!(one_i64(&mut c, triggers), before);
     // Twice is once.
-    c.batch_execute(
-        "SET quota_ext.cache_ttl = '5s'; SELECT quota.citus_prepare(); SELECT quota.citus_prepare();",
-    )
-    .unwrap();
+    let mut c = with_cache_ttl(&db, "5s");
+    c.batch_execute("SELECT quota.citus_prepare(); SELECT quota.citus_prepare();")
+        .unwrap();
     assert_eq!(one_i64(&mut c, triggers), 0);
 }
 

@@ -105,8 +105,21 @@ fn upgrade_from(from: &str) {
     ))
     .unwrap();
     let before = one_text(&mut c, &data_of_0_1_0());
+    // Until the upgrade, the new library writes the rows that concern no subject (the admin
+    // calls of fill) with subject NULL, as the old tables and their row-level policy expect:
+    // none that a JWT whose sub is '' could read.
+    let no_subject =
+        "SELECT count(*) FILTER (WHERE subject IS NULL) || ' ' || count(*) FILTER (WHERE subject = '')
+                        FROM quota.audit_log";
+    let admin_rows = one_i64(
+        &mut c,
+        "SELECT count(*) FROM quota.audit_log WHERE subject IS NULL",
+    );
+    assert!(admin_rows > 0);
+    assert_eq!(one_text(&mut c, no_subject), format!("{admin_rows} 0"));
 
     c.batch_execute("ALTER EXTENSION quota_ext UPDATE").unwrap();
+    assert_eq!(one_text(&mut c, no_subject), format!("0 {admin_rows}"));
     assert_eq!(version(&mut c), CURRENT);
     assert_eq!(
         one_text(&mut c, &data_of_0_1_0()),

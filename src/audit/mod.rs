@@ -51,7 +51,8 @@ pub struct Entry<'a> {
 }
 
 /// Write one audit row in the caller's transaction, with the acting role (request::actor).
-/// The caller checks quota_ext.audit. A row that concerns no subject has subject ''.
+/// The caller checks quota_ext.audit. A row that concerns no subject (None or '') has subject
+/// '' (NULL on the tables of a version before 0.9.0, catalog::audit_no_subject).
 pub fn record(client: &mut SpiClient<'_>, e: Entry<'_>) {
     let stmt = if crate::pg::catalog::audit_has_actor() {
         &INSERT
@@ -62,7 +63,10 @@ pub fn record(client: &mut SpiClient<'_>, e: Entry<'_>) {
         client,
         stmt,
         &[
-            e.subject.unwrap_or("").into(),
+            e.subject
+                .filter(|s| !s.is_empty())
+                .or_else(|| crate::pg::catalog::audit_no_subject())
+                .into(),
             e.action.into(),
             e.metric.into(),
             e.amount.into(),

@@ -173,7 +173,7 @@ macro_rules! write_rows {
                  (created_at, subject, action, metric, amount, success, reason, details, idempotency_key",
             $actor_column,
             ")
-          SELECT t, coalesce(s, ''), a, m, n, false, r, d::jsonb, k",
+          SELECT t, s, a, m, n, false, r, d::jsonb, k",
             $actor_value,
             "
             FROM ROWS FROM (pg_catalog.unnest($1::timestamptz[]), pg_catalog.unnest($2::text[]),
@@ -421,6 +421,7 @@ fn write(bytes: &[u8], found: &[(u64, usize, usize)]) {
     // subject, action, metric, reason, key, actor, details (encode's order)
     let [s, a, m, r, k, w, d] = cols;
     let rows = t.len();
+
     // An error (the extension dropped meanwhile, say) ends the writer; its rows are counted
     // as lost first.
     PgTryBuilder::new(move || {
@@ -434,6 +435,16 @@ fn write(bytes: &[u8], found: &[(u64, usize, usize)]) {
                 } else {
                     &WRITE_0_5
                 };
+                // A row that concerns no subject: '' (NULL before 0.9.0, see
+                // catalog::audit_no_subject).
+                let no_subject = crate::pg::catalog::audit_no_subject();
+                let s: Vec<Option<String>> = s
+                    .into_iter()
+                    .map(|v| {
+                        v.filter(|v| !v.is_empty())
+                            .or_else(|| no_subject.map(String::from))
+                    })
+                    .collect();
                 spi::run(
                     client,
                     stmt,

@@ -167,31 +167,38 @@ SELECT quantity, version FROM b",
 
 /// Why a consumption was refused: read after the fact, which is sound because a batch's quantity
 /// only falls, its version only rises and its owner never changes.
+/// Ids are unique per owner only (the key is (id, owner)): the caller's own batch first.
 static DIAGNOSE: Stmt = Stmt {
-    sql: "SELECT owner, quantity, version, item FROM quota.batches WHERE id = $1",
-    args: &[T::UUIDOID],
+    sql: "SELECT owner, quantity, version, item FROM quota.batches WHERE id = $1
+           ORDER BY owner IS NOT DISTINCT FROM $2 DESC LIMIT 1",
+    args: &[T::UUIDOID, T::TEXTOID],
 };
 
 static TAKE: Stmt = Stmt {
     sql: "UPDATE quota.batches AS b SET quantity = b.quantity - t.take, version = b.version + 1
             FROM unnest($1::uuid[], $2::bigint[]) AS t(id, take)
-           WHERE b.id = t.id
+           WHERE b.id = t.id AND b.owner = $3
        RETURNING b.id, b.quantity, b.version",
-    args: &[T::UUIDARRAYOID, T::INT8ARRAYOID],
+    args: &[T::UUIDARRAYOID, T::INT8ARRAYOID, T::TEXTOID],
 };
 
-fn take(client: &mut SpiClient<'_>, takes: &[(pgrx::Uuid, i64)]) -> Vec<(pgrx::Uuid, i64, i64, i64)> {
+fn take(
+    client: &mut SpiClient<'_>,
+    owner: &str,
+    takes: &[(pgrx::Uuid, i64)],
+) -> Vec<(pgrx::Uuid, i64, i64, i64)> {
     let ids: Vec<pgrx::Uuid> = takes.iter().map(|t| t.0).collect();
     let amounts: Vec<i64> = takes.iter().map(|t| t.1).collect();
-    let rows: Vec<(pgrx::Uuid, i64, i64)> = spi::run(client, &TAKE, &[ids.into(), amounts.into()])
-        .map(|r| {
-            (
-                spi::get::<pgrx::Uuid>(&r, 1).expect("id"),
-                spi::get::<i64>(&r, 2).expect("quantity"),
-                spi::get::<i64>(&r, 3).expect("version"),
-            )
-        })
-        .collect();
+    let rows: Vec<(pgrx::Uuid, i64, i64)> =
+        spi::run(client, &TAKE, &[ids.into(), amounts.into(), owner.into()])
+            .map(|r| {
+                (
+                    spi::get::<pgrx::Uuid>(&r, 1).expect("id"),
+                    spi::get::<i64>(&r, 2).expect("quantity"),
+                    spi::get::<i64>(&r, 3).expect("version"),
+                )
+            })
+            .collect();
     // In the order taken (FEFO), not the order UPDATE happened to return them.
     takes
         .iter()
@@ -274,14 +281,28 @@ fn take_batch(
         } else {
             &CONSUME_ONE_0_5
         };
-        if let Some(r) = spi::run(client, stmt, &args).next() {
-            crate::metrics::count_batch_consume();
-            return Ok((
-                id,
-                q,
-                spi::get::<i64>(&r, 1).expect("quantity"),
-                spi::get::<i64>(&r, 2).expect("version"),
-            ));
+        let rows: Vec<(i64, i64)> = spi::run(client, stmt, &args)
+            .map(|r| {
+                (
+                    spi::get::<i64>(&r, 1).expect("quantity"),
+                    spi::get::<i64>(&r, 2).expect("version"),
+                )
+            })
+            .collect();
+        match rows[..] {
+            [(remaining, version)] => {
+                crate::metrics::count_batch_consume();
+                return Ok((id, q, remaining, version));
+            }
+            // A trusted caller names no owner, and ids are unique per owner only: raising rolls
+            // back what the statement did to each of them.
+            [_, _, ..] => {
+                return Err(QuotaError::AmbiguousBatch {
+                    batch: id.to_string(),
+                    owners: rows.len(),
+                })
+            }
+            [] => {}
         }
         Err(why_refused(client, id, q, me.as_deref(), p_expected_version))
     })
@@ -316,7 +337,7 @@ fn why_refused(
     expected_version: Option<i64>,
 ) -> QuotaError {
     let refusal = |subject, item, reason, details| batch_refusal(subject, item, q, reason, details);
-    let Some(r) = spi::run(client, &DIAGNOSE, &[id.into()]).next() else {
+    let Some(r) = spi::run(client, &DIAGNOSE, &[id.into(), me.into()]).next() else {
         refusal(
             me,
             None,
@@ -382,8 +403,8 @@ static CANDIDATES: Stmt = Stmt {
 /// deadlocking. The rows' current values are read after the lock, so the caller re-checks them.
 static LOCK_MANY: Stmt = Stmt {
     sql: "SELECT id, quantity, expires_at, created_at FROM quota.batches
-           WHERE id = ANY ($1) ORDER BY id FOR UPDATE",
-    args: &[T::UUIDARRAYOID],
+           WHERE id = ANY ($1) AND owner = $2 ORDER BY id FOR UPDATE",
+    args: &[T::UUIDARRAYOID, T::TEXTOID],
 };
 
 /// Take `quantity` units of `item` across `owner`'s unexpired batches, earliest expiry first
@@ -435,7 +456,7 @@ fn lock_in_order(
         .map(|r| spi::get::<pgrx::Uuid>(&r, 1).expect("id"))
         .collect();
     let now = crate::pg::now_micros();
-    let mut locked: Vec<LockedBatch> = spi::run(client, &LOCK_MANY, &[ids.into()])
+    let mut locked: Vec<LockedBatch> = spi::run(client, &LOCK_MANY, &[ids.into(), owner.into()])
         .map(|r| LockedBatch {
             id: spi::get::<pgrx::Uuid>(&r, 1).expect("id"),
             quantity: spi::get::<i64>(&r, 2).expect("quantity"),
@@ -487,7 +508,7 @@ fn take_item(
         if available < q {
             return Err(item_short(owner, item, q, fifo, available, locked.len()));
         }
-        let done = take(client, &takes_in_order(&locked, q));
+        let done = take(client, owner, &takes_in_order(&locked, q));
         crate::metrics::count_batch_consume();
         if guc::audit_wanted(true) {
             audit_item_taken(client, owner, item, q, fifo, &done);

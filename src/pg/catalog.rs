@@ -144,6 +144,10 @@ pub struct Shape {
     pub policies_pooled: bool,
     /// The table quota.rate_routes (0.8.0).
     pub rate_routes: bool,
+    /// quota.audit_log.subject is NOT NULL (0.9.0): a row that concerns no subject has subject
+    /// '' from then on, NULL before (where the row-level policy of the older version would let
+    /// a JWT whose sub is '' read '' rows).
+    pub audit_subject_required: bool,
 }
 
 thread_local! {
@@ -183,9 +187,32 @@ pub fn shape() -> Shape {
         subjects_parent: has[1],
         policies_pooled: has[2],
         rate_routes: has[3],
+        audit_subject_required: relids[0] != pg_sys::InvalidOid && not_null(relids[0], c"subject"),
     };
     SHAPE.with(|a| a.set(Some((relids, shape))));
     shape
+}
+
+/// Whether column `column` of table `relid` is NOT NULL.
+fn not_null(relid: pg_sys::Oid, column: &CStr) -> bool {
+    // SAFETY: a syscache look-up by OID and NUL-terminated name; the tuple is released before
+    // return and only a fixed-width field is copied out of it.
+    unsafe {
+        let tup = pg_sys::SearchSysCacheAttName(relid, column.as_ptr());
+        if tup.is_null() {
+            return false;
+        }
+        let required = (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_attribute>(tup)).attnotnull;
+        pg_sys::ReleaseSysCache(tup);
+        required
+    }
+}
+
+/// The subject an audit row that concerns no subject is written with: '' once
+/// quota.audit_log.subject is NOT NULL (0.9.0), NULL on the tables of an older version; see
+/// Shape.
+pub fn audit_no_subject() -> Option<&'static str> {
+    shape().audit_subject_required.then_some("")
 }
 
 /// Whether quota.audit_log has the column `actor` (0.6.0); see Shape.

@@ -79,6 +79,9 @@ pub enum QuotaError {
     #[error("batch {0} does not exist")]
     UnknownBatch(String),
 
+    #[error("batch id {batch} names batches of {owners} owners")]
+    AmbiguousBatch { batch: String, owners: usize },
+
     #[error("insufficient quantity in {what}: requested {requested}, available {available}")]
     Insufficient {
         what: String,
@@ -155,6 +158,7 @@ impl QuotaError {
             OutOfRange { .. } => Code::ERRCODE_INVALID_PARAMETER_VALUE,
             NotPositive { .. } => Code::ERRCODE_INVALID_PARAMETER_VALUE,
             UnknownBatch(_) => Code::ERRCODE_NO_DATA_FOUND,
+            AmbiguousBatch { .. } => Code::ERRCODE_CARDINALITY_VIOLATION,
             SchemaNotOwned { .. } => Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
             Insufficient { .. } => Code::ERRCODE_CHECK_VIOLATION,
             VersionConflict { .. } => Code::ERRCODE_T_R_SERIALIZATION_FAILURE,
@@ -212,6 +216,9 @@ impl QuotaError {
             OutOfRange { .. } => return None,
             NotPositive { .. } => "Pass a quantity of at least 1.".into(),
             UnknownBatch(_) => "Create batches with quota.create_batch(); list them in quota.batches.".into(),
+            AmbiguousBatch { .. } => {
+                "Batch ids are unique per owner only (the key of quota.batches is (id, owner)): consume as the owner (its JWT subject), or give one of the batches a new id.".into()
+            }
             Insufficient { .. } => "Consume less, or add stock with quota.create_batch().".into(),
             VersionConflict { .. } => {
                 "The batch changed since you read it: read it again and retry with its current version.".into()

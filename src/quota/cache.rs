@@ -158,10 +158,12 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
     }
 }
 
-/// Drop the caches once they are older than `ttl` nanoseconds.
+/// Drop the caches once they are older than `ttl` nanoseconds. Not counted as an
+/// invalidation (cache_invalidations, which health's cache_churn reads): an expiry says
+/// nothing about writes on the request path.
 fn expire(ttl: i64) {
     if crate::pg::monotonic_ns().saturating_sub(EMPTIED_AT.with(|e| e.get())) >= ttl {
-        forget_limits();
+        drop_caches();
     }
 }
 
@@ -207,8 +209,12 @@ fn invalidate_cache() -> std::result::Result<(), pgrx::pg_sys::panic::ErrorRepor
 }
 
 fn forget_limits() {
-    EMPTIED_AT.with(|e| e.set(crate::pg::monotonic_ns()));
     crate::metrics::count(crate::metrics::Counter::CacheInvalidations);
+    drop_caches();
+}
+
+fn drop_caches() {
+    EMPTIED_AT.with(|e| e.set(crate::pg::monotonic_ns()));
     PLAN_LIMITS.with(|l| l.borrow_mut().clear());
     SUBJECTS.with(|l| l.borrow_mut().clear());
     TABLES_EMPTY.with(|t| t.set(None));
