@@ -15,7 +15,7 @@
 # port in it can be held by the client end of one of the suites' many connections when a
 # server starts (seen once: the crash server could not bind).
 SERVERS=(
-    "TEST|25316|the main test server, with the roles of a Supabase project|"
+    "TEST|25316|the main test server, with the roles of a Supabase project|max_prepared_transactions = 4"
     "TINY|25321|a small bucket table, a tiny audit queue no writer can drain, four breakers|quota_ext.rate_max_keys = 1024;quota_ext.audit_queue_size = 16;max_worker_processes = 0;quota_ext.breaker_max = 4"
     "SCARCE|25323|one background worker slot, which a parallel query can take|max_worker_processes = 1;max_logical_replication_workers = 0"
     "WRITERS|25324|worker slots to spare: more databases at once than the audit writer's 8 slots|max_worker_processes = 16"
@@ -23,6 +23,8 @@ SERVERS=(
     "CRASH|25320|of its own, for the SIGKILL test|"
 )
 STANDBY_DATA=/tmp/quota_ext-itest-standby
+# The crash tests' failover: a synchronous standby of the crash server (scripts/crash_ctl.sh).
+export QUOTA_EXT_CRASH_STANDBY_PORT=${QUOTA_EXT_CRASH_STANDBY_PORT:-25325}
 export QUOTA_EXT_STANDBY_PORT=${QUOTA_EXT_STANDBY_PORT:-25322}
 BOUNCER_DIR=/tmp/quota_ext-pgbouncer
 export QUOTA_EXT_PGBOUNCER_PORT=${QUOTA_EXT_PGBOUNCER_PORT:-25319}
@@ -49,6 +51,7 @@ stop_all() {
     stop_postgrest postgrest-bouncer
     stop_pgbouncer
     stop_server "$STANDBY_DATA" 2>/dev/null || true
+    stop_server "$(data_of CRASH)-standby" 2>/dev/null || true
     for s in "${SERVERS[@]}"; do stop_server "$(data_of "${s%%|*}")" 2>/dev/null || true; done
 }
 trap stop_all EXIT
@@ -57,7 +60,10 @@ VERSIONS=(${QUOTA_EXT_PG_VERSIONS:-15 17 16 18})
 FULL_VERSIONS=" 15 17 "
 # On the other versions: the suites that prove the concurrency and upgrade claims, and the
 # crash test below.
-QUICK_SUITES="--test quota_concurrency --test upgrade"
+QUICK_SUITES="--test quota_concurrency --test upgrade --test hot"
+# The exactness suites once more with every window hot from its first consume (quota::hot,
+# TestDb::hot_if_asked): the guarantees hold on the hot path too.
+HOT_SUITES="--test quota_concurrency --test pooled --test random_ops"
 
 ensure_all
 ensure_http_stack
@@ -140,8 +146,14 @@ run_suites() {
     log "pgrx-tests: external suites"
     (cd "$REPO/pgrx-tests" && cargo test --no-fail-fast ${QUOTA_EXT_SUITES:-$1} -- --test-threads=2)   # the crash test is #[ignore]d here and run below
 
-    log "crash test on a server of its own (SIGKILL of a backend)"
-    (cd "$REPO/pgrx-tests" && cargo test --test crash -- --ignored)
+    log "pgrx-tests: the exactness suites on hot windows (quota_ext.hot_after = 1)"
+    # (Less the rate-limit test among them: its buckets, spent by the first run, live on.)
+    (cd "$REPO/pgrx-tests" && QUOTA_EXT_TEST_HOT_AFTER=1 cargo test --no-fail-fast $HOT_SUITES -- --test-threads=2 \
+        --skip a_pooled_rate_policy_limits_an_organization_as_one)
+
+    log "crash tests on a server of its own (SIGKILL of a backend, an immediate shutdown, a failover)"
+    (cd "$REPO/pgrx-tests" && QUOTA_EXT_PG="$PG_MAJOR" QUOTA_EXT_CRASH_DATA="$(data_of CRASH)" \
+        QUOTA_EXT_CRASH_CTL="$REPO/scripts/crash_ctl.sh" cargo test --test crash -- --ignored --test-threads=1)
     grep -q "terminated by signal 9" "$(data_of CRASH)/server.log" || die "the crash test did not crash a backend"
 
     [ -n "$1" ] && return 0

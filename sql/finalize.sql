@@ -169,6 +169,7 @@ SELECT pg_catalog.pg_extension_config_dump('quota.limits', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.subjects', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.overrides', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.usage', '');
+SELECT pg_catalog.pg_extension_config_dump('quota.usage_stripes', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.idempotency_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('quota.audit_log_id_seq', '');
@@ -204,9 +205,10 @@ AS $$
             (7,  'quota.breakers',         'reference',   NULL),
             (8,  'quota.upstreams',        'reference',   NULL),
             (9,  'quota.usage',            'distributed', 'subject'),
-            (10, 'quota.idempotency_keys', 'distributed', 'subject'),
-            (11, 'quota.audit_log',        'distributed', 'subject'),
-            (12, 'quota.batches',          'distributed', 'owner')) AS l(step, name, kind, col)
+            (10, 'quota.usage_stripes',    'distributed', 'subject'),
+            (11, 'quota.idempotency_keys', 'distributed', 'subject'),
+            (12, 'quota.audit_log',        'distributed', 'subject'),
+            (13, 'quota.batches',          'distributed', 'owner')) AS l(step, name, kind, col)
      ORDER BY l.step
 $$;
 
@@ -262,6 +264,7 @@ ALTER TABLE quota.limits ENABLE ROW LEVEL SECURITY;
 ALTER TABLE quota.subjects ENABLE ROW LEVEL SECURITY;
 ALTER TABLE quota.overrides ENABLE ROW LEVEL SECURITY;
 ALTER TABLE quota.usage ENABLE ROW LEVEL SECURITY;
+ALTER TABLE quota.usage_stripes ENABLE ROW LEVEL SECURITY;
 ALTER TABLE quota.idempotency_keys ENABLE ROW LEVEL SECURITY;
 ALTER TABLE quota.audit_log ENABLE ROW LEVEL SECURITY;
 ALTER TABLE quota.rate_policies ENABLE ROW LEVEL SECURITY;
@@ -273,6 +276,8 @@ ALTER TABLE quota.upstreams ENABLE ROW LEVEL SECURITY;
 CREATE POLICY plans_readable ON quota.plans FOR SELECT USING (true);
 CREATE POLICY limits_readable ON quota.limits FOR SELECT USING (true);
 CREATE POLICY usage_own_rows ON quota.usage FOR SELECT
+    USING (subject = ANY ((SELECT quota.own_chain())::text[]));
+CREATE POLICY usage_stripes_own_rows ON quota.usage_stripes FOR SELECT
     USING (subject = ANY ((SELECT quota.own_chain())::text[]));
 -- (An administrative row without a subject has subject '': a JWT whose sub is '' reads none.)
 CREATE POLICY audit_own_rows ON quota.audit_log FOR SELECT
@@ -307,7 +312,7 @@ BEGIN
             quota.request_rate_limit(text),
             quota.own_chain()
         TO authenticated;
-        GRANT SELECT ON quota.usage, quota.audit_log, quota.batches, quota.plans, quota.limits TO authenticated;
+        GRANT SELECT ON quota.usage, quota.usage_stripes, quota.usage_totals, quota.audit_log, quota.batches, quota.plans, quota.limits TO authenticated;
     END IF;
     IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'anon') THEN
         GRANT USAGE ON SCHEMA quota TO anon;

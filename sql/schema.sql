@@ -94,6 +94,33 @@ CREATE INDEX usage_subject_metric_window_idx ON quota.usage (subject, metric, wi
 -- of `used` (HOT updates) do not.
 CREATE INDEX usage_period_window_idx ON quota.usage (period, window_start);
 
+-- The usage of a hot window beyond its usage row (src/quota/hot.rs; README, Internals): a
+-- window many callers charge at once is counted in shared memory, and each grant is written to
+-- the row of the backend that made it (stripe: the backend's process number), which no other
+-- caller locks. A window's usage is its usage row plus its stripes; a stripe can be negative
+-- (a refund), the sum never is.
+CREATE TABLE quota.usage_stripes (
+    subject      text        NOT NULL,
+    metric       text        NOT NULL,
+    period       text        NOT NULL,
+    window_start timestamptz NOT NULL,
+    stripe       integer     NOT NULL,
+    used         bigint      NOT NULL DEFAULT 0,
+    CONSTRAINT usage_stripes_pkey PRIMARY KEY (subject, metric, period, window_start, stripe)
+) WITH (fillfactor = 80);
+-- No other index: a cold grant's check finds a window's stripes by the key's first four columns,
+-- and prune, the only reader by period, scans the table (a row per hot window and backend).
+
+-- What each window has used: its usage row plus its stripes (hot windows). Every window with
+-- stripes has a usage row. As the caller (security_invoker): row level security of the tables
+-- applies.
+CREATE VIEW quota.usage_totals WITH (security_invoker = true) AS
+SELECT u.subject, u.metric, u.period, u.window_start,
+       u.used + coalesce((SELECT sum(st.used) FROM quota.usage_stripes AS st
+                           WHERE st.subject = u.subject AND st.metric = u.metric
+                             AND st.period = u.period AND st.window_start = u.window_start), 0)::bigint AS used
+  FROM quota.usage AS u;
+
 CREATE TABLE quota.idempotency_keys (
     subject    text        NOT NULL,
     key        text        NOT NULL,

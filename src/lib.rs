@@ -29,6 +29,7 @@ pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 pub extern "C-unwind" fn _PG_init() {
     pg::guc::init();
     quota::cache::init();
+    quota::hot::init();
     pg::catalog::init();
     request::init();
     metrics::init();
@@ -42,7 +43,7 @@ pub extern "C-unwind" fn _PG_init() {
 }
 
 /// What lives in shared memory besides pgrx's own atomics.
-static SHARED_STRUCTURES: [pg::shmem::Structure; 4] = [
+static SHARED_STRUCTURES: [pg::shmem::Structure; 5] = [
     pg::shmem::Structure {
         request: rate::table::shmem_request,
         startup: rate::table::shmem_startup,
@@ -59,6 +60,10 @@ static SHARED_STRUCTURES: [pg::shmem::Structure; 4] = [
         request: upstream::table::shmem_request,
         startup: upstream::table::shmem_startup,
     },
+    pg::shmem::Structure {
+        request: quota::hot::shmem_request,
+        startup: quota::hot::shmem_startup,
+    },
 ];
 
 /// Metrics kept outside metrics.rs: the latency histograms.
@@ -68,7 +73,7 @@ static EXTRAS: [metrics::Extra; 1] = [metrics::Extra {
 }];
 
 /// The gauges quota.metrics() shows after the counters.
-static GAUGES: [metrics::Gauge; 6] = [
+static GAUGES: [metrics::Gauge; 9] = [
     metrics::Gauge {
         name: "keys_in_use",
         description: "rate-limit buckets in shared memory now",
@@ -93,6 +98,21 @@ static GAUGES: [metrics::Gauge; 6] = [
         name: "breakers_open",
         description: "circuit breakers open now (one past open_seconds goes half-open at its next call)",
         read: || breaker::table::in_use().map_or(0, |(_, open)| open),
+    },
+    metrics::Gauge {
+        name: "hot_windows_in_use",
+        description: "quota windows counted in shared memory now (at most quota_ext.hot_windows)",
+        read: quota::hot::in_use,
+    },
+    metrics::Gauge {
+        name: "hot_window_loads",
+        description: "quota windows turned hot since the server started",
+        read: || quota::hot::loads_and_full().0,
+    },
+    metrics::Gauge {
+        name: "hot_windows_full",
+        description: "windows that stayed cold since the server started because the hot table was full",
+        read: || quota::hot::loads_and_full().1,
     },
     metrics::Gauge {
         name: "upstreams_in_use",

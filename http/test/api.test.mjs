@@ -198,7 +198,7 @@ test('consume with an idempotency key, retried, counts once', async () => {
   assert.equal(first.data.used, 3)
   assert.equal(retry.data.used, 3)
   assert.equal(retry.data.replayed, true)
-  assert.equal(sql(`SELECT used FROM quota.usage WHERE subject = '${sub}' AND metric = '${metric}'`), '3')
+  assert.equal(sql(`SELECT used FROM quota.usage_totals WHERE subject = '${sub}' AND metric = '${metric}'`), '3')
 })
 
 test('the seed\'s batch call, as written, and its version conflict', async () => {

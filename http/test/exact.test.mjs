@@ -14,7 +14,7 @@ for (const [name, url] of [['PostgreSQL', GATEWAY], ['pgbouncer (transaction mod
     const errors = answers.filter((a) => a.error)
     assert.deepEqual(errors.map((e) => e.error), [], 'no error, only decisions')
     assert.equal(answers.filter((a) => a.data.allowed).length, 50)
-    assert.equal(sql(`SELECT used FROM quota.usage WHERE subject = '${sub}' AND metric = '${metric}'`), '50')
+    assert.equal(sql(`SELECT used FROM quota.usage_totals WHERE subject = '${sub}' AND metric = '${metric}'`), '50')
     assert.equal(sql(`SELECT count(*) FROM quota.audit_log WHERE subject = '${sub}' AND metric = '${metric}'`), '200',
       'one audit row per decision')
   })

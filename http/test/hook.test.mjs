@@ -57,7 +57,7 @@ test('a spent bucket answers 429 with Retry-After, and nothing of the request ru
   assert.equal(denied.headers['ratelimit-remaining'], '0')
   assert.equal(denied.headers['x-ratelimit-remaining'], '0', 'the 429 carries the X-RateLimit fields too')
   assert.match(denied.headers.ratelimit, /^"default";r=0;t=\d+$/)
-  assert.equal(sql(`SELECT sum(used) FROM quota.usage WHERE subject = '${subject}' AND metric = 'api_calls'`), '3',
+  assert.equal(sql(`SELECT sum(used) FROM quota.usage_totals WHERE subject = '${subject}' AND metric = 'api_calls'`), '3',
     'the denied requests consumed nothing')
 })
 

@@ -44,7 +44,23 @@ impl TestDb {
     pub fn on(port: u16, test: &str) -> TestDb {
         let db = TestDb::bare_on(port, test);
         db.connect().batch_execute("CREATE EXTENSION quota_ext").unwrap();
+        db.hot_if_asked();
         db
+    }
+
+    /// QUOTA_EXT_TEST_HOT_AFTER=N (scripts/test.sh runs the exactness suites again with 1):
+    /// quota_ext.hot_after = N for the database, so that its windows turn hot (1: at their
+    /// first consume) and the suites prove the hot path's guarantees as well.
+    fn hot_if_asked(&self) {
+        if let Ok(n) = std::env::var("QUOTA_EXT_TEST_HOT_AFTER") {
+            let n: u32 = n.parse().expect("QUOTA_EXT_TEST_HOT_AFTER is a number");
+            self.connect()
+                .batch_execute(&format!(
+                    "ALTER DATABASE {} SET quota_ext.hot_after = {n}",
+                    self.name
+                ))
+                .unwrap();
+        }
     }
 
     /// A new database without the extension.

@@ -65,7 +65,7 @@ fn forwarded_for(xff: &str) -> String {
 fn used(c: &mut Client, subject: &str) -> i64 {
     one_i64(
         c,
-        &format!("SELECT coalesce(sum(used), 0)::bigint FROM quota.usage WHERE subject = '{subject}'"),
+        &format!("SELECT coalesce(sum(used), 0)::bigint FROM quota.usage_totals WHERE subject = '{subject}'"),
     )
 }
 

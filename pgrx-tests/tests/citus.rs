@@ -100,7 +100,7 @@ fn prepared(test: &str) -> (TestDb, postgres::Client) {
 fn a_fresh_install_after_citus_prepare_has_nothing_citus_refuses() {
     let (_db, mut c) = prepared("citus_catalogs");
     assert_eq!(violations(&mut c), Vec::<String>::new());
-    // The layout places 12 tables: 8 reference, 4 distributed.
+    // The layout places 13 tables: 8 reference, 5 distributed.
     assert_eq!(
         one_text(
             &mut c,
@@ -108,7 +108,7 @@ fn a_fresh_install_after_citus_prepare_has_nothing_citus_refuses() {
         ),
         "reference:quota.plans reference:quota.limits reference:quota.subjects reference:quota.overrides \
          reference:quota.rate_policies reference:quota.rate_routes reference:quota.breakers \
-         reference:quota.upstreams distributed:quota.usage distributed:quota.idempotency_keys \
+         reference:quota.upstreams distributed:quota.usage distributed:quota.usage_stripes distributed:quota.idempotency_keys \
          distributed:quota.audit_log distributed:quota.batches"
     );
 

@@ -61,7 +61,7 @@ fn hammer(db: &TestDb, members: &'static [&'static str], calls: usize) -> Seen {
 fn used(c: &mut postgres::Client, subject: &str) -> i64 {
     one_i64(
         c,
-        &format!("SELECT coalesce(sum(used), 0)::bigint FROM quota.usage WHERE subject = '{subject}' AND metric = 'api'"),
+        &format!("SELECT coalesce(sum(used), 0)::bigint FROM quota.usage_totals WHERE subject = '{subject}' AND metric = 'api'"),
     )
 }
 
@@ -362,7 +362,7 @@ fn untrusted_members_charge_their_chain_and_cannot_name_it() {
     assert_eq!(
         one_text(
             &mut c,
-            "SELECT string_agg(subject || '=' || used, ',' ORDER BY subject) FROM quota.usage"
+            "SELECT string_agg(subject || '=' || used, ',' ORDER BY subject) FROM quota.usage_totals"
         ),
         "acme=4,alice=3"
     );

@@ -69,7 +69,10 @@ fn eight_sessions_never_over_grant() {
     assert_eq!(out.granted_calls, 500, "granted exactly the limit");
     assert_eq!(out.denied_calls, 300);
     assert_eq!(
-        one_i64(&mut c, "SELECT used FROM quota.usage WHERE subject = 'hot'"),
+        one_i64(
+            &mut c,
+            "SELECT used FROM quota.usage_totals WHERE subject = 'hot'"
+        ),
         500
     );
     assert_eq!(audit_rows(&mut c, "action = 'consume' AND success"), 500);
@@ -92,11 +95,11 @@ fn mixed_amounts_over_two_periods_stay_all_or_nothing() {
     assert_no_errors(&out);
     let hour = one_i64(
         &mut c,
-        "SELECT used FROM quota.usage WHERE subject = 'hot' AND period = 'hour'",
+        "SELECT used FROM quota.usage_totals WHERE subject = 'hot' AND period = 'hour'",
     );
     let day = one_i64(
         &mut c,
-        "SELECT used FROM quota.usage WHERE subject = 'hot' AND period = 'day'",
+        "SELECT used FROM quota.usage_totals WHERE subject = 'hot' AND period = 'day'",
     );
     assert_eq!(hour, day, "both windows moved together");
     assert_eq!(
@@ -143,6 +146,6 @@ fn concurrent_replays_of_one_key_grant_once() {
         results.iter().all(|r| r.0 && r.2 == 5),
         "every replay returns the first decision: {results:?}"
     );
-    assert_eq!(one_i64(&mut c, "SELECT used FROM quota.usage"), 5);
+    assert_eq!(one_i64(&mut c, "SELECT used FROM quota.usage_totals"), 5);
     assert_eq!(audit_rows(&mut c, "action = 'consume'"), 1);
 }

@@ -51,7 +51,7 @@ fn require_raises_pt429_with_the_decision() {
     assert!(detail.contains("\"retry_after_seconds\":"), "{detail}");
     // The denial aborted the caller's transaction and changed no usage; its audit row, which
     // the abort would have taken with it, comes from the audit writer.
-    assert_eq!(one_i64(&mut c, "SELECT used FROM quota.usage"), 1);
+    assert_eq!(one_i64(&mut c, "SELECT used FROM quota.usage_totals"), 1);
     assert_settles(
         &mut c,
         "SELECT count(*) FROM quota.audit_log

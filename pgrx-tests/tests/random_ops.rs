@@ -192,7 +192,7 @@ fn a_random_storm_of_calls_leaves_the_books_exact() {
             let used = one_i64(
                 &mut c,
                 &format!(
-                    "SELECT coalesce(sum(used), 0)::bigint FROM quota.usage
+                    "SELECT coalesce(sum(used), 0)::bigint FROM quota.usage_totals
                       WHERE subject = '{subject}' AND metric = 'm' AND period = '{period}'"
                 ),
             );

@@ -502,7 +502,10 @@ fn hostile_objects_in_public_change_nothing() {
         "the batch functions took what they were asked"
     );
     assert_eq!(
-        one_i64(&mut c, "SELECT used FROM quota.usage WHERE subject = 'ann'"),
+        one_i64(
+            &mut c,
+            "SELECT used FROM quota.usage_totals WHERE subject = 'ann'"
+        ),
         1
     );
     assert_eq!(
@@ -569,7 +572,10 @@ fn the_pinned_search_path_ends_with_the_call_also_after_an_error() {
         0
     );
     assert_eq!(
-        one_i64(&mut c, "SELECT used FROM quota.usage WHERE subject = 'ann'"),
+        one_i64(
+            &mut c,
+            "SELECT used FROM quota.usage_totals WHERE subject = 'ann'"
+        ),
         1
     );
     // An uncaught one ends its transaction; the session goes on with its own path.
@@ -1068,7 +1074,7 @@ fn exact_totals_through_pgbouncer_in_transaction_mode() {
         granted += g;
     }
     assert_eq!(granted, 300);
-    assert_eq!(one_i64(&mut c, "SELECT used FROM quota.usage"), 300);
+    assert_eq!(one_i64(&mut c, "SELECT used FROM quota.usage_totals"), 300);
     assert_eq!(
         one_i64(
             &mut c,

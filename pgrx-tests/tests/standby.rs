@@ -98,3 +98,47 @@ fn rate_limits_work_on_a_hot_standby() {
         "quotas write, and a standby is read-only: {err}"
     );
 }
+
+/// `status` and `near_limit` read the same numbers on the primary and on the standby, also for
+/// a hot window, whose grants sit in quota.usage_stripes (the count in the primary's shared
+/// memory never reaches a standby, and nothing reads it there).
+#[test]
+fn status_and_near_limit_read_the_same_on_the_standby_for_a_hot_window() {
+    let primary_port = quota_ext_itests::env_port("QUOTA_EXT_TEST_PORT");
+    let mut primary = connect_on(primary_port, "standby_check");
+    let mut standby = connect_on(
+        quota_ext_itests::env_port("QUOTA_EXT_STANDBY_PORT"),
+        "standby_check",
+    );
+    // Each its own transaction: room a reset or a refund frees on a hot window counts from its
+    // commit.
+    for sql in [
+        "SET quota_ext.hot_after = 1",
+        "SELECT quota.reset_usage('hot-standby')",
+        "SELECT quota.consume('hot-standby', 'api')",
+        "SELECT quota.consume('hot-standby', 'api')",
+        "SELECT quota.consume('hot-standby', 'api')",
+        "SELECT quota.consume('hot-standby', 'api')",
+        "SELECT quota.refund('hot-standby', 'api', 1)",
+    ] {
+        primary.batch_execute(sql).unwrap();
+    }
+    let striped = one_bool(
+        &mut primary,
+        "SELECT EXISTS (SELECT FROM quota.usage_stripes WHERE subject = 'hot-standby')",
+    );
+    assert!(striped, "the window is hot on the primary");
+    let reading = "SELECT coalesce((SELECT string_agg(format('%s/%s/%s', period, used, remaining), ',')
+                                      FROM quota.status('hot-standby')), '')
+                   || ' ' || coalesce((SELECT string_agg(format('%s/%s', used, ratio), ',')
+                                         FROM quota.near_limit(0.5) WHERE subject = 'hot-standby'), '')";
+    let on_primary = quota_ext_itests::one_text(&mut primary, reading);
+    assert_eq!(on_primary, "day/3/2 3/0.6");
+    let on_standby = poll(
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || quota_ext_itests::one_text(&mut standby, reading),
+        |r| *r == on_primary,
+    );
+    assert_eq!(on_standby, on_primary);
+}

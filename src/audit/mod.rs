@@ -182,6 +182,15 @@ DELETE FROM quota.usage AS u
    AND u.window_start < pg_catalog.now() - $1 - pg_catalog.concat('2 ', p.period)::interval",
     args: &[T::INTERVALOID],
 };
+/// PRUNE_USAGE for the stripes of hot windows (0.10.0).
+static PRUNE_STRIPES: Stmt = Stmt {
+    sql: "
+DELETE FROM quota.usage_stripes AS u
+ USING unnest('{minute,hour,day,week,month,year}'::text[]) AS p(period)
+ WHERE u.period = p.period
+   AND u.window_start < pg_catalog.now() - $1 - pg_catalog.concat('2 ', p.period)::interval",
+    args: &[T::INTERVALOID],
+};
 static PRUNE_AUDIT: Stmt = Stmt {
     sql: "DELETE FROM quota.audit_log WHERE created_at < pg_catalog.now() - $1",
     args: &[T::INTERVALOID],
@@ -238,7 +247,12 @@ fn prune(
         }
         let a = audit_older_than.map_or(0, |i| spi::run(client, &PRUNE_AUDIT, &[i.into()]).len() as i64);
         let k = idempotency_older_than.map_or(0, |i| spi::run(client, &PRUNE_KEYS, &[i.into()]).len() as i64);
-        let u = usage_older_than.map_or(0, |i| spi::run(client, &PRUNE_USAGE, &[i.into()]).len() as i64);
+        let u = usage_older_than.map_or(0, |i| {
+            if crate::pg::catalog::has_stripes() {
+                spi::run(client, &PRUNE_STRIPES, &[i.into()]);
+            }
+            spi::run(client, &PRUNE_USAGE, &[i.into()]).len() as i64
+        });
         Ok((a, k, u))
     })?;
     Ok(TableIterator::once(counts))

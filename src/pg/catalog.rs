@@ -148,12 +148,18 @@ pub struct Shape {
     /// '' from then on, NULL before (where the row-level policy of the older version would let
     /// a JWT whose sub is '' read '' rows).
     pub audit_subject_required: bool,
+    /// The table quota.usage_stripes (0.10.0): hot windows (quota::hot).
+    pub usage_stripes: bool,
+    /// The files of quota.usage and quota.usage_stripes (pg_class.relfilenode), which the keys
+    /// of hot windows hold: a TRUNCATE, VACUUM FULL or DROP and CREATE EXTENSION gives the
+    /// tables new files, and the hot windows counted for the old ones are never used again.
+    pub usage_files: u64,
 }
 
 thread_local! {
     /// (OIDs of the tables looked at, what they have), until a relcache invalidation of one of
     /// them (ALTER EXTENSION UPDATE adds the columns) or of everything.
-    static SHAPE: std::cell::Cell<Option<([pg_sys::Oid; 4], Shape)>> = const { std::cell::Cell::new(None) };
+    static SHAPE: std::cell::Cell<Option<([pg_sys::Oid; 6], Shape)>> = const { std::cell::Cell::new(None) };
 }
 
 /// The shape of the installed tables (see Shape), looked up once per backend and after
@@ -163,13 +169,15 @@ pub fn shape() -> Shape {
         return shape;
     }
     let (nsp, _) = quota_schema();
-    let mut relids = [pg_sys::InvalidOid; 4];
-    let mut has = [false; 4];
+    let mut relids = [pg_sys::InvalidOid; 6];
+    let mut has = [false; 6];
     for (i, (table, column)) in [
         (c"audit_log", c"actor"),
         (c"subjects", c"parent"),
         (c"rate_policies", c"pooled"),
         (c"rate_routes", c"path_pattern"),
+        (c"usage_stripes", c"stripe"),
+        (c"usage", c"used"),
     ]
     .iter()
     .enumerate()
@@ -188,9 +196,33 @@ pub fn shape() -> Shape {
         policies_pooled: has[2],
         rate_routes: has[3],
         audit_subject_required: relids[0] != pg_sys::InvalidOid && not_null(relids[0], c"subject"),
+        usage_stripes: has[4],
+        usage_files: (u64::from(relfilenode(relids[5]).to_u32()) << 32)
+            | u64::from(relfilenode(relids[4]).to_u32()),
     };
     SHAPE.with(|a| a.set(Some((relids, shape))));
     shape
+}
+
+/// pg_class.relfilenode of a table (InvalidOid for none).
+fn relfilenode(relid: pg_sys::Oid) -> pg_sys::Oid {
+    if relid == pg_sys::InvalidOid {
+        return pg_sys::InvalidOid;
+    }
+    // SAFETY: a syscache look-up by OID; the tuple is released before return and only a
+    // fixed-width field is copied out of it.
+    unsafe {
+        let tup = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::RELOID as i32,
+            pg_sys::Datum::from(relid),
+        );
+        if tup.is_null() {
+            return pg_sys::InvalidOid;
+        }
+        let node = (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_class>(tup)).relfilenode;
+        pg_sys::ReleaseSysCache(tup);
+        node
+    }
 }
 
 /// Whether column `column` of table `relid` is NOT NULL.
@@ -213,6 +245,16 @@ fn not_null(relid: pg_sys::Oid, column: &CStr) -> bool {
 /// Shape.
 pub fn audit_no_subject() -> Option<&'static str> {
     shape().audit_subject_required.then_some("")
+}
+
+/// The files of the usage tables, for the keys of hot windows; see Shape.
+pub fn usage_files() -> u64 {
+    shape().usage_files
+}
+
+/// Whether quota.usage_stripes exists (0.10.0): the hot windows need it; see Shape.
+pub fn has_stripes() -> bool {
+    shape().usage_stripes
 }
 
 /// Whether quota.audit_log has the column `actor` (0.6.0); see Shape.

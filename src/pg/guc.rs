@@ -25,6 +25,13 @@ pub static UNTRUSTED_REFUNDS: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static PARENT_CLAIM: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static LATENCY: GucSetting<bool> = GucSetting::<bool>::new(true);
 static CACHE_TTL: GucSetting<i32> = GucSetting::<i32>::new(0);
+static HOT_AFTER: GucSetting<i32> = GucSetting::<i32>::new(100);
+
+/// quota_ext.hot_after: consumes of one subject and metric within a second after which its
+/// windows are counted in shared memory (quota::hot); 0: never.
+pub fn hot_after() -> u32 {
+    HOT_AFTER.get().max(0) as u32
+}
 
 /// quota_ext.cache_ttl in nanoseconds (0: the caches live until invalidated).
 pub fn cache_ttl_ns() -> i64 {
@@ -60,6 +67,12 @@ static RATE_MAX_KEYS: GucSetting<i32> = GucSetting::<i32>::new(100_000);
 static AUDIT_QUEUE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024);
 static BREAKER_MAX: GucSetting<i32> = GucSetting::<i32>::new(1024);
 static UPSTREAM_MAX: GucSetting<i32> = GucSetting::<i32>::new(256);
+static HOT_WINDOWS: GucSetting<i32> = GucSetting::<i32>::new(4096);
+
+/// quota_ext.hot_windows: quota windows the shared table of hot windows holds (0: none).
+pub fn hot_windows() -> usize {
+    HOT_WINDOWS.get().max(0) as usize
+}
 
 /// quota_ext.upstream_max: upstream API budgets the shared table holds.
 pub fn upstream_max() -> usize {
@@ -135,6 +148,16 @@ fn define_quota_settings() {
         86_400_000,
         GucContext::Suset,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"quota_ext.hot_after",
+        c"Consumes of one subject and metric within a second after which its windows are counted in shared memory; 0: never.",
+        c"A hot window's callers do not queue on its usage row: each grant is reserved in shared memory and written to a row of the caller's backend (quota.usage_stripes). 1 makes every window hot at its first consume.",
+        &HOT_AFTER,
+        0,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::default(),
     );
     GucRegistry::define_enum_guc(
         c"quota_ext.rate_when_full",
@@ -232,6 +255,16 @@ fn define_shared_memory_settings() {
             c"Each takes 48 bytes.",
             &UPSTREAM_MAX,
             1,
+            1 << 20,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+        GucRegistry::define_int_guc(
+            c"quota_ext.hot_windows",
+            c"Number of hot quota windows kept in shared memory (needs a restart); 0: no hot windows.",
+            c"Each takes 64 bytes.",
+            &HOT_WINDOWS,
+            0,
             1 << 20,
             GucContext::Postmaster,
             GucFlags::default(),

@@ -205,6 +205,74 @@ static RESET: Stmt = Stmt {
     args: &[T::TEXTOID, T::TEXTOID],
 };
 
+/// RESET where windows may be hot (0.10.0): the usage rows, then the stripes (after the rows,
+/// so that a reset waits for a window's loader, which holds the row, before it touches a stripe
+/// the loader's caller is about to write), each window's deleted usage returned.
+static RESET_ROWS: Stmt = Stmt {
+    sql: "DELETE FROM quota.usage WHERE subject = $1 AND ($2::text IS NULL OR metric = $2)
+          RETURNING metric, period, window_start, used",
+    args: &[T::TEXTOID, T::TEXTOID],
+};
+static RESET_STRIPES: Stmt = Stmt {
+    sql: "DELETE FROM quota.usage_stripes WHERE subject = $1 AND ($2::text IS NULL OR metric = $2)
+          RETURNING metric, period, window_start, used",
+    args: &[T::TEXTOID, T::TEXTOID],
+};
+
+/// Delete the usage rows and stripes of the subject; a hot window's count goes down by what
+/// was deleted when this transaction commits. Returns the number of usage rows deleted.
+fn reset_striped(client: &mut pgrx::spi::SpiClient<'_>, subject: &str, metric: Option<&str>) -> i64 {
+    let mut deleted: Vec<(String, String, i64, i64)> = Vec::new();
+    let mut rows = 0;
+    for (stmt, is_row) in [(&RESET_ROWS, true), (&RESET_STRIPES, false)] {
+        for r in spi::run(client, stmt, &[subject.into(), metric.into()]) {
+            rows += is_row as i64;
+            let key = (
+                spi::get::<String>(&r, 1).expect("metric"),
+                spi::get::<String>(&r, 2).expect("period"),
+                spi::get::<TimestampWithTimeZone>(&r, 3)
+                    .expect("window_start")
+                    .into_inner(),
+            );
+            let used = spi::get::<i64>(&r, 4).unwrap_or(0);
+            match deleted
+                .iter_mut()
+                .find(|d| (&d.0, &d.1, d.2) == (&key.0, &key.1, key.2))
+            {
+                Some(d) => d.3 += used,
+                None => deleted.push((key.0, key.1, key.2, used)),
+            }
+        }
+    }
+    for (metric, period, start, used) in deleted {
+        if let Some(k) = super::hot::key(subject, &metric, &period, start) {
+            super::hot::decrease_at_commit(k, used);
+            if super::hot::is_hot(k) {
+                // Every window with stripes has a usage row (see stripes::STRIPES).
+                let start =
+                    TimestampWithTimeZone::try_from(start).expect("window start read from PostgreSQL");
+                spi::run(
+                    client,
+                    &RESET_KEEP_ROW,
+                    &[
+                        subject.into(),
+                        metric.as_str().into(),
+                        period.as_str().into(),
+                        start.into(),
+                    ],
+                );
+            }
+        }
+    }
+    rows
+}
+
+static RESET_KEEP_ROW: Stmt = Stmt {
+    sql: "INSERT INTO quota.usage (subject, metric, period, window_start, used) VALUES ($1, $2, $3, $4, 0)
+              ON CONFLICT (subject, metric, period, window_start) DO NOTHING",
+    args: &[T::TEXTOID, T::TEXTOID, T::TEXTOID, T::TIMESTAMPTZOID],
+};
+
 /// Delete a subject's usage (of one metric, or all); returns the number of windows deleted.
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
@@ -220,7 +288,11 @@ fn reset_usage(
     let _owner = AsOwner::enter();
     Ok(Spi::connect_mut(|client| {
         spi::run(client, &RESET_LOCK, &[subject.into(), metric.into()]);
-        let n = spi::run(client, &RESET, &[subject.into(), metric.into()]).len() as i64;
+        let n = if crate::pg::catalog::has_stripes() {
+            reset_striped(client, &subject, metric)
+        } else {
+            spi::run(client, &RESET, &[subject.into(), metric.into()]).len() as i64
+        };
         audit::admin(
             client,
             &subject,

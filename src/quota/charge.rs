@@ -4,9 +4,11 @@
 
 use super::cache;
 use super::decision::{latest_reset, least_remaining, Decision, Window};
+use super::hot;
 use super::Request;
 use crate::audit;
 use crate::audit::refusal::{self, Refusal};
+use crate::pg::catalog;
 use crate::pg::error::{QuotaError, Result};
 use crate::pg::guc;
 use crate::pg::spi::{self, Stmt};
@@ -110,6 +112,72 @@ static UPSERT_ONE_AUDITED_0_5: Stmt = Stmt {
     args: UPSERT_ONE_AUDITED.args,
 };
 
+/// UPSERT where windows may be hot (quota.usage_stripes exists, 0.10.0): a window's usage is
+/// its row plus its stripes (see hot.rs), in the check of a new row as of an existing one, and
+/// in what the statement returns.
+static UPSERT_S: Stmt = Stmt {
+    sql: concat!(
+        "
+INSERT INTO quota.usage AS u (subject, metric, period, window_start, used)
+SELECT t.subject, $2, t.period, t.window_start, $3
+  FROM unnest($1::text[], $4::text[], $5::timestamptz[]) AS t(subject, period, window_start)
+ WHERE $3 + (SELECT coalesce(pg_catalog.sum(st.used), 0)::bigint FROM quota.usage_stripes AS st
+              WHERE st.subject = t.subject AND st.metric = $2 AND st.period = t.period
+                AND st.window_start = t.window_start)
+       <= ($6::bigint[])[pg_catalog.array_position($7::text[], t.period || ':' || t.subject)]
+    ON CONFLICT (subject, metric, period, window_start) DO UPDATE
+   SET used = u.used + excluded.used
+ WHERE u.used + ",
+        super::stripes::stripes_of_u!(),
+        " <= ($6::bigint[])[pg_catalog.array_position($7::text[], u.period || ':' || u.subject)] - excluded.used
+RETURNING u.subject, u.period, u.used + ",
+        super::stripes::stripes_of_u!()
+    ),
+    args: UPSERT.args,
+};
+
+/// UPSERT_ONE where windows may be hot (see UPSERT_S); the stripes read once.
+macro_rules! upsert_one_s {
+    () => {
+        "st AS (SELECT coalesce(pg_catalog.sum(s.used), 0)::bigint AS n FROM quota.usage_stripes AS s
+             WHERE s.subject = $1 AND s.metric = $2 AND s.period = $3 AND s.window_start = $4),
+u AS (
+INSERT INTO quota.usage AS u (subject, metric, period, window_start, used)
+SELECT $1, $2, $3, $4, $5 FROM st WHERE $5 + st.n <= $6
+    ON CONFLICT (subject, metric, period, window_start) DO UPDATE
+   SET used = u.used + excluded.used
+ WHERE u.used + (SELECT st.n FROM st) <= $6 - excluded.used
+RETURNING u.subject, u.period, u.used + (SELECT st.n FROM st) AS used)"
+    };
+}
+
+static UPSERT_ONE_S: Stmt = Stmt {
+    sql: concat!("WITH ", upsert_one_s!(), " SELECT subject, period, used FROM u"),
+    args: UPSERT_ONE.args,
+};
+
+static UPSERT_ONE_AUDITED_S: Stmt = Stmt {
+    sql: concat!(
+        "WITH ",
+        upsert_one_s!(),
+        ",
+a AS (
+    INSERT INTO quota.audit_log (subject, action, metric, amount, success, reason, details, idempotency_key, actor)
+    SELECT $1, 'consume', $2, $5, true, 'granted', $7 || pg_catalog.jsonb_build_object('used', u.used), $8, $9
+      FROM u)
+SELECT subject, period, used FROM u"
+    ),
+    args: UPSERT_ONE_AUDITED.args,
+};
+
+/// The audit row the statement above wrote in this call, taken back when the grant is undone
+/// after all (a window that turned hot meanwhile had no room, see charge).
+static AUDIT_UNDO: Stmt = Stmt {
+    sql: "DELETE FROM quota.audit_log
+           WHERE subject = $1 AND id = pg_catalog.currval('quota.audit_log_id_seq'::pg_catalog.regclass)",
+    args: &[T::TEXTOID],
+};
+
 /// The parameters of a statement run by on_windows, once per subject: subject, metric, amount,
 /// periods, window starts. One subject per statement, not arrays of subjects: a join on the
 /// subject from an array gets a generic plan the plan cache never prefers, so every execution
@@ -136,6 +204,19 @@ UPDATE quota.usage AS u SET used = u.used - $3
 static READ: Stmt = Stmt {
     sql: "
 SELECT t.period, coalesce(u.used, 0)
+  FROM unnest($4::text[], $5::timestamptz[]) AS t(period, window_start)
+  LEFT JOIN quota.usage AS u
+    ON u.subject = $1 AND u.metric = $2 AND u.period = t.period AND u.window_start = t.window_start",
+    args: ON_WINDOWS_ARGS,
+};
+
+/// READ where windows may be hot: the row plus the stripes.
+static READ_S: Stmt = Stmt {
+    sql: "
+SELECT t.period, coalesce(u.used, 0)
+       + (SELECT coalesce(pg_catalog.sum(st.used), 0)::bigint FROM quota.usage_stripes AS st
+           WHERE st.subject = $1 AND st.metric = $2 AND st.period = t.period
+             AND st.window_start = t.window_start)
   FROM unnest($4::text[], $5::timestamptz[]) AS t(period, window_start)
   LEFT JOIN quota.usage AS u
     ON u.subject = $1 AND u.metric = $2 AND u.period = t.period AND u.window_start = t.window_start",
@@ -218,7 +299,8 @@ fn returned(rows: pgrx::spi::SpiTupleTable<'_>) -> Vec<Returned> {
 
 fn read_used(client: &mut SpiClient<'_>, req: &Request<'_>, ws: &mut [Window]) {
     let refs: Vec<&Window> = ws.iter().collect();
-    let rows = on_windows(client, &READ, req, &refs);
+    let stmt = if catalog::has_stripes() { &READ_S } else { &READ };
+    let rows = on_windows(client, stmt, req, &refs);
     apply_returned(rows, ws);
 }
 
@@ -304,29 +386,219 @@ pub(super) fn peek(client: &mut SpiClient<'_>, req: &Request<'_>, ws: &mut [Wind
 }
 
 /// A consume of at least one unit: every window of every level incremented, or none.
+///
+/// Cold windows first (their row locks, in lock order), each checked afterwards against the
+/// hot table in case it turned hot while the lock was awaited (hot.rs); then the hot windows,
+/// taken from shared memory, and written to this backend's stripes. A window that stopped being
+/// hot between the two (its slot freed) goes round again as a cold one.
 pub(super) fn charge(client: &mut SpiClient<'_>, req: &Request<'_>, pw: &mut PlanWindows) -> Result<Outcome> {
     let (subject, metric, amount) = (req.subject, req.metric, req.amount);
-    let ws = &mut pw.windows;
-    if let Some(out) = never_fits(client, req, ws) {
+    if let Some(out) = never_fits(client, req, &mut pw.windows) {
         return Ok(out);
     }
-    let (rows, audited) = increment(client, req, &pw.plan, ws);
-    let granted = apply_returned(returned(rows), ws);
-    if granted.len() == ws.len() {
-        return Ok(Outcome {
-            decision: Decision::from_window(subject, metric, least_remaining(ws), true, false),
-            reason: "granted",
-            audited,
-        });
+    let striped = catalog::has_stripes();
+    let keys = hot_keys(req, &pw.windows, striped);
+    if keys.iter().any(Option::is_some) {
+        turn_busy_windows_hot(client, req, &pw.windows, &keys);
     }
-    // Some window denied: take back what the others were given (their rows are still locked by
-    // this call), then answer with the windows that denied.
-    if !granted.is_empty() {
-        let undo: Vec<&Window> = ws.iter().filter(|w| is_in(w, &granted)).collect();
+    let n = pw.windows.len();
+    let is_hot = |i: usize| keys[i].is_some_and(hot::is_hot);
+    let (mut pending, mut hot_candidates): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| !is_hot(i));
+    let mut held = Held::default();
+    loop {
+        if !pending.is_empty() {
+            if let Err(denying) = cold_round(client, req, pw, &keys, &pending, striped, &mut held) {
+                return deny(client, req, pw, &held, denying);
+            }
+            pending.clear();
+        }
+        for i in std::mem::take(&mut hot_candidates) {
+            let w = &mut pw.windows[i];
+            match hot::take(keys[i].expect("a hot window has a key"), amount, w.limit) {
+                hot::Take::Granted { used, ticket } => {
+                    w.used = used;
+                    held.tickets.push(ticket);
+                    held.hot.push(i);
+                }
+                hot::Take::Denied { used } => {
+                    w.used = used;
+                    held.hot_denied.push(i);
+                    return deny(client, req, pw, &held, vec![i]);
+                }
+                hot::Take::Cold => pending.push(i),
+            }
+        }
+        if pending.is_empty() {
+            break;
+        }
+    }
+    if !held.hot.is_empty() {
+        let ws = &pw.windows;
+        if let ([w], true) = (&ws[..], guc::audit_wanted(true) && ws[0].subject == subject) {
+            let details = json!({"plan": pw.plan, "period": w.period, "limit": w.limit, "used": w.used});
+            super::stripes::write_one_audited(client, req, w, details);
+            held.audited = true;
+        } else {
+            let refs: Vec<&Window> = held.hot.iter().map(|&i| &ws[i]).collect();
+            super::stripes::write(client, metric, amount, &refs);
+        }
+    }
+    Ok(Outcome {
+        decision: Decision::from_window(subject, metric, least_remaining(&pw.windows), true, false),
+        reason: "granted",
+        audited: held.audited,
+    })
+}
+
+/// What a charge holds so far: windows granted cold (their rows incremented and locked) and
+/// hot (taken from shared memory), the reservations to give back if it ends up denying, and
+/// whether a statement already wrote the grant's audit row.
+#[derive(Default)]
+struct Held {
+    cold: Vec<usize>,
+    hot: Vec<usize>,
+    hot_denied: Vec<usize>,
+    tickets: Vec<usize>,
+    audited: bool,
+}
+
+/// The hot table's key of each window: none when the windows cannot be hot (no table, tables
+/// older than 0.10.0, a read-only transaction).
+fn hot_keys(req: &Request<'_>, ws: &[Window], striped: bool) -> Vec<Option<hot::Key>> {
+    if !striped || !hot::may_charge() {
+        return vec![None; ws.len()];
+    }
+    ws.iter()
+        .map(|w| hot::key(&w.subject, req.metric, &w.period, w.start))
+        .collect()
+}
+
+/// Count this consume in the detector, once per subject of the windows, and turn the windows of
+/// a busy subject hot (before any row of this call is locked, see stripes::load).
+fn turn_busy_windows_hot(
+    client: &mut SpiClient<'_>,
+    req: &Request<'_>,
+    ws: &[Window],
+    keys: &[Option<hot::Key>],
+) {
+    let mut i = 0;
+    while i < ws.len() {
+        let subject = &ws[i].subject;
+        let end = i + ws[i..].iter().take_while(|w| w.subject == *subject).count();
+        if hot::busy(subject, req.metric) {
+            for j in i..end {
+                if let Some(k) = keys[j].filter(|k| !hot::is_hot(*k)) {
+                    super::stripes::load(client, req.metric, &ws[j], k);
+                }
+            }
+        }
+        i = end;
+    }
+}
+
+/// Increment the cold windows `idx` (in lock order); a window granted that turned hot meanwhile
+/// is taken from shared memory too (hot.rs: the loader did not count it). Err: the windows that
+/// denied.
+fn cold_round(
+    client: &mut SpiClient<'_>,
+    req: &Request<'_>,
+    pw: &mut PlanWindows,
+    keys: &[Option<hot::Key>],
+    idx: &[usize],
+    striped: bool,
+    held: &mut Held,
+) -> std::result::Result<(), Vec<usize>> {
+    let freed_before = hot::freed();
+    let counted = striped && count_stripes(client, keys, idx);
+    let (rows, audited) = increment(client, req, &pw.plan, &pw.windows, idx, counted);
+    let got = apply_returned(returned(rows), &mut pw.windows);
+    held.audited |= audited && !got.is_empty();
+    // A statement that did not count the stripes, during which a slot was freed (whose window
+    // may be one of these, charged hot meanwhile): check the windows granted against their
+    // rows plus stripes now (see hot::may_have_stripes).
+    let recheck = striped && !counted && hot::freed() != freed_before;
+    if recheck {
+        let granted: Vec<Window> = idx
+            .iter()
+            .filter(|&&i| is_in(&pw.windows[i], &got))
+            .map(|&i| pw.windows[i].clone())
+            .collect();
+        let mut now = granted.clone();
+        read_used(client, req, &mut now);
+        for w in now.iter().filter(|w| w.used > w.limit) {
+            if let Some(i) = idx
+                .iter()
+                .copied()
+                .find(|&i| pw.windows[i].subject == w.subject && pw.windows[i].period == w.period)
+            {
+                pw.windows[i].used = w.used;
+            }
+        }
+    }
+    let mut denying = Vec::new();
+    for &i in idx {
+        let w = &mut pw.windows[i];
+        if !is_in(w, &got) {
+            denying.push(i);
+            continue;
+        }
+        held.cold.push(i);
+        if recheck && w.used > w.limit {
+            denying.push(i);
+            continue;
+        }
+        if let Some(k) = keys[i] {
+            match hot::take(k, req.amount, w.limit) {
+                hot::Take::Granted { used, ticket } => {
+                    w.used = used;
+                    held.tickets.push(ticket);
+                }
+                hot::Take::Denied { used } => {
+                    w.used = used;
+                    held.hot_denied.push(i);
+                    denying.push(i);
+                }
+                hot::Take::Cold => {}
+            }
+        }
+    }
+    if denying.is_empty() {
+        Ok(())
+    } else {
+        Err(denying)
+    }
+}
+
+/// Some window denied: give back what the others were given (the cold rows are still locked by
+/// this call; the hot reservations were not written anywhere yet), then answer with the windows
+/// that denied.
+fn deny(
+    client: &mut SpiClient<'_>,
+    req: &Request<'_>,
+    pw: &mut PlanWindows,
+    held: &Held,
+    denying: Vec<usize>,
+) -> Result<Outcome> {
+    let (subject, metric, amount) = (req.subject, req.metric, req.amount);
+    for &t in &held.tickets {
+        hot::undo(t);
+    }
+    if !held.cold.is_empty() {
+        let undo: Vec<&Window> = held.cold.iter().map(|&i| &pw.windows[i]).collect();
         on_windows(client, &UNDO, req, &undo);
     }
-    read_used(client, req, ws);
-    let denying: Vec<&Window> = ws.iter().filter(|w| !is_in(w, &granted)).collect();
+    if held.audited {
+        spi::run(client, &AUDIT_UNDO, &[subject.into()]);
+    }
+    // What the hot table said for the windows it refused: it counts grants in flight too.
+    let seen: Vec<(usize, i64)> = held.hot_denied.iter().map(|&i| (i, pw.windows[i].used)).collect();
+    read_used(client, req, &mut pw.windows);
+    for (i, used) in seen {
+        let w = &mut pw.windows[i];
+        w.used = w.used.max(used);
+    }
+    let ws = &pw.windows;
+    let denying: Vec<&Window> = denying.iter().map(|&i| &ws[i]).collect();
     if let Some(w) = denying.iter().find(|w| w.used > i64::MAX - amount) {
         return Err(QuotaError::UsageOverflow {
             metric: metric.into(),
@@ -395,17 +667,64 @@ pub(super) fn on_windows(
     out
 }
 
-/// The increment itself: the windows it granted, and whether the statement also wrote the grant's
-/// audit row (the common case of one window of the subject's own, with auditing on, takes one
-/// statement).
+thread_local! {
+    /// Whether quota.usage_stripes had rows when this backend first charged (stripes of an
+    /// earlier life of the server, which no slot of this one knows), for the files of the
+    /// tables it looked at (catalog::usage_files).
+    static OLD_STRIPES: std::cell::Cell<Option<(u64, bool)>> = const { std::cell::Cell::new(None) };
+}
+
+static ANY_STRIPES: Stmt = Stmt {
+    sql: "SELECT EXISTS (SELECT FROM quota.usage_stripes)",
+    args: &[],
+};
+
+/// Whether quota.usage_stripes had rows when this backend first looked (once per backend and
+/// per files of the usage tables). Stripes written since are those of windows the hot table
+/// knows (hot::may_have_stripes).
+fn old_stripes(client: &mut SpiClient<'_>) -> bool {
+    let files = catalog::usage_files();
+    if let Some((f, any)) = OLD_STRIPES.with(std::cell::Cell::get) {
+        if f == files {
+            return any;
+        }
+    }
+    let any = spi::run(client, &ANY_STRIPES, &[])
+        .next()
+        .and_then(|r| spi::get::<bool>(&r, 1))
+        .unwrap_or(true);
+    OLD_STRIPES.with(|o| o.set(Some((files, any))));
+    any
+}
+
+/// Whether a cold grant of these windows must count their stripes: the tables have them
+/// (0.10.0) and one of the windows may have some (hot::may_have_stripes, old_stripes). Without
+/// any, the statements of 0.9.0 do (cheaper: no look-up of quota.usage_stripes).
+fn count_stripes(client: &mut SpiClient<'_>, keys: &[Option<hot::Key>], idx: &[usize]) -> bool {
+    if !catalog::has_stripes() {
+        return false;
+    }
+    if idx.iter().any(|&i| keys[i].is_none()) || old_stripes(client) {
+        return true;
+    }
+    idx.iter().any(|&i| keys[i].is_some_and(hot::may_have_stripes))
+}
+
+/// The increment of the cold windows `idx` itself: the windows it granted, and whether the
+/// statement also wrote the grant's audit row (the common case of one window of the subject's
+/// own, with auditing on, takes one statement). `striped`: the tables have quota.usage_stripes
+/// (0.10.0), whose rows a window's usage counts too.
 fn increment<'conn>(
     client: &mut SpiClient<'conn>,
     req: &Request<'_>,
     plan: &str,
-    ws: &[Window],
+    all: &[Window],
+    idx: &[usize],
+    striped: bool,
 ) -> (pgrx::spi::SpiTupleTable<'conn>, bool) {
     let (metric, amount) = (req.metric, req.amount);
-    if let [w] = ws {
+    let ws: Vec<&Window> = idx.iter().map(|&i| &all[i]).collect();
+    if let [w] = ws[..] {
         let start = TimestampWithTimeZone::try_from(w.start).expect("window start");
         let mut args = vec![
             w.subject.as_str().into(),
@@ -415,27 +734,29 @@ fn increment<'conn>(
             amount.into(),
             w.limit.into(),
         ];
-        if !guc::audit_wanted(true) || w.subject != req.subject {
-            return (spi::run(client, &UPSERT_ONE, &args), false);
+        if all.len() != 1 || !guc::audit_wanted(true) || w.subject != req.subject {
+            let stmt = if striped { &UPSERT_ONE_S } else { &UPSERT_ONE };
+            return (spi::run(client, stmt, &args), false);
         }
         // The details but for `used`, which the statement adds.
         args.push(pgrx::JsonB(json!({"plan": plan, "period": w.period, "limit": w.limit})).into());
         args.push(req.key.into());
         args.push(request::actor().into());
-        let stmt = if crate::pg::catalog::audit_has_actor() {
+        let stmt = if striped {
+            &UPSERT_ONE_AUDITED_S
+        } else if catalog::audit_has_actor() {
             &UPSERT_ONE_AUDITED
         } else {
             &UPSERT_ONE_AUDITED_0_5
         };
         return (spi::run(client, stmt, &args), true);
     }
-    let refs: Vec<&Window> = ws.iter().collect();
-    let (subjects, periods, starts) = window_args(&refs);
+    let (subjects, periods, starts) = window_args(&ws);
     let limits: Vec<i64> = ws.iter().map(|w| w.limit).collect();
     let keys: Vec<String> = ws.iter().map(|w| format!("{}:{}", w.period, w.subject)).collect();
     let rows = spi::run(
         client,
-        &UPSERT,
+        if striped { &UPSERT_S } else { &UPSERT },
         &[
             subjects.into(),
             metric.into(),

@@ -8,6 +8,7 @@
 pub mod cache;
 pub mod chain;
 pub mod decision;
+pub mod hot;
 pub mod period;
 
 use crate::metrics::{self, Counter};
@@ -26,6 +27,7 @@ mod charge;
 mod idempotency;
 mod refund;
 mod status;
+mod stripes;
 use charge::audit_decision;
 use charge::charge;
 use charge::load_limits;

@@ -36,6 +36,15 @@ RETURNING u.period, u.used",
 /// Give `req.amount` back to each window, in the order given (lock order).
 fn give_back_windows(client: &mut SpiClient<'_>, req: &Request<'_>, ws: &[&Window]) -> Vec<Returned> {
     let mut out = Vec::with_capacity(ws.len());
+    if crate::pg::catalog::has_stripes() {
+        // A window's usage may sit in its stripes (hot windows, 0.10.0).
+        for w in ws {
+            if let Some(used) = super::stripes::refund_window(client, req.metric, req.amount, w) {
+                out.push((w.subject.clone(), w.period.clone(), used));
+            }
+        }
+        return out;
+    }
     for w in ws {
         let start = TimestampWithTimeZone::try_from(w.start).expect("window start");
         let rows = spi::run(

@@ -10,8 +10,10 @@ use crate::request::{self, AsOwner};
 use pgrx::prelude::*;
 use pgrx::PgBuiltInOids as T;
 
-static STATUS: Stmt = Stmt {
-    sql: "
+macro_rules! status_sql {
+    ($used:expr) => {
+        concat!(
+            "
 WITH s AS (SELECT coalesce(sj.plan, (SELECT p.plan FROM quota.plans AS p WHERE p.plan = $3), $2) AS plan,
                   coalesce(sj.time_zone, 'UTC') AS tz
              FROM (SELECT) AS one LEFT JOIN quota.subjects AS sj ON sj.subject = $1),
@@ -21,15 +23,34 @@ WITH s AS (SELECT coalesce(sj.plan, (SELECT p.plan FROM quota.plans AS p WHERE p
               WHERE l.plan = s.plan
                 AND NOT EXISTS (SELECT FROM quota.overrides AS o
                                  WHERE o.subject = $1 AND o.metric = l.metric AND o.period = l.period))
-SELECT lim.metric, lim.period, lim.max_amount, w.window_start, w.reset_at, coalesce(u.used, 0)
+SELECT lim.metric, lim.period, lim.max_amount, w.window_start, w.reset_at, ",
+            $used,
+            "
   FROM lim CROSS JOIN s
  CROSS JOIN LATERAL quota.window_bounds(lim.period, s.tz) AS w
   LEFT JOIN quota.usage AS u
     ON u.subject = $1 AND u.metric = lim.metric AND u.period = lim.period
    AND u.window_start = w.window_start
  ORDER BY lim.metric,
-          pg_catalog.array_position('{minute,hour,day,week,month,year,total}'::text[], lim.period)",
+          pg_catalog.array_position('{minute,hour,day,week,month,year,total}'::text[], lim.period)"
+        )
+    };
+}
+
+static STATUS: Stmt = Stmt {
+    sql: status_sql!("coalesce(u.used, 0)"),
     args: &[T::TEXTOID, T::TEXTOID, T::TEXTOID],
+};
+
+/// STATUS where windows may be hot (0.10.0): a window's usage is its row plus its stripes.
+static STATUS_S: Stmt = Stmt {
+    sql: status_sql!(
+        "coalesce(u.used, 0)
+       + (SELECT coalesce(pg_catalog.sum(ust.used), 0)::bigint FROM quota.usage_stripes AS ust
+           WHERE ust.subject = $1 AND ust.metric = lim.metric AND ust.period = lim.period
+             AND ust.window_start = w.window_start)"
+    ),
+    args: STATUS.args,
 };
 
 /// One row per metric and period that applies to the subject, then to each of its ancestors
@@ -51,7 +72,11 @@ fn status(
             rows.extend(
                 spi::run(
                     client,
-                    &STATUS,
+                    if crate::pg::catalog::has_stripes() {
+                        &STATUS_S
+                    } else {
+                        &STATUS
+                    },
                     &[
                         link.subject.as_str().into(),
                         guc::default_plan().into(),
@@ -89,16 +114,18 @@ fn status(
 /// windows only, found through usage_period_window_idx: the cost follows the current windows, not
 /// the history of old ones. A row counts when its window is the current one in its subject's
 /// time zone; organizations are subjects like any other.
-static NEAR: Stmt = Stmt {
-    sql: "
+macro_rules! near_sql {
+    ($tot:expr) => {
+        concat!(
+            "
 WITH zones AS (SELECT sj.time_zone FROM quota.subjects AS sj UNION SELECT 'UTC'),
      cur AS (SELECT z.time_zone, p.period, w.window_start, w.reset_at
                FROM zones AS z
               CROSS JOIN unnest('{minute,hour,day,week,month,year,total}'::text[]) AS p(period)
               CROSS JOIN LATERAL quota.window_bounds(p.period, z.time_zone) AS w),
      starts AS (SELECT DISTINCT c.period, c.window_start FROM cur AS c)
-SELECT u.subject, u.metric, u.period, u.used, e.max_amount,
-       CASE WHEN e.max_amount > 0 THEN u.used::float8 / e.max_amount
+SELECT u.subject, u.metric, u.period, tot.used, e.max_amount,
+       CASE WHEN e.max_amount > 0 THEN tot.used::float8 / e.max_amount
             ELSE 'Infinity'::float8 END AS ratio,
        c.reset_at
   FROM starts AS st
@@ -107,6 +134,9 @@ SELECT u.subject, u.metric, u.period, u.used, e.max_amount,
   JOIN cur AS c
     ON c.time_zone = coalesce(s.time_zone, 'UTC') AND c.period = u.period
    AND c.window_start = u.window_start
+",
+            $tot,
+            "
  CROSS JOIN LATERAL (SELECT coalesce(
           (SELECT o.max_amount FROM quota.overrides AS o
             WHERE o.subject = u.subject AND o.metric = u.metric AND o.period = u.period),
@@ -114,11 +144,27 @@ SELECT u.subject, u.metric, u.period, u.used, e.max_amount,
             WHERE l.plan = coalesce(s.plan, $2) AND l.metric = u.metric AND l.period = u.period))
        ) AS e(max_amount)
  WHERE e.max_amount IS NOT NULL
-   AND u.used > 0
-   AND u.used >= $1 * e.max_amount
+   AND tot.used > 0
+   AND tot.used >= $1 * e.max_amount
  ORDER BY ratio DESC, u.subject, u.metric,
-          pg_catalog.array_position('{minute,hour,day,week,month,year,total}'::text[], u.period)",
+          pg_catalog.array_position('{minute,hour,day,week,month,year,total}'::text[], u.period)"
+        )
+    };
+}
+
+static NEAR: Stmt = Stmt {
+    sql: near_sql!(" CROSS JOIN LATERAL (SELECT u.used) AS tot(used)"),
     args: &[T::FLOAT8OID, T::TEXTOID],
+};
+
+/// NEAR where windows may be hot (0.10.0): a window's usage is its row plus its stripes.
+static NEAR_S: Stmt = Stmt {
+    sql: near_sql!(concat!(
+        " CROSS JOIN LATERAL (SELECT u.used + ",
+        super::stripes::stripes_of_u!(),
+        ") AS tot(used)"
+    )),
+    args: NEAR.args,
 };
 
 /// Subjects (members and organizations alike) whose current-window usage is at least
@@ -152,7 +198,12 @@ fn near_limit(
     }
     let _owner = AsOwner::enter();
     let rows: Vec<_> = Spi::connect_mut(|client| {
-        spi::run(client, &NEAR, &[t.into(), guc::default_plan().into()])
+        let stmt = if crate::pg::catalog::has_stripes() {
+            &NEAR_S
+        } else {
+            &NEAR
+        };
+        spi::run(client, stmt, &[t.into(), guc::default_plan().into()])
             .map(|row| {
                 (
                     spi::get::<String>(&row, 1).expect("subject"),

@@ -1,0 +1,1 @@
+SELECT quota.consume('cold-hot', 'api');

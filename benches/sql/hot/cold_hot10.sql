@@ -1,0 +1,2 @@
+\set s random(1, 10)
+SELECT quota.consume('cold-hot-' || :s, 'api');

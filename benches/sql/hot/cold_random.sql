@@ -1,0 +1,2 @@
+\set s random(1, 10000)
+SELECT quota.consume('cold-user-' || :s, 'api');
