@@ -67,6 +67,12 @@ AS $$
      ORDER BY l.step
 $$;
 
+-- Sessions that were open during the update learn of the new table at their next lock of
+-- quota.usage: this rewrites its catalog row (row level security stays on), which invalidates
+-- every backend's view of it (src/pg/catalog.rs, Shape), under an AccessExclusiveLock that waits
+-- for the transactions charging with the old view.
+ALTER TABLE quota.usage ENABLE ROW LEVEL SECURITY;
+
 DO $grants$
 BEGIN
     IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'service_role') THEN

@@ -283,3 +283,68 @@ fn repeatable_read_callers_are_served_exactly() {
     assert_eq!(granted.iter().sum::<i64>(), 99);
     assert_eq!(used(&mut c, "rr"), 101);
 }
+
+/// A window does not turn hot from a transaction that wrote its rows itself: the loader would
+/// count that transaction's uncommitted change (a refund, a cold grant), which a rollback takes
+/// back from the rows but not from the slot.
+#[test]
+fn a_window_does_not_turn_hot_from_a_transaction_that_changed_it() {
+    let db = hot_db("hot_own_writes", 1);
+    let mut c = db.connect();
+    c.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 5)")
+        .unwrap();
+    for subject in ["refunded", "granted"] {
+        assert!(
+            consume(&mut c, subject, 1),
+            "the first grant creates the row, cold"
+        );
+        c.batch_execute("BEGIN").unwrap();
+        if subject == "refunded" {
+            c.batch_execute("SELECT quota.refund('refunded', 'api', 1)")
+                .unwrap();
+        } else {
+            // A cold grant of this transaction (this one consume without turning it hot).
+            c.batch_execute("SET LOCAL quota_ext.hot_after = 0").unwrap();
+            assert!(consume(&mut c, subject, 1));
+            c.batch_execute("SET LOCAL quota_ext.hot_after = 1").unwrap();
+        }
+        assert!(consume(&mut c, subject, 1));
+        assert!(
+            !striped(&mut c, subject),
+            "{subject}: not turned hot by this transaction"
+        );
+        c.batch_execute("ROLLBACK").unwrap();
+        assert_eq!(used(&mut c, subject), 1, "{subject}");
+        assert_eq!(
+            fill(&mut c, subject),
+            4,
+            "{subject}: exactly the rest of the limit"
+        );
+        assert!(striped(&mut c, subject), "{subject}: turned hot since");
+    }
+}
+
+/// A TRUNCATE of the usage tables waits for the transactions that charge them (they hold a lock
+/// of both from before they compute a hot window's key), so none is counted under the old files
+/// and written under the new ones.
+#[test]
+fn a_truncate_waits_for_hot_grants_in_flight() {
+    let db = hot_db("hot_truncate", 1);
+    let (mut a, mut b) = (db.connect(), db.connect());
+    a.batch_execute("SELECT quota.set_limit('free', 'api', 'day', 5)")
+        .unwrap();
+    assert!(consume(&mut a, "ann", 1));
+    assert!(consume(&mut a, "ann", 1));
+    assert!(striped(&mut a, "ann"));
+    a.batch_execute("BEGIN").unwrap();
+    assert!(consume(&mut a, "ann", 1));
+    let e = b
+        .batch_execute("SET lock_timeout = '200ms'; TRUNCATE quota.usage, quota.usage_stripes")
+        .unwrap_err();
+    assert_eq!(code(&e), "55P03", "{e:?}");
+    a.batch_execute("COMMIT").unwrap();
+    b.batch_execute("TRUNCATE quota.usage, quota.usage_stripes")
+        .unwrap();
+    assert_eq!(used(&mut a, "ann"), 0);
+    assert_eq!(fill(&mut a, "ann"), 5);
+}

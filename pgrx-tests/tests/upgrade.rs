@@ -109,6 +109,10 @@ fn upgrade_from(from: &str) {
          END $$;"
     ))
     .unwrap();
+    // A session open across the update (as a pooled connection is) that has charged before it.
+    let mut open = old.connect();
+    open.batch_execute("SELECT quota.consume('open-session', 'api')")
+        .unwrap();
     let before = one_text(&mut c, &data_of_0_1_0());
     // Until the upgrade, the new library writes the rows that concern no subject (the admin
     // calls of fill) with subject NULL, as the old tables and their row-level policy expect:
@@ -132,12 +136,34 @@ fn upgrade_from(from: &str) {
 
     c.batch_execute("ALTER EXTENSION quota_ext UPDATE").unwrap();
     assert_eq!(one_text(&mut c, no_subject), format!("0 {admin_rows}"));
+
     assert_eq!(version(&mut c), CURRENT);
     assert_eq!(
         one_text(&mut c, &data_of_0_1_0()),
         before,
         "the upgrade changed data"
     );
+    if from == "0.9.0" {
+        // The open session sees the hot windows' table at once: its second consume of a
+        // window that has a usage row is hot.
+        for sql in [
+            "SET quota_ext.hot_after = 1",
+            "SELECT quota.consume('hot-after-update', 'api')",
+            "SELECT quota.consume('hot-after-update', 'api')",
+        ] {
+            open.batch_execute(sql).unwrap();
+        }
+        assert!(
+            one_i64(
+                &mut c,
+                "SELECT count(*) FROM quota.usage_stripes WHERE subject = 'hot-after-update'"
+            ) > 0,
+            "the session open during the update charged the hot window"
+        );
+        c.batch_execute("SELECT quota.reset_usage('hot-after-update')")
+            .unwrap();
+    }
+    drop(open);
 
     // Everything goes on from where it was; the reader still reads (the usage policy now
     // calls quota.own_chain(), which the upgrade granted it), then its grants go, so that the

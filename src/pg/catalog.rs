@@ -252,6 +252,35 @@ pub fn usage_files() -> u64 {
     shape().usage_files
 }
 
+/// Lock quota.usage and quota.usage_stripes (RowExclusiveLock, what the statements that write
+/// them take anyway, until the transaction ends), then read the shape: a TRUNCATE, VACUUM FULL
+/// or CLUSTER of either (AccessExclusiveLock) cannot change their files between a hot window's
+/// key and the grant written under it, and a change committed before is seen (taking a lock
+/// reads the invalidation messages). Returns whether the stripes exist. Repeats when the
+/// tables turned out to be others than those locked (a re-created extension).
+pub fn lock_usage_tables() -> bool {
+    loop {
+        let (relids, _) = match SHAPE.with(std::cell::Cell::get) {
+            Some(known) => known,
+            None => {
+                shape();
+                SHAPE.with(std::cell::Cell::get).expect("shape() fills it")
+            }
+        };
+        for relid in [relids[5], relids[4]] {
+            if relid != pg_sys::InvalidOid {
+                // SAFETY: a lock on a relation OID in the current transaction.
+                unsafe { pg_sys::LockRelationOid(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
+            }
+        }
+        let now = shape();
+        let (after, _) = SHAPE.with(std::cell::Cell::get).expect("shape() fills it");
+        if after[4] == relids[4] && after[5] == relids[5] {
+            return now.usage_stripes;
+        }
+    }
+}
+
 /// Whether quota.usage_stripes exists (0.10.0): the hot windows need it; see Shape.
 pub fn has_stripes() -> bool {
     shape().usage_stripes

@@ -262,7 +262,7 @@ fn define_shared_memory_settings() {
         GucRegistry::define_int_guc(
             c"quota_ext.hot_windows",
             c"Number of hot quota windows kept in shared memory (needs a restart); 0: no hot windows.",
-            c"Each takes 64 bytes.",
+            c"About 64 bytes each (48-byte slots, a third of them spare).",
             &HOT_WINDOWS,
             0,
             1 << 20,

@@ -396,7 +396,7 @@ pub(super) fn charge(client: &mut SpiClient<'_>, req: &Request<'_>, pw: &mut Pla
     if let Some(out) = never_fits(client, req, &mut pw.windows) {
         return Ok(out);
     }
-    let striped = catalog::has_stripes();
+    let striped = catalog::has_stripes() && hot::may_charge() && catalog::lock_usage_tables();
     let keys = hot_keys(req, &pw.windows, striped);
     if keys.iter().any(Option::is_some) {
         turn_busy_windows_hot(client, req, &pw.windows, &keys);

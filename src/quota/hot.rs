@@ -285,6 +285,9 @@ struct Held {
 }
 
 thread_local! {
+    /// The slot this backend claimed and is loading: abandoned by the transaction's abort when
+    /// the load did not finish (an error or a FATAL exit inside it).
+    static LOADING_SLOT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
     static HELD: RefCell<Vec<Held>> = const { RefCell::new(Vec::new()) };
     static NEXT_TICKET: std::cell::Cell<usize> = const { std::cell::Cell::new(1) };
 }
@@ -516,6 +519,7 @@ pub fn claim(k: Key, reset_at: Option<i64>) -> Claim {
                 (*s).state.store(LOADING, Ordering::Release);
             }
             t.h.in_use.fetch_add(1, Ordering::Relaxed);
+            LOADING_SLOT.with(|l| l.set(Some(i)));
             Claim::Claimed(i)
         }
         (None, _) => {
@@ -531,6 +535,7 @@ pub fn claim(k: Key, reset_at: Option<i64>) -> Claim {
 /// The claimed slot counts `used` (the window's durable usage, read under its row lock) and is
 /// hot from now on.
 pub fn activate(slot: usize, used: i64) {
+    LOADING_SLOT.with(|l| l.set(None));
     let Some(t) = table() else { return };
     t.acquire(pg_sys::LWLockMode::LW_EXCLUSIVE);
     let s = t.slot(slot);
@@ -542,6 +547,7 @@ pub fn activate(slot: usize, used: i64) {
 
 /// The claimed slot is not loaded after all (the load failed): free it.
 pub fn abandon(slot: usize) {
+    LOADING_SLOT.with(|l| l.set(None));
     let Some(t) = table() else { return };
     t.acquire(pg_sys::LWLockMode::LW_EXCLUSIVE);
     let s = t.slot(slot);
@@ -602,7 +608,12 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
             }
         }
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => settle_all(true, |_| true),
-        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => settle_all(false, |_| true),
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
+            if let Some(slot) = LOADING_SLOT.with(std::cell::Cell::get) {
+                abandon(slot);
+            }
+            settle_all(false, |_| true)
+        }
         _ => {}
     }
 }

@@ -27,18 +27,23 @@ pub(super) use stripes_of_u;
 /// cold until a cold grant has created it (every hot window has a usage row, which near_limit,
 /// prune and quota.usage_totals go by).
 static LOAD_LOCK: Stmt = Stmt {
-    sql: "SELECT FROM quota.usage AS u
+    sql: "SELECT u.xmin::text::bigint FROM quota.usage AS u
            WHERE u.subject = $1 AND u.metric = $2 AND u.period = $3 AND u.window_start = $4
              FOR UPDATE",
     args: &[T::TEXTOID, T::TEXTOID, T::TEXTOID, T::TIMESTAMPTZOID],
 };
 
-/// The window's usage, in a snapshot taken after LOAD_LOCK: every grant so far.
+/// The window's usage, in a snapshot taken after LOAD_LOCK: every grant so far; and who wrote
+/// its rows (the usage row's xmin, then its stripes'), see `written_here`.
 static LOAD_READ: Stmt = Stmt {
     sql: concat!(
         "SELECT u.used + ",
         stripes_of_u!(),
-        " FROM quota.usage AS u
+        ", u.xmin::text::bigint,
+                (SELECT pg_catalog.array_agg(ust.xmin::text::bigint) FROM quota.usage_stripes AS ust
+                  WHERE ust.subject = u.subject AND ust.metric = u.metric AND ust.period = u.period
+                    AND ust.window_start = u.window_start)
+           FROM quota.usage AS u
           WHERE u.subject = $1 AND u.metric = $2 AND u.period = $3 AND u.window_start = $4"
     ),
     args: &[T::TEXTOID, T::TEXTOID, T::TEXTOID, T::TIMESTAMPTZOID],
@@ -77,6 +82,17 @@ fn in_rolled_back_subtransaction<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
+/// Whether this transaction (or one of its subtransactions) wrote one of the rows whose xmins
+/// are given: what the loader read would then count changes that a rollback takes back (a
+/// refund, a reset, a cold grant of this very transaction), and the slot would keep them. Such
+/// a window turns hot from another transaction instead.
+fn written_here(xmins: &[i64]) -> bool {
+    xmins.iter().any(|&x| {
+        // SAFETY: looks the id up among this backend's own (sub)transaction ids.
+        unsafe { pg_sys::TransactionIdIsCurrentTransactionId(pg_sys::TransactionId::from_inner(x as u32)) }
+    })
+}
+
 /// Turn the window hot (hot.rs, "Turning hot"), in a subtransaction rolled back at once, which
 /// releases the usage row's lock: the loader holds it only while it reads, never while it
 /// waits for anything else. Only at READ COMMITTED (each statement a new snapshot, and the lock
@@ -105,10 +121,20 @@ pub(super) fn load(client: &mut SpiClient<'_>, metric: &str, w: &Window, k: hot:
             if spi::run(client, &LOAD_LOCK, &args).len() == 0 {
                 return false;
             }
-            let used = spi::run(client, &LOAD_READ, &args)
+            let (used, writers) = spi::run(client, &LOAD_READ, &args)
                 .next()
-                .and_then(|r| spi::get::<i64>(&r, 1))
+                .map(|r| {
+                    let mut writers = spi::get::<Vec<i64>>(&r, 3).unwrap_or_default();
+                    writers.extend(spi::get::<i64>(&r, 2));
+                    (
+                        spi::get::<i64>(&r, 1).expect("the usage row just locked"),
+                        writers,
+                    )
+                })
                 .expect("the usage row just locked");
+            if written_here(&writers) {
+                return false;
+            }
             hot::activate(slot, used);
             true
         })
