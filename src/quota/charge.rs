@@ -3,7 +3,7 @@
 //! audit row.
 
 use super::cache;
-use super::decision::{latest_reset, least_remaining, Decision, Window};
+use super::decision::{latest_reset, least_remaining, window_args, Decision, Window};
 use super::hot;
 use super::Request;
 use crate::audit;
@@ -269,17 +269,6 @@ pub(crate) fn load_limits(client: &mut SpiClient<'_>, req: &Request<'_>) -> Resu
         levels: levels.into_iter().map(|l| (l.subject, l.limits.plan)).collect(),
         windows,
     })
-}
-
-/// (subjects, periods, window starts) of windows, as statement parameters.
-pub(super) fn window_args(ws: &[&Window]) -> (Vec<String>, Vec<String>, Vec<TimestampWithTimeZone>) {
-    let subjects = ws.iter().map(|w| w.subject.clone()).collect();
-    let periods = ws.iter().map(|w| w.period.clone()).collect();
-    let starts = ws
-        .iter()
-        .map(|w| TimestampWithTimeZone::try_from(w.start).expect("window start read from PostgreSQL"))
-        .collect();
-    (subjects, periods, starts)
 }
 
 /// A usage row a statement returned: subject, period, used.

@@ -154,3 +154,14 @@ pub fn iso8601(micros: i64) -> String {
         s
     }
 }
+
+/// (subjects, periods, window starts) of windows, as statement parameters.
+pub(crate) fn window_args(ws: &[&Window]) -> (Vec<String>, Vec<String>, Vec<TimestampWithTimeZone>) {
+    let subjects = ws.iter().map(|w| w.subject.clone()).collect();
+    let periods = ws.iter().map(|w| w.period.clone()).collect();
+    let starts = ws
+        .iter()
+        .map(|w| TimestampWithTimeZone::try_from(w.start).expect("window start read from PostgreSQL"))
+        .collect();
+    (subjects, periods, starts)
+}

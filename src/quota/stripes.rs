@@ -2,8 +2,7 @@
 //! backend's row of quota.usage_stripes, and giving usage back to a window whose usage may sit
 //! in its stripes.
 
-use super::charge::window_args;
-use super::decision::Window;
+use super::decision::{window_args, Window};
 use super::hot;
 use super::Request;
 use crate::pg::spi::{self, Stmt};
