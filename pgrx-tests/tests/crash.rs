@@ -120,19 +120,7 @@ fn sigkill_of_a_backend_loses_no_acknowledged_consume() {
     );
 
     // The server restarts by itself.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut c = loop {
-        if let Ok(mut c) = connect(port, "crash") {
-            if c.simple_query("SELECT 1").is_ok() {
-                break c;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the server did not come back within 60 s"
-        );
-        thread::sleep(Duration::from_millis(200));
-    };
+    let mut c = wait_for_server(port, "crash");
     for (i, acked) in acknowledged.iter().enumerate() {
         let used: i64 = c
             .query_opt(
