@@ -346,10 +346,24 @@ fn tables_are_closed_to_writes_and_rows_are_private() {
         c.batch_execute("RESET ROLE").unwrap();
     }
     assert_eq!(table_counts(&mut c), before);
-    // Row level security: authenticated reads its own usage, audit and batch rows only.
+    // Hot windows of both users (the second consume of a window with a row is hot), so that
+    // their stripes exist.
+    c.batch_execute(
+        "SET quota_ext.hot_after = 1; SELECT quota.consume('user-1', 'api'); SELECT quota.consume('user-2', 'api');
+         RESET quota_ext.hot_after;",
+    )
+    .unwrap();
+    assert_eq!(
+        one_i64(&mut c, "SELECT count(DISTINCT subject) FROM quota.usage_stripes"),
+        2
+    );
+    // Row level security: authenticated reads its own usage (rows, stripes, totals), audit and
+    // batch rows only.
     as_role(&mut c, "authenticated", Some("user-1"));
     for (t, col) in [
         ("usage", "subject"),
+        ("usage_stripes", "subject"),
+        ("usage_totals", "subject"),
         ("audit_log", "subject"),
         ("batches", "owner"),
     ] {
@@ -365,6 +379,15 @@ fn tables_are_closed_to_writes_and_rows_are_private() {
         err(&mut c, "SELECT * FROM quota.subjects").as_deref(),
         Some("42501")
     );
+    // anon reads no usage at all.
+    as_role(&mut c, "anon", Some("user-1"));
+    for t in ["usage", "usage_stripes", "usage_totals"] {
+        assert_eq!(
+            err(&mut c, &format!("SELECT * FROM quota.{t}")).as_deref(),
+            Some("42501"),
+            "anon: {t}"
+        );
+    }
     c.batch_execute("RESET ROLE").unwrap();
 }
 

@@ -121,9 +121,9 @@ static UPSERT_S: Stmt = Stmt {
 INSERT INTO quota.usage AS u (subject, metric, period, window_start, used)
 SELECT t.subject, $2, t.period, t.window_start, $3
   FROM unnest($1::text[], $4::text[], $5::timestamptz[]) AS t(subject, period, window_start)
- WHERE $3 + (SELECT coalesce(pg_catalog.sum(st.used), 0)::bigint FROM quota.usage_stripes AS st
-              WHERE st.subject = t.subject AND st.metric = $2 AND st.period = t.period
-                AND st.window_start = t.window_start)
+ WHERE $3 + ",
+        super::stripes::stripes_sum!("t.subject", "$2", "t.period", "t.window_start"),
+        "
        <= ($6::bigint[])[pg_catalog.array_position($7::text[], t.period || ':' || t.subject)]
     ON CONFLICT (subject, metric, period, window_start) DO UPDATE
    SET used = u.used + excluded.used
@@ -139,8 +139,10 @@ RETURNING u.subject, u.period, u.used + ",
 /// UPSERT_ONE where windows may be hot (see UPSERT_S); the stripes read once.
 macro_rules! upsert_one_s {
     () => {
-        "st AS (SELECT coalesce(pg_catalog.sum(s.used), 0)::bigint AS n FROM quota.usage_stripes AS s
-             WHERE s.subject = $1 AND s.metric = $2 AND s.period = $3 AND s.window_start = $4),
+        concat!(
+            "st AS (SELECT ",
+            super::stripes::stripes_sum!("$1", "$2", "$3", "$4"),
+            " AS n),
 u AS (
 INSERT INTO quota.usage AS u (subject, metric, period, window_start, used)
 SELECT $1, $2, $3, $4, $5 FROM st WHERE $5 + st.n <= $6
@@ -148,6 +150,7 @@ SELECT $1, $2, $3, $4, $5 FROM st WHERE $5 + st.n <= $6
    SET used = u.used + excluded.used
  WHERE u.used + (SELECT st.n FROM st) <= $6 - excluded.used
 RETURNING u.subject, u.period, u.used + (SELECT st.n FROM st) AS used)"
+        )
     };
 }
 
@@ -212,14 +215,15 @@ SELECT t.period, coalesce(u.used, 0)
 
 /// READ where windows may be hot: the row plus the stripes.
 static READ_S: Stmt = Stmt {
-    sql: "
-SELECT t.period, coalesce(u.used, 0)
-       + (SELECT coalesce(pg_catalog.sum(st.used), 0)::bigint FROM quota.usage_stripes AS st
-           WHERE st.subject = $1 AND st.metric = $2 AND st.period = t.period
-             AND st.window_start = t.window_start)
+    sql: concat!(
+        "
+SELECT t.period, coalesce(u.used, 0) + ",
+        super::stripes::stripes_sum!("$1", "$2", "t.period", "t.window_start"),
+        "
   FROM unnest($4::text[], $5::timestamptz[]) AS t(period, window_start)
   LEFT JOIN quota.usage AS u
-    ON u.subject = $1 AND u.metric = $2 AND u.period = t.period AND u.window_start = t.window_start",
+    ON u.subject = $1 AND u.metric = $2 AND u.period = t.period AND u.window_start = t.window_start"
+    ),
     args: ON_WINDOWS_ARGS,
 };
 
@@ -507,12 +511,11 @@ fn cold_round(
     // rows plus stripes now (see hot::may_have_stripes).
     let recheck = striped && !counted && hot::freed() != freed_before;
     if recheck {
-        let granted: Vec<Window> = idx
+        let mut now: Vec<Window> = idx
             .iter()
             .filter(|&&i| is_in(&pw.windows[i], &got))
             .map(|&i| pw.windows[i].clone())
             .collect();
-        let mut now = granted.clone();
         read_used(client, req, &mut now);
         for w in now.iter().filter(|w| w.used > w.limit) {
             if let Some(i) = idx

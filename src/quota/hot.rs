@@ -335,19 +335,10 @@ pub fn take(k: Key, amount: i64, limit: i64) -> Take {
     };
     t.release();
     match out {
-        Ok((slot, used)) => {
-            let ticket = NEXT_TICKET.with(|n| n.replace(n.get() + 1));
-            HELD.with(|h| {
-                h.borrow_mut().push(Held {
-                    slot,
-                    amount,
-                    decrease: false,
-                    subxact,
-                    ticket,
-                })
-            });
-            Take::Granted { used, ticket }
-        }
+        Ok((slot, used)) => Take::Granted {
+            used,
+            ticket: hold(slot, amount, false, subxact),
+        },
         Err(t) => t,
     }
 }
@@ -382,17 +373,24 @@ pub fn decrease_at_commit(k: Key, amount: i64) {
     }
     t.release();
     if let Some(slot) = slot {
-        let ticket = NEXT_TICKET.with(|n| n.replace(n.get() + 1));
-        HELD.with(|h| {
-            h.borrow_mut().push(Held {
-                slot,
-                amount,
-                decrease: true,
-                subxact,
-                ticket,
-            })
-        });
+        hold(slot, amount, true, subxact);
     }
+}
+
+/// Remember what this transaction holds of a slot (its `inflight` already counts it); returns
+/// the ticket that names it.
+fn hold(slot: usize, amount: i64, decrease: bool, subxact: pg_sys::SubTransactionId) -> usize {
+    let ticket = NEXT_TICKET.with(|n| n.replace(n.get() + 1));
+    HELD.with(|h| {
+        h.borrow_mut().push(Held {
+            slot,
+            amount,
+            decrease,
+            subxact,
+            ticket,
+        })
+    });
+    ticket
 }
 
 /// Slots freed since start.
@@ -412,26 +410,25 @@ pub fn may_have_stripes(k: Key) -> bool {
     if t.h.freed.load(Ordering::Acquire) > 0 {
         return true;
     }
+    state(k).is_some()
+}
+
+/// The state of the window's slot (loading or hot), None without one.
+fn state(k: Key) -> Option<u32> {
+    let t = table()?;
     if t.h.in_use.load(Ordering::Acquire) == 0 {
-        return false;
+        return None;
     }
     t.acquire(pg_sys::LWLockMode::LW_SHARED);
     let (found, _) = t.find(k);
+    let state = found.map(|i| t.slot(i).state.load(Ordering::Acquire));
     t.release();
-    found.is_some()
+    state
 }
 
 /// Whether the window is hot now.
 pub fn is_hot(k: Key) -> bool {
-    let Some(t) = table() else { return false };
-    if t.h.in_use.load(Ordering::Acquire) == 0 {
-        return false;
-    }
-    t.acquire(pg_sys::LWLockMode::LW_SHARED);
-    let (found, _) = t.find(k);
-    let hot = found.is_some_and(|i| t.slot(i).state.load(Ordering::Acquire) == ACTIVE);
-    t.release();
-    hot
+    state(k) == Some(ACTIVE)
 }
 
 /// The end of a held amount: given back (abort) or kept (commit); a decrease applied (commit)

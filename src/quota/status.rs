@@ -44,12 +44,10 @@ static STATUS: Stmt = Stmt {
 
 /// STATUS where windows may be hot (0.10.0): a window's usage is its row plus its stripes.
 static STATUS_S: Stmt = Stmt {
-    sql: status_sql!(
-        "coalesce(u.used, 0)
-       + (SELECT coalesce(pg_catalog.sum(ust.used), 0)::bigint FROM quota.usage_stripes AS ust
-           WHERE ust.subject = $1 AND ust.metric = lim.metric AND ust.period = lim.period
-             AND ust.window_start = w.window_start)"
-    ),
+    sql: status_sql!(concat!(
+        "coalesce(u.used, 0) + ",
+        super::stripes::stripes_sum!("$1", "lim.metric", "lim.period", "w.window_start")
+    )),
     args: STATUS.args,
 };
 

@@ -11,12 +11,30 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::PgBuiltInOids as T;
 
+/// The sum of the stripes of one window, named by four SQL expressions (subject, metric,
+/// period, window start): a scalar subquery, found by the first four columns of the key.
+macro_rules! stripes_sum {
+    ($subject:literal, $metric:literal, $period:literal, $start:literal) => {
+        concat!(
+            "(SELECT coalesce(pg_catalog.sum(ust.used), 0)::bigint FROM quota.usage_stripes AS ust
+               WHERE ust.subject = ",
+            $subject,
+            " AND ust.metric = ",
+            $metric,
+            " AND ust.period = ",
+            $period,
+            " AND ust.window_start = ",
+            $start,
+            ")"
+        )
+    };
+}
+pub(super) use stripes_sum;
+
 /// The sum of a window's stripes, for the window of the usage row `u`.
 macro_rules! stripes_of_u {
     () => {
-        "(SELECT coalesce(pg_catalog.sum(ust.used), 0)::bigint FROM quota.usage_stripes AS ust
-          WHERE ust.subject = u.subject AND ust.metric = u.metric AND ust.period = u.period
-            AND ust.window_start = u.window_start)"
+        $crate::quota::stripes::stripes_sum!("u.subject", "u.metric", "u.period", "u.window_start")
     };
 }
 pub(super) use stripes_of_u;
