@@ -137,13 +137,12 @@ pub fn sqlstate(c: &mut Client, sql: &str) -> Option<String> {
 }
 
 /// The extension's tables, in the order of its install script.
-pub const TABLES: [&str; 10] = [
+pub const TABLES: [&str; 9] = [
     "plans",
     "limits",
     "subjects",
     "overrides",
     "usage",
-    "usage_stripes",
     "idempotency_keys",
     "audit_log",
     "batches",
